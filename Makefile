@@ -1,0 +1,31 @@
+# ran: one venv, three commands. `make demo` and `make test` each set up what they need.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup test test-unit demo models bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the package metadata changes; the editable install picks up code edits.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+models: setup
+	$(BIN)/ran models
+
+demo: setup
+	$(BIN)/ran models
+
+clean:
+	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db
