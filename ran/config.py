@@ -1,0 +1,233 @@
+"""One typed job config for every entry point (train, tune, submit, eval).
+
+YAML files in ``jobs/`` hold a ``JobConfig``; ``--set a.b=c`` overrides any key; unknown keys are
+errors that list the valid ones. Every field carries a one-line comment: the config is the manual.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job config that cannot be used; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "attention56"  # a name from `ran models`
+    stem: Literal["imagenet", "cifar"] | None = None  # None: from data.recipe
+    num_classes: int | None = Field(None, ge=1)  # None: from the data manifest
+    depth: int | None = Field(None, ge=1)  # None: the name's depth (attention56 -> 56)
+    p: int | None = Field(None, ge=0)  # units before and after each attention module
+    t: int | None = Field(None, ge=1)  # trunk units per module
+    r: int | None = Field(None, ge=1)  # mask units between poolings
+    unit: Literal["bottleneck", "resnext", "inception"] | None = None  # None: the model's own
+    mask_activation: Literal["mixed", "channel", "spatial"] = "mixed"  # f1 / f2 / f3
+    combination: Literal["arl", "nal"] = "arl"  # (1 + M) * T or M * T
+    mask_structure: Literal["encoder_decoder", "local"] = "encoder_decoder"  # Table 4 ablation
+
+
+class DataConfig(_Section):
+    path: str = "data/synth"  # directory or s3:// prefix holding manifest.json and the shards
+    train_split: str = "train"  # split name used for training
+    val_split: str = "val"  # split name used for validation
+    recipe: Literal["imagenet", "cifar"] = "cifar"  # augmentation + normalisation recipe
+    crop: int | None = Field(None, ge=8)  # train crop; None: 224 (imagenet) or 32 (cifar)
+    eval_crop: int | None = Field(None, ge=8)  # eval centre crop; None: the model's (320 for A-92)
+    batch_size: int = Field(64, ge=1)  # per worker
+    workers: int = Field(2, ge=0)  # DataLoader processes per training worker
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more samples than this are bad
+
+
+class OptimConfig(_Section):
+    lr: float = Field(0.1, gt=0)  # learning rate at the reference batch size
+    reference_batch_size: int = Field(256, ge=1)  # lr scales linearly: lr * global_batch / this
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum (the paper's CIFAR recipe)
+    weight_decay: float = Field(1e-4, ge=0)  # L2 penalty
+    no_decay_bn_bias: bool = False  # exempt BatchNorm and bias parameters from weight decay
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
+
+
+class ScheduleConfig(_Section):
+    # The paper's schedules are in iterations at optim.reference_batch_size. Milestones are used as
+    # fractions of total_steps, so they land at the same point of any run length (train.epochs).
+    kind: Literal["step", "cosine", "constant"] = "step"  # lr schedule
+    milestones: list[int] = [64_000, 96_000]  # step: lr *= gamma at these iterations
+    total_steps: int | None = Field(160_000, ge=1)  # iterations of the whole run (reference batch)
+    gamma: float = Field(0.1, gt=0, le=1)  # step: lr factor at each milestone
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup length (any schedule)
+    min_lr: float = Field(0.0, ge=0)  # cosine: final learning rate
+
+
+class TrainConfig(_Section):
+    epochs: int | None = Field(None, ge=1)  # None: schedule.total_steps (rescaled) sets the length
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype (fp16: GPU only)
+    channels_last: bool = True  # NHWC memory format (fastest on AMX CPUs and tensor cores)
+    compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = False  # SyncBatchNorm across workers
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    seed: int = 0  # seeds model init, data order and augmentation
+    log_every: int = Field(20, ge=1)  # log train loss and lr every N steps
+    eval_every: int = Field(1, ge=1)  # validate every N epochs (and always at the end)
+    checkpoint_every: int = Field(1, ge=1)  # checkpoint every N epochs (and always at the end)
+    keep_checkpoints: int = Field(2, ge=1)  # best checkpoints kept besides the latest
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (one process each)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = Field(1.0, gt=0)  # CPUs reserved per worker
+    max_failures: int = Field(2, ge=0)  # worker-group restarts before the run fails
+
+
+class StorageConfig(_Section):
+    path: str = "runs"  # Ray Train storage: local directory or s3://bucket/prefix
+    name: str | None = None  # run directory name; None: derived from the job name
+
+
+class TrackingConfig(_Section):
+    experiment: str = "ran"  # MLflow experiment
+    registered_model: str | None = "ran-model"  # MLflow registered model name; None: don't register
+    run_name: str | None = None  # MLflow run name; None: the storage name
+
+
+class JobConfig(_Section):
+    name: str = "job"  # job name: the default run and storage directory name
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        if self.schedule.kind == "step" and sorted(self.schedule.milestones) != list(
+            self.schedule.milestones
+        ):
+            raise ValueError("schedule.milestones must be increasing")
+        if self.train.epochs is None and self.schedule.total_steps is None:
+            raise ValueError("set train.epochs or schedule.total_steps: the run needs a length")
+        if self.schedule.total_steps and any(m > self.schedule.total_steps for m in self.schedule.milestones):
+            raise ValueError("schedule.milestones must not exceed schedule.total_steps")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.storage.name or self.name
+
+    def resolved_stem(self) -> str:
+        return self.model.stem or self.data.recipe
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, the form MLflow params and Tune spaces use."""
+        return flatten(self.model_dump())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a job (or a --set, or a Tune space) may set."""
+    return sorted(JobConfig().flat())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Apply ``{"a.b": value}`` or ``["a.b=value", ...]`` (values parsed as YAML) to a raw tree."""
+    if isinstance(overrides, list):
+        pairs: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
+            key, text = item.split("=", 1)
+            pairs[key.strip()] = yaml.safe_load(text) if text else None
+        overrides = pairs
+    keys = set(valid_keys())
+    for key, value in overrides.items():
+        if key not in keys:
+            raise ConfigError(_unknown_key_message(key))
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def _unknown_key_message(key: str) -> str:
+    section = key.split(".")[0]
+    keys = [k for k in valid_keys() if k.startswith(section + ".")] or valid_keys()
+    return f"unknown config key {key!r}; valid keys: {', '.join(keys)}"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(loc))
+        else:
+            where = f"{loc}: " if loc else ""
+            lines.append(f"{where}{e['msg']} (got {e.get('input')!r})")
+    return f"invalid job config {source}: " + "; ".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> JobConfig:
+    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read job config {path}: {err.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"job config {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"job config {path} must be a mapping of sections, got {type(raw).__name__}")
+        raw.setdefault("name", Path(path).stem)
+    raw = apply_overrides(raw, overrides or {})
+    return parse_config(raw, source)
