@@ -1,0 +1,255 @@
+"""Train and eval transforms per recipe (PAPER.md, "Training recipes"), kept uint8 until the device.
+
+A transform has two steps: ``sample(data, rng)`` decodes one encoded image straight to a uint8
+``(3, crop, crop)`` tensor (cropping before resizing, and decoding JPEGs at a reduced DCT scale when
+the crop allows), and ``batch(images, rng)`` applies what is cheaper on a whole uint8 batch. The
+float conversion and mean/std normalisation happen last, on the training device, with
+:func:`normalizer`.
+
+- ImageNet train: random-resized crop (scale 0.08-1, ratio 3/4-4/3), horizontal flip, and the
+  standard PCA lighting colour augmentation (AlexNet; std 0.1).
+- ImageNet eval: resize the short side to ``crop / 0.875``, centre crop ``crop`` (224; 320 for
+  Attention-92).
+- CIFAR train: zero-pad 4 px, random ``crop`` (32) crop, horizontal flip. CIFAR eval: the image.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# Same values as ran.models.registry; ran.data does not depend on ran.models.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+RECIPES = ("imagenet", "cifar")
+EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to crop / 0.875, then centre crop
+DEFAULT_CROP = {"imagenet": 224, "cifar": 32}
+
+# PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch.
+_LIGHTING_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+_LIGHTING_EIGVEC = torch.tensor([
+    [-0.5675, 0.7192, 0.4009],
+    [-0.5808, -0.0045, -0.8140],
+    [-0.5836, -0.6948, 0.4203],
+])
+
+# PIL arrays are read-only views of a fresh copy; we only read them, so torch's warning is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def check_recipe(recipe: str) -> str:
+    if recipe not in RECIPES:
+        from ran.data import DataError
+
+        raise DataError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+    return recipe
+
+
+def default_crop(recipe: str) -> int:
+    return DEFAULT_CROP[check_recipe(recipe)]
+
+
+class Normalizer:
+    """uint8 NCHW batch on any device -> float32, scaled to [0, 1] and mean/std normalised."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = torch.tensor(mean) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std) * 255.0)
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        stats = self._cache.get(images.device)
+        if stats is None:
+            stats = (self.mean.to(images.device).view(1, -1, 1, 1),
+                     self.inv_std.to(images.device).view(1, -1, 1, 1))
+            self._cache[images.device] = stats
+        mean, inv_std = stats
+        return (images.float() - mean) * inv_std
+
+
+def normalizer(recipe: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The last step of every pipeline: ImageNet or CIFAR mean/std, applied on the device."""
+    if check_recipe(recipe) == "imagenet":
+        return Normalizer(IMAGENET_MEAN, IMAGENET_STD)
+    return Normalizer(CIFAR_MEAN, CIFAR_STD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _draft_scale(region_w: float, region_h: float, out_w: int, out_h: int) -> int:
+    """Largest JPEG DCT reduction (1, 2, 4, 8) that keeps the region at least the output size."""
+    factor = min(region_w / out_w, region_h / out_h)
+    scale = 1
+    while scale < 8 and scale * 2 <= factor:
+        scale *= 2
+    return scale
+
+
+def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int, int]],
+                  size: tuple[int, int]) -> torch.Tensor:
+    """Decode ``data`` and resize the box ``region(width, height) -> (left, top, w, h)`` to ``size``.
+
+    Returns a uint8 ``(3, size[0], size[1])`` tensor. JPEGs whose box is at least twice the output
+    size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling), which is much cheaper than a
+    full decode followed by a downscale.
+    """
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    left, top, w, h = region(width, height)
+    if image.format == "JPEG":
+        scale = _draft_scale(w, h, size[1], size[0])
+        if scale > 1:
+            image.draft("RGB", (width // scale, height // scale))
+            sx, sy = width / image.size[0], height / image.size[1]
+            left, top = int(left / sx), int(top / sy)
+            w, h = max(1, round(w / sx)), max(1, round(h / sy))
+            w, h = min(w, image.size[0] - left), min(h, image.size[1] - top)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # CHW view of HWC memory
+    pixels = pixels[:, top:top + h, left:left + w]
+    if (h, w) == tuple(size):
+        return pixels.contiguous()
+    return F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def decode_full(data: bytes) -> torch.Tensor:
+    """Decode ``data`` to a uint8 ``(3, H, W)`` tensor."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+
+
+def random_resized_box(width: int, height: int, rng: random.Random,
+                       scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Inception-style crop box (left, top, w, h): area fraction in ``scale``, aspect in ``ratio``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # Fallback as torchvision: the whole image, cut to the nearest allowed aspect ratio.
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_box(width: int, height: int, fraction: float) -> tuple[int, int, int, int]:
+    """Centred square whose side is ``fraction`` of the short side."""
+    side = max(1, int(round(min(width, height) * fraction)))
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+class ImageNetTrain:
+    """Random-resized crop + flip per sample; PCA lighting per batch."""
+
+    def __init__(self, crop: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), lighting: float = 0.1):
+        self.crop, self.scale, self.ratio, self.lighting = crop, scale, ratio, lighting
+
+    def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        image = decode_region(data, lambda w, h: random_resized_box(w, h, rng, self.scale, self.ratio),
+                              (self.crop, self.crop))
+        return image.flip(-1) if rng.random() < 0.5 else image
+
+    def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        if self.lighting <= 0 or len(images) == 0:
+            return images
+        alpha = torch.tensor([[rng.gauss(0.0, self.lighting) for _ in range(3)] for _ in images])
+        offsets = (alpha * _LIGHTING_EIGVAL) @ _LIGHTING_EIGVEC.T * 255.0  # (N, 3) RGB shifts
+        shifted = images.to(torch.int16).add_(offsets.round().to(torch.int16).view(-1, 3, 1, 1))
+        return images.copy_(shifted.clamp_(0, 255))
+
+
+class ImageNetEval:
+    """Resize to ``crop / 0.875`` then centre crop ``crop`` (done as crop-then-resize)."""
+
+    def __init__(self, crop: int = 224, fraction: float = EVAL_CROP_FRACTION):
+        self.crop, self.fraction = crop, fraction
+
+    def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        return decode_region(data, lambda w, h: center_box(w, h, self.fraction), (self.crop, self.crop))
+
+    def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return images
+
+
+class CifarTrain:
+    """Zero-pad ``crop // 8`` px (4 at 32), random ``crop`` crop, horizontal flip."""
+
+    def __init__(self, crop: int = 32):
+        self.crop, self.pad = crop, max(1, crop // 8)
+
+    def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        return _decode_at(data, self.crop)
+
+    def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        n, pad, crop = len(images), self.pad, self.crop
+        padded = images.new_zeros((n, 3, crop + 2 * pad, crop + 2 * pad))
+        padded[:, :, pad:pad + crop, pad:pad + crop] = images
+        for i in range(n):
+            y, x = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+            window = padded[i, :, y:y + crop, x:x + crop]
+            images[i] = window.flip(-1) if rng.random() < 0.5 else window
+        return images
+
+
+class CifarEval:
+    """The image itself (resized only if it is not ``crop`` x ``crop``)."""
+
+    def __init__(self, crop: int = 32):
+        self.crop = crop
+
+    def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        return _decode_at(data, self.crop)
+
+    def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return images
+
+
+def _decode_at(data: bytes, crop: int) -> torch.Tensor:
+    image = decode_full(data)
+    if image.shape[1:] != (crop, crop):
+        image = F.interpolate(image[None], size=(crop, crop), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+    return image
+
+
+Transform = ImageNetTrain | ImageNetEval | CifarTrain | CifarEval
+
+
+def make_transform(recipe: str, *, train: bool, crop: int | None = None) -> Transform:
+    """The train or eval transform of a recipe ("imagenet" or "cifar") at ``crop`` pixels."""
+    crop = crop or default_crop(recipe)
+    if recipe == "imagenet":
+        return ImageNetTrain(crop) if train else ImageNetEval(crop)
+    return CifarTrain(crop) if train else CifarEval(crop)
