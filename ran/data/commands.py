@@ -1,0 +1,106 @@
+"""``ran data build|synth|verify``: argparse subcommands; the main CLI calls ``add_data_parser``.
+
+Handlers return an exit code: 0 on success, 1 when ``verify`` finds a mismatch, 2 for bad input
+(a one-line ``error: ...`` on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+from ran.data import DataError
+
+SOURCES = ("imagenet", "imagefolder", "cifar10", "cifar100")
+
+
+def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_handler
+def build_command(args: argparse.Namespace) -> int:
+    from ran.data.write import build_shards
+
+    build_shards(args.source, args.input, args.output, samples_per_shard=args.samples_per_shard,
+                 max_shard_mb=args.shard_size_mb, max_size=args.max_size, val_fraction=args.val_fraction,
+                 seed=args.seed, workers=args.workers, progress=not args.quiet)
+    return 0
+
+
+@_handler
+def synth_command(args: argparse.Namespace) -> int:
+    from ran.data.synth import write_synthetic
+
+    write_synthetic(args.output, classes=args.classes, train=args.train, val=args.val, size=args.size,
+                    seed=args.seed, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                    progress=not args.quiet)
+    return 0
+
+
+@_handler
+def verify_command(args: argparse.Namespace) -> int:
+    from ran.data.read import verify_shards
+
+    ok = verify_shards(args.path, workers=args.workers, progress=not args.quiet)
+    if not ok:
+        print(f"error: {args.path}: shards do not match the manifest (see above)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data`` with its ``build``, ``synth`` and ``verify`` subcommands."""
+    data = subparsers.add_parser("data", help="build, generate and verify WebDataset shards",
+                                 description="Build, generate and verify WebDataset shards.")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{build,synth,verify}")
+
+    build = sub.add_parser("build", help="shards + manifest from ImageNet, an image folder or CIFAR")
+    build.add_argument("--source", required=True, choices=SOURCES, help="layout of --input")
+    build.add_argument("--input", required=True, metavar="PATH",
+                       help="imagenet: train/<wnid>/, val/; imagefolder: <class>/ or train/ + val/; "
+                            "cifar: the python pickle folder")
+    build.add_argument("--output", required=True, metavar="DIR_OR_S3", help="directory or s3://bucket/prefix")
+    build.add_argument("--samples-per-shard", type=int, default=2000, metavar="N")
+    build.add_argument("--shard-size-mb", type=float, default=None, metavar="MB",
+                       help="also cap shards at about this many MB of source bytes")
+    build.add_argument("--max-size", type=int, default=None, metavar="PX",
+                       help="downsize longer sides above PX (re-encoded JPEG q90); default: keep bytes")
+    build.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="split this fraction of each class off as val (sources without val/)")
+    _common(build)
+    build.set_defaults(func=build_command)
+
+    synth = sub.add_parser("synth", help="a small learnable synthetic dataset (no download)")
+    synth.add_argument("--output", required=True, metavar="DIR_OR_S3")
+    synth.add_argument("--classes", type=int, default=10, metavar="N")
+    synth.add_argument("--train", type=int, default=2000, metavar="N", help="train images")
+    synth.add_argument("--val", type=int, default=500, metavar="N", help="val images")
+    synth.add_argument("--size", type=int, default=32, metavar="PX", help="image side")
+    synth.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
+    _common(synth)
+    synth.set_defaults(func=synth_command)
+
+    verify = sub.add_parser("verify", help="check shards against manifest.json; exit 1 on mismatch")
+    verify.add_argument("path", metavar="PATH", help="directory, s3:// prefix or URL with manifest.json")
+    verify.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(func=verify_command)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="writer processes (default: all cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
