@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
     p.add_argument("--tune", metavar="SPACE", help="submit `ran tune SPACE --job JOB` instead")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument("--working-dir", default=".", metavar="DIR",
+                   help="uploaded to the cluster as the job's working directory (default: .)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="also pass this environment variable to the job (repeatable)")
     p.set_defaults(func=_lazy("ran.cluster:cli_submit"))
 
     p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs")
