@@ -98,6 +98,7 @@ class TrackingConfig(_Section):
     experiment: str = "ran"  # MLflow experiment
     registered_model: str | None = "ran-model"  # MLflow registered model name; None: don't register
     run_name: str | None = None  # MLflow run name; None: the storage name
+    log_model: bool = True  # log the final model to MLflow (and register it when registered_model is set)
 
 
 class JobConfig(_Section):

@@ -1,0 +1,31 @@
+"""One training run on Ray Train.
+
+- :mod:`ran.train.schedule` — the run plan and lr schedules (imports no Ray).
+- :mod:`ran.train.worker` — the per-worker :class:`~ran.train.worker.Trainer`.
+- :mod:`ran.train.launch` — config -> ``TorchTrainer``: :func:`~ran.train.launch.run_training`.
+
+Nothing is imported here eagerly, so ``import ran.train.schedule`` does not import Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "run_training": "ran.train.launch",
+    "TrainOutcome": "ran.train.launch",
+    "Trainer": "ran.train.worker",
+    "load_checkpoint": "ran.train.worker",
+    "plan_run": "ran.train.schedule",
+    "RunPlan": "ran.train.schedule",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ran.train' has no attribute {name!r}")

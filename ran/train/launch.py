@@ -1,0 +1,452 @@
+"""Config -> a Ray Train ``TorchTrainer`` run, tracked in MLflow: what ``ran train`` does.
+
+Order of events (:func:`run_training`):
+
+1. *Pre-flight*, before any worker starts: the config is valid (pydantic), the manifest and every
+   shard of both splits exist, the model builds (on the meta device), the options fit the hardware
+   (fp16 and SyncBatchNorm need GPUs), the storage run directory is fresh or being resumed, and the
+   Ray cluster can place ``num_workers`` x (``cpus_per_worker`` CPUs [+ 1 GPU]). Each failure is a
+   :class:`~ran.config.ConfigError` (or DataError) with a one-line message.
+2. The MLflow run is created (or, with ``--resume``, found by its storage tag and reopened).
+3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.worker.train_fn_per_worker`.
+   ``FailureConfig(max_failures=scaling.max_failures)`` restarts the worker group from the latest
+   checkpoint when a worker dies; the MLflow run id travels in the checkpoint.
+4. The driver loads the final checkpoint, logs and registers the model, closes the MLflow run and
+   prints where to look.
+
+Run directories and resuming. A run lives in ``storage.path/<name>``. Without ``storage.name`` each
+``ran train`` starts a new directory ``<job name>-<UTC timestamp>``, so a fresh run never picks up
+an old one's checkpoints; ``--resume`` continues the newest ``<job name>-*`` directory. With an
+explicit ``storage.name``, a fresh run refuses to start when that directory already holds a run,
+and ``--resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ran.config import ConfigError, JobConfig, load_config
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it into every run dir
+_STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
+
+
+@dataclass
+class Storage:
+    """Where Ray Train keeps one run: ``path`` (as Ray wants it) + ``name`` on ``filesystem``."""
+
+    uri: str  # storage.path as the user sees it: an absolute directory or s3://bucket/prefix
+    name: str  # run directory name
+    ray_path: str  # storage_path handed to RunConfig (no s3:// when a filesystem is given)
+    filesystem: Any = None  # pyarrow filesystem, or None to let Ray resolve the URI
+
+    @property
+    def run_uri(self) -> str:
+        """The run directory, e.g. ``/abs/runs/demo-20250101-120000`` or ``s3://b/p/demo-...``."""
+        return f"{self.uri.rstrip('/')}/{self.name}"
+
+    def _fs(self) -> tuple[Any, str]:
+        import pyarrow.fs
+
+        if self.filesystem is not None:
+            return self.filesystem, self.ray_path
+        return pyarrow.fs.FileSystem.from_uri(self.uri)
+
+    def exists(self, name: str | None = None) -> bool:
+        """Whether the run directory ``name`` (default: this run) holds a Ray Train run."""
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        path = f"{base.rstrip('/')}/{name or self.name}"
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def list_runs(self) -> list[str]:
+        """Names of the run directories under the storage path."""
+        import pyarrow.fs
+
+        fs, base = self._fs()
+        if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished ``ran train`` produced."""
+
+    config: JobConfig  # the resolved config the workers ran
+    run_dir: str  # Ray Train run directory (local path or s3:// URI)
+    checkpoint: str | None  # final checkpoint directory (local path or URI)
+    run_id: str | None  # MLflow run id
+    tracking_uri: str  # MLflow tracking URI
+    metrics: dict[str, float] = field(default_factory=dict)  # final epoch metrics
+    registered: str | None = None  # "name/version" of the registered model
+    resumed: bool = False  # continued an earlier run
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
+    """Absolute local paths and ``model.num_classes`` from the manifest; returns (config, manifest)."""
+    from ran.data import storage as data_storage
+    from ran.data.read import read_manifest
+
+    data_path = cfg.data.path
+    if not data_storage.is_remote(data_path):
+        data_path = str(Path(data_path).resolve())
+        if not Path(data_path).is_dir():
+            raise ConfigError(f"data.path {cfg.data.path}: no such directory (write shards with "
+                              "`ran data synth --output DIR` or `ran data build`)")
+    manifest = read_manifest(data_path)
+    classes = int(manifest["num_classes"])
+    if cfg.model.num_classes not in (None, classes):
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {data_path} has {classes} "
+                          "classes; leave model.num_classes unset to take it from the manifest")
+    storage_path = cfg.storage.path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    raw = cfg.model_dump()
+    raw["data"]["path"] = data_path
+    raw["model"]["num_classes"] = classes
+    raw["storage"]["path"] = storage_path
+    return JobConfig.model_validate(raw), manifest
+
+
+def check_shards(cfg: JobConfig, manifest: dict[str, Any]) -> None:
+    """Every shard of the train and val splits exists (DataError naming the first missing ones)."""
+    from ran.data import DataError
+    from ran.data import storage as data_storage
+    from ran.data.read import split_shards
+
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        shards = split_shards(cfg.data.path, manifest, split)
+        if not shards:
+            raise DataError(f"{cfg.data.path}: split {split!r} has no shards")
+        missing = [url for url, _ in shards if data_storage.size(url) is None]
+        if missing:
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise DataError(f"{len(missing)} of {len(shards)} {split} shards missing: {listed} — "
+                            "rebuild the shards or fix data.path")
+
+
+def check_model_and_options(cfg: JobConfig) -> None:
+    """The model builds with these options (on the meta device: no memory) and fits the hardware."""
+    import torch
+
+    from ran.train.worker import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    if cfg.train.sync_batchnorm and not cfg.scaling.use_gpu:
+        raise ConfigError("train.sync_batchnorm needs scaling.use_gpu=true (PyTorch's SyncBatchNorm "
+                          "is GPU-only)")
+    if cfg.data.batch_size * cfg.scaling.num_workers < 2 and cfg.train.sync_batchnorm:
+        raise ConfigError("train.sync_batchnorm needs more than one image per step")
+
+
+def storage_for(cfg: JobConfig, *, resume: bool) -> Storage:
+    """The run directory of this job: a new one, or the one ``--resume`` continues (see module doc)."""
+    base = _storage_base(cfg.storage.path, cfg.name)
+    if cfg.storage.name:
+        base.name = cfg.storage.name
+        exists = base.exists()
+        if exists and not resume:
+            raise ConfigError(f"{base.run_uri} already holds a run: pass --resume to continue it, or "
+                              "set storage.name to a new name")
+        if resume and not exists:
+            raise ConfigError(f"nothing to resume: {base.run_uri} does not exist")
+        return base
+    if resume:
+        runs = [n for n in base.list_runs() if n.startswith(cfg.name + "-") and _STAMP.search(n)]
+        if not runs:
+            raise ConfigError(f"nothing to resume: no run of job {cfg.name!r} under {base.uri} "
+                              "(start one without --resume)")
+        base.name = max(runs, key=lambda n: (_STAMP.search(n).group(0)[:16], n))  # type: ignore[union-attr]
+        return base
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base.name = f"{cfg.name}-{stamp}"
+    suffix = 1
+    while base.exists():
+        suffix += 1
+        base.name = f"{cfg.name}-{stamp}-{suffix}"
+    return base
+
+
+def _storage_base(path: str, job: str) -> Storage:
+    if not path.startswith("s3://"):
+        return Storage(uri=path, name=job, ray_path=path)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return Storage(uri=path, name=job, ray_path=path)
+    import pyarrow.fs
+    from urllib.parse import urlparse
+
+    parsed = urlparse(endpoint)
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https",
+        region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+    )
+    return Storage(uri=path, name=job, ray_path=path[len("s3://"):].rstrip("/"), filesystem=fs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def connect_ray(address: str | None) -> bool:
+    """Connect to ``address`` / ``RAY_ADDRESS``, else start a local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from None
+        return False
+    # The dashboard serves the State API, which Train V2's placement-group cleaner polls.
+    ray.init(log_to_driver=True)
+    return True
+
+
+def check_resources(cfg: JobConfig) -> None:
+    """The live cluster can place every worker (CPUs per worker, one GPU each when asked)."""
+    import ray
+
+    s = cfg.scaling
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    placeable = 0
+    for res in nodes:
+        fit = int(res.get("CPU", 0) // s.cpus_per_worker)
+        if s.use_gpu:
+            fit = min(fit, int(res.get("GPU", 0)))
+        placeable += fit
+    if placeable < s.num_workers:
+        cpus = sum(r.get("CPU", 0) for r in nodes)
+        gpus = sum(r.get("GPU", 0) for r in nodes)
+        need = f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU" + (" + 1 GPU" if s.use_gpu else "")
+        raise ConfigError(
+            f"the Ray cluster cannot place {need}: it has {cpus:g} CPUs and {gpus:g} GPUs on "
+            f"{len(nodes)} node(s), room for {placeable} worker(s); lower scaling.num_workers or "
+            "scaling.cpus_per_worker, or add nodes"
+        )
+
+
+def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any]) -> Any:
+    """The ``TorchTrainer`` for a resolved config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ran.train.worker import train_fn_per_worker
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=storage.name,
+            storage_path=storage.ray_path,
+            storage_filesystem=storage.filesystem,
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def fault_from_env() -> dict[str, Any] | None:
+    """Fault injection for tests: ``RAN_FAIL_AT_STEP`` (+ ``RAN_FAIL_RANK``, ``RAN_FAIL_MARKER``)."""
+    if not os.environ.get("RAN_FAIL_AT_STEP"):
+        return None
+    return {"step": int(os.environ["RAN_FAIL_AT_STEP"]), "rank": int(os.environ.get("RAN_FAIL_RANK", "0")),
+            "marker": os.environ.get("RAN_FAIL_MARKER")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
+                 fault: dict[str, Any] | None = None) -> TrainOutcome:
+    """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
+
+    Args:
+        cfg: the job config (relative paths are taken from the working directory).
+        resume: continue the job's run directory (see the module docstring) instead of a new one.
+        address: Ray address; default ``RAY_ADDRESS``, else a local Ray started (and stopped) here.
+            An already initialised Ray (``ray.init`` by the caller) is used as is.
+        fault: fault injection for tests (see :mod:`ran.train.worker`).
+
+    Raises:
+        ConfigError, DataError: a problem found before any worker started.
+        ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
+    """
+    launched_at = time.time()
+    cfg, manifest = resolve_config(cfg)
+    check_shards(cfg, manifest)
+    check_model_and_options(cfg)
+    storage = storage_for(cfg, resume=resume)
+    cfg = JobConfig.model_validate(_with(cfg.model_dump(), storage={"name": storage.name}))
+    started = connect_ray(address)
+    try:
+        check_resources(cfg)
+        return _train(cfg, manifest, storage, resume, fault, launched_at)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+    for section, values in sections.items():
+        raw[section].update(values)
+    return raw
+
+
+def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, resume: bool,
+           fault: dict[str, Any] | None, launched_at: float) -> TrainOutcome:
+    from ran import tracking
+
+    uri = tracking.tracking_uri()
+    tracker = _open_run(cfg, manifest, storage, uri, resume)
+    outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, uri, resumed=resume)
+    if tracker.status == "FINISHED":
+        print(f"{storage.run_uri} already finished (MLflow run {tracker.run_id}); nothing to do")
+        outcome.registered = tracker.tag(tracking.TAG_VERSION)
+        return outcome
+    print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} ({uri})", flush=True)
+    loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": uri,
+                   "fault": fault, "launched_at": launched_at}
+    try:
+        result = build_trainer(cfg, storage, loop_config).fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    outcome.metrics = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
+        outcome.registered = finalize(cfg, manifest, tracker, result.checkpoint)
+    tracker.finish("FINISHED")
+    return outcome
+
+
+def _checkpoint_uri(storage: Storage, path: str) -> str:
+    if storage.filesystem is not None and not path.startswith("s3://"):
+        return "s3://" + path
+    return path
+
+
+def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: str,
+              resume: bool) -> Any:
+    from ran import tracking
+
+    if resume:
+        found = tracking.RunTracker.find(cfg.tracking.experiment, storage.run_uri, uri)
+        if found is not None:
+            if found.status != "FINISHED":
+                found.reopen()
+            return found
+    tags = {
+        tracking.TAG_MODEL: cfg.model.name,
+        tracking.TAG_DATASET: f"{manifest.get('dataset', '?')} ({cfg.data.path})",
+        tracking.TAG_STORAGE: storage.run_uri,
+        tracking.TAG_JOB: cfg.name,
+        **tracking.ray_job_tags(),
+    }
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.TAG_GIT] = commit
+    return tracking.RunTracker.create(cfg, run_name=cfg.tracking.run_name or storage.name,
+                                      tags=tags, uri=uri)
+
+
+def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: Any, checkpoint: Any) -> str | None:
+    """Log (and register) the model of the final checkpoint; returns ``name/version`` or None."""
+    import numpy as np
+    import torch
+
+    from ran.data.transforms import normalizer
+    from ran.train.worker import load_checkpoint, build_model
+
+    if not cfg.tracking.log_model:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory)
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    crop = _eval_crop(cfg)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8, generator=generator)
+    example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
+    metrics = {k: v for k, v in (state.get("last_val") or {}).items()}
+    metrics.update(epoch=state["epoch"], step=state["step"])
+    version = tracker.log_final_model(model, cfg, list(manifest["classes"]), example, metrics)
+    return f"{version.name}/{version.version}" if version is not None else None
+
+
+def _eval_crop(cfg: JobConfig) -> int:
+    from ran.data.transforms import default_crop
+    from ran.models import model_defaults
+
+    crop = cfg.data.eval_crop or cfg.data.crop
+    crop = crop or model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
+    return crop or default_crop(cfg.data.recipe)
+
+
+def where_to_look(outcome: TrainOutcome) -> str:
+    """Where the run's results are: MLflow UI command, run id, registered version, checkpoints."""
+    m = outcome.metrics
+    lines = []
+    if "val_top1" in m:
+        lines.append(f"final validation: top-1 {m['val_top1']:.4f}, top-5 {m.get('val_top5', 0):.4f} "
+                     f"after {int(m.get('epoch', 0))} epochs")
+    lines.append(f"checkpoints:      {outcome.run_dir}")
+    lines.append(f"MLflow run:       {outcome.run_id} (experiment {outcome.config.tracking.experiment!r})")
+    if outcome.registered:
+        name, version = outcome.registered.rsplit("/", 1)
+        lines.append(f"registered model: {name} version {version} (models:/{name}/{version})")
+    uri = outcome.tracking_uri
+    if uri.startswith("sqlite:///"):
+        db = os.path.relpath(uri[len("sqlite:///"):])
+        lines.append(f"look:             mlflow ui --backend-store-uri sqlite:///{db}")
+    else:
+        lines.append(f"look:             {uri}")
+    return "\n".join(lines)
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    """``ran train JOB.yaml [--set k=v]... [--address RAY] [--resume]``."""
+    cfg = load_config(args.job, args.overrides)
+    try:
+        outcome = run_training(cfg, resume=args.resume, address=args.address, fault=fault_from_env())
+    except Exception as err:  # Ray's failure after retries: one line, not a traceback
+        from ray.train import TrainingFailedError
+
+        if isinstance(err, TrainingFailedError):
+            print(f"error: training failed after {cfg.scaling.max_failures} restart(s): "
+                  f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+            return 1
+        raise
+    print(where_to_look(outcome), flush=True)
+    return 0

@@ -1,0 +1,563 @@
+"""The per-worker training loop: a :class:`Trainer` that Ray Train runs once per worker.
+
+A Trainer owns the model (DDP-wrapped when a process group is up), the optimizer, the lr
+scheduler, the loaders and the counters (``step``, ``epoch``). It knows nothing of Ray: Ray enters
+through a *reporter* (:class:`RayReporter`) that hands out the checkpoint to restore from and
+reports metrics and checkpoints, and through :func:`train_fn_per_worker`. The same class therefore
+runs in a plain process (``Trainer(cfg)``), which the tests and ``ran eval`` use.
+
+Loop: restore -> for each epoch: train -> validate (on cadence, always at the end) -> rank 0 logs
+to MLflow -> every worker reports (a barrier), rank 0 with a checkpoint on cadence.
+
+A checkpoint (``checkpoint.pt`` in the checkpoint directory) holds only tensors, numbers, strings,
+lists and dicts, so it loads with ``torch.load(weights_only=True)``: model, optimizer, scheduler
+and grad-scaler state, ``step``, ``epoch``, the RNG states of every rank, the MLflow run id, the
+resolved config and the run plan.
+
+Fault injection (tests): ``fault={"step": N, "rank": R, "marker": PATH}`` in the worker config makes
+rank R exit abruptly (``os._exit(1)``) after optimizer step N, once: the marker file records that
+it happened. ``ran train`` fills it from ``RAN_FAIL_AT_STEP``, ``RAN_FAIL_RANK``, ``RAN_FAIL_MARKER``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ran.config import JobConfig, parse_config
+from ran.train.schedule import RunPlan, build_scheduler, plan_run
+
+log = logging.getLogger("ran.train")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PROGRESS_EVERY_S = 5.0  # console progress line period on rank 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def build_model(cfg: JobConfig) -> nn.Module:
+    """``create_model`` from the model section of a resolved config (``model.num_classes`` set)."""
+    from ran.models import create_model
+
+    m = cfg.model
+    return create_model(
+        m.name, stem=cfg.resolved_stem(), num_classes=m.num_classes, depth=m.depth, p=m.p, t=m.t,
+        r=m.r, unit=m.unit, mask_activation=m.mask_activation, combination=m.combination,
+        mask_structure=m.mask_structure,
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum by default); optionally no weight decay on BN and bias parameters."""
+    o = cfg.optim
+    if o.no_decay_bn_bias:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups: Any = [{"params": decay, "weight_decay": o.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+
+
+def autocast(cfg: JobConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32."""
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file or directory with ``torch.load(weights_only=True)`` on the CPU."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, JobConfig]:
+    """Rebuild the trained model (eval mode) and its resolved config from a checkpoint."""
+    state = load_checkpoint(path)
+    cfg = parse_config(state["config"], str(path))
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def say(message: str) -> None:
+    """A console line: through logging where it is configured (Ray Train workers), else print.
+
+    Ray Train patches ``print`` in workers to log *and* print when stdout is wrapped, which shows
+    every line twice; its root logger prints once.
+    """
+    if logging.getLogger().handlers:
+        log.info(message)
+    else:
+        print(message, flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Reporter(Protocol):
+    """How a Trainer talks to its launcher (Ray Train, or nothing)."""
+
+    def checkpoint_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        """The checkpoint directory to restore from, if any."""
+        ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        """Report epoch metrics (every rank), with rank 0's checkpoint directory on cadence."""
+        ...
+
+
+class LocalReporter:
+    """Single-process runs: checkpoints go to ``directory/<name>``; metrics are kept in a list."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self.metrics: list[dict[str, float]] = []
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[str | None]:
+        found = sorted(self.directory.glob("epoch=*")) if self.directory else []
+        yield str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        import shutil
+
+        self.metrics.append(dict(metrics))
+        if checkpoint_dir and self.directory:
+            shutil.copytree(checkpoint_dir, self.directory / name, dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer
+
+
+class Trainer:
+    """One worker's share of a data-parallel run.
+
+    Args:
+        cfg: the resolved job config (absolute ``data.path``, ``model.num_classes`` set).
+        device: where to train; default CPU.
+        run_id: MLflow run to log to from rank 0 (None: no MLflow).
+        tracking_uri: MLflow tracking URI for ``run_id``.
+        fault: fault injection, see the module docstring.
+        launched_at: the launcher's ``time.time()``; the first epoch then reports ``startup_s``,
+            the seconds from launch to the first optimizer step.
+
+    Rank and world size come from ``torch.distributed`` when a process group is up (Ray Train
+    sets one up); the model is then wrapped in DDP.
+    """
+
+    def __init__(self, cfg: JobConfig, *, device: torch.device | None = None,
+                 run_id: str | None = None, tracking_uri: str | None = None,
+                 fault: dict[str, Any] | None = None, launched_at: float | None = None) -> None:
+        from ran.data.read import make_loader
+        from ran.data.transforms import normalizer
+
+        self.cfg = cfg
+        self.device = device or torch.device("cpu")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.is_master = self.rank == 0
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.fault = fault or {}
+        self.launched_at = launched_at  # driver's time.time() at launch, for startup_s
+        self.startup_s: float | None = None  # seconds from launch to the first optimizer step
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epochs done
+        self.last_val: dict[str, float] = {}
+        self._tracker: Any = None
+
+        _seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.raw_model = self._build_model()
+        self.model = self._wrap(self.raw_model)
+        _seed_everything(cfg.train.seed + 1000 * self.rank)
+
+        d = cfg.data
+        common = dict(batch_size=d.batch_size, recipe=d.recipe, rank=self.rank,
+                      world_size=self.world_size, workers=d.workers, seed=cfg.train.seed,
+                      pin_memory=self.device.type == "cuda", max_bad_fraction=d.max_bad_fraction)
+        self.train_loader = make_loader(d.path, d.train_split, train=True, crop=d.crop, **common)
+        self.val_loader = make_loader(d.path, d.val_split, train=False, crop=self.eval_crop, **common)
+        self.normalize = normalizer(d.recipe)
+
+        self.plan: RunPlan = plan_run(cfg, len(self.train_loader), self.world_size)
+        self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr)
+        self.scheduler = build_scheduler(self.optimizer, self.plan)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    # -- construction
+
+    @property
+    def eval_crop(self) -> int | None:
+        """``data.eval_crop``, else the model's own for the stem (320 for Attention-92)."""
+        from ran.models import model_defaults
+
+        if self.cfg.data.eval_crop:
+            return self.cfg.data.eval_crop
+        if self.cfg.data.crop:  # a non-standard train crop: evaluate at the same size
+            return self.cfg.data.crop
+        return model_defaults(self.cfg.model.name).eval_crop.get(self.cfg.resolved_stem())
+
+    def _build_model(self) -> nn.Module:
+        model = build_model(self.cfg)
+        if self.cfg.train.sync_batchnorm and self.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = self.ddp
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        return model
+
+    @property
+    def tracker(self) -> Any:
+        """The MLflow RunTracker on rank 0 when a run id is known, else None."""
+        if self._tracker is None and self.is_master and self.run_id:
+            from ran.tracking import RunTracker
+
+            self._tracker = RunTracker(self.run_id, self.tracking_uri)
+        return self._tracker
+
+    # -- one batch
+
+    def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch.images.to(self.device, non_blocking=True)
+        images = self.normalize(images)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch.labels.to(self.device, non_blocking=True)
+
+    def train_step(self, micro_batches: list[Any]) -> tuple[float, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss sum, samples)."""
+        loss_sum, samples = torch.zeros((), device=self.device), 0
+        for i, batch in enumerate(micro_batches):
+            images, labels = self._inputs(batch)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with autocast(self.cfg, self.device):
+                    loss = self.criterion(self.model(images), labels)
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            loss_sum += loss.detach().float() * len(labels)
+            samples += len(labels)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.launched_at is not None:
+            self.startup_s, self.launched_at = time.time() - self.launched_at, None
+        self._maybe_fail()
+        return float(loss_sum), samples
+
+    def _maybe_fail(self) -> None:
+        f = self.fault
+        if f.get("step") != self.step or int(f.get("rank", 0)) != self.rank:
+            return
+        marker = Path(f.get("marker") or Path(tempfile.gettempdir()) / "ran-fault-marker")
+        if marker.exists():
+            return
+        marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
+        say(f"[fault injection] rank {self.rank} exits at step {self.step}")
+        os._exit(1)
+
+    # -- one epoch
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train one epoch (``plan.steps_per_epoch`` optimizer steps); returns reduced metrics."""
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        accum, plan = self.cfg.train.grad_accum, self.plan
+        loss_sum = samples = skipped = 0.0
+        wait = window_loss = 0.0
+        window_n = 0
+        start = last_print = time.perf_counter()
+        batches = iter(self.train_loader)
+        for i in range(plan.steps_per_epoch):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            wait += time.perf_counter() - t0
+            skipped += sum(b.skipped for b in micro)
+            step_loss, n = self.train_step(micro)
+            loss_sum, samples = loss_sum + step_loss, samples + n
+            window_loss, window_n = window_loss + step_loss, window_n + n
+            if self.step % self.cfg.train.log_every == 0:
+                self._log_step(window_loss / max(window_n, 1))
+                window_loss, window_n = 0.0, 0
+            if self.is_master and time.perf_counter() - last_print >= PROGRESS_EVERY_S:
+                last_print = time.perf_counter()
+                self._progress(i + 1, start, loss_sum / max(samples, 1))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        total = self._all_reduce([loss_sum, samples, skipped, wait, elapsed])
+        return {
+            "train_loss": total[0] / max(total[1], 1),
+            "img_per_s": total[1] / (total[4] / self.world_size),
+            "data_wait_frac": total[3] / max(total[4], 1e-9),
+            "skipped": total[2],
+            "epoch_time_s": elapsed,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _log_step(self, loss: float) -> None:
+        if self.tracker is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.tracker.log_metrics({"step_loss": loss, "step_lr": lr}, self.step)
+
+    def _progress(self, done: int, start: float, loss: float) -> None:
+        plan = self.plan
+        rate = done / (time.perf_counter() - start)
+        left = (plan.total_steps - self.step) / max(rate, 1e-9)
+        say(f"epoch {self.epoch + 1}/{plan.epochs} step {done}/{plan.steps_per_epoch} "
+            f"(global {self.step}/{plan.total_steps}) loss {loss:.4f} "
+            f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
+            f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss, top-1 and top-5 over the whole split: counts summed across ranks, then divided."""
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        loss_sum = top1 = top5 = samples = skipped = 0.0
+        for batch in self.val_loader:
+            images, labels = self._inputs(batch)
+            with autocast(self.cfg, self.device):
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == labels[:, None]
+            top1 += float(hits[:, 0].sum())
+            top5 += float(hits.any(dim=1).sum())
+            samples += len(labels)
+            skipped += batch.skipped
+        model.train(was_training)
+        loss_sum, top1, top5, samples, skipped = self._all_reduce(
+            [loss_sum, top1, top5, samples, skipped])
+        n = max(samples, 1)
+        return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n,
+                "val_samples": samples, "val_skipped": skipped}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        """Sum numbers across ranks (float64, so counts stay exact)."""
+        if not self.distributed:
+            return list(values)
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    # -- state
+
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a restarted worker group needs; loads with ``weights_only=True``."""
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "last_val": dict(self.last_val),
+            "rng": rng if rng is not None else [_rng_state()],
+            "run_id": self.run_id,
+            "config": self.cfg.model_dump(),
+            "plan": self.plan.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; RNG states only if the world size is unchanged."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.last_val = dict(state.get("last_val") or {})
+        self.run_id = state.get("run_id") or self.run_id
+        rng = state.get("rng") or []
+        if len(rng) == self.world_size:
+            _set_rng_state(rng[self.rank])
+        else:
+            _seed_everything(self.cfg.train.seed + 1000 * self.rank + self.epoch)
+
+    def gather_rng(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+        mine = _rng_state()
+        if not self.distributed:
+            return [mine]
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    def save(self, directory: str | Path, rng: list[dict[str, Any]] | None = None) -> Path:
+        """Write ``checkpoint.pt`` (and a readable ``config.yaml``) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(rng), directory / CHECKPOINT_FILE)
+        (directory / "config.yaml").write_text(self.cfg.to_yaml())
+        return directory
+
+    def restore(self, directory: str | Path) -> None:
+        """Load a checkpoint directory written by :meth:`save`."""
+        self.load_state_dict(load_checkpoint(directory))
+
+    # -- the loop
+
+    def fit(self, reporter: Reporter) -> dict[str, float]:
+        """Run (or continue) the planned epochs; returns the last epoch's metrics."""
+        with reporter.checkpoint_dir() as ckpt:
+            if ckpt:
+                self.restore(ckpt)
+                self.launched_at = None  # startup_s describes a fresh start only
+                if self.is_master:
+                    say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step}")
+        if self.tracker is not None:
+            self.tracker.log_params({f"plan.{k}": v for k, v in self.plan.to_dict().items()})
+        metrics: dict[str, float] = {}
+        while self.epoch < self.plan.epochs:
+            metrics = self.run_epoch(reporter)
+        return metrics
+
+    def run_epoch(self, reporter: Reporter) -> dict[str, float]:
+        """Train one epoch, validate on cadence, log (rank 0), report and checkpoint on cadence."""
+        t = self.cfg.train
+        metrics = self.train_epoch()
+        self.epoch += 1
+        last = self.epoch == self.plan.epochs
+        if last or self.epoch % t.eval_every == 0:
+            self.last_val = self.validate()
+            metrics.update(self.last_val)
+        if self.startup_s is not None:
+            metrics["startup_s"], self.startup_s = self.startup_s, None
+        if self.is_master:
+            self._print_epoch(metrics)
+            if self.tracker is not None:
+                logged = {k: v for k, v in metrics.items() if k != "val_samples"}
+                self.tracker.log_metrics(logged, self.epoch)
+                self.tracker.log_curves()
+        # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
+        report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
+                  "epoch": self.epoch, "step": self.step}
+        name = f"epoch={self.epoch:04d}_step={self.step:07d}"
+        if last or self.epoch % t.checkpoint_every == 0:
+            rng = self.gather_rng()
+            with tempfile.TemporaryDirectory(prefix="ran-ckpt-") as tmp:
+                reporter.report(report, str(self.save(tmp, rng)) if self.is_master else None, name)
+        else:
+            reporter.report(report, None, name)
+        return report
+
+    def _print_epoch(self, m: dict[str, float]) -> None:
+        val = (f" val_loss {m['val_loss']:.4f} top1 {m['val_top1']:.4f} top5 {m['val_top5']:.4f}"
+               if "val_top1" in m else "")
+        say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
+            f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
+            f"skipped {int(m['skipped'])}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train glue
+
+
+class RayReporter:
+    """Checkpoints and metrics through Ray Train (``ray.train.get_checkpoint`` / ``report``)."""
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=name if checkpoint else None)
+
+
+def trainer_from_worker_config(config: dict[str, Any]) -> Trainer:
+    """Build a Trainer inside a Ray Train worker from the launcher's ``train_loop_config``."""
+    import ray.train.torch
+
+    cfg = parse_config(config["job"], "<train_loop_config>")
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Trainer(cfg, device=device, run_id=config.get("run_id"),
+                   tracking_uri=config.get("tracking_uri"), fault=config.get("fault"),
+                   launched_at=config.get("launched_at"))
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """What Ray Train runs on every worker."""
+    trainer = trainer_from_worker_config(config)
+    trainer.fit(RayReporter())
