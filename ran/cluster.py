@@ -1,0 +1,409 @@
+"""Ray Jobs: submit ``ran train`` (or ``ran tune``) to a cluster; list, inspect, follow, stop jobs.
+
+``ran submit JOB.yaml --address http://HEAD:8265`` is ``ray job submit --address ... --working-dir .
+-- ran train JOB.yaml`` with the chores done: the job is validated here first (a bad key fails in a
+second, not after the upload), the project is uploaded without data, runs and the MLflow store, the
+MLflow and AWS settings travel with the job, and local paths are made absolute when the cluster runs
+on this machine, so that the job reads the same shards and writes the same MLflow store as
+``ran train`` would here.
+
+Jobs are addressed by their submission id (``ran-<job>-<time>-<hex>``); the Ray dashboard and
+``ray job ...`` show the same ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import secrets
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlparse
+
+from ran.config import JobConfig, load_config
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+# Environment passed to the job: MLflow (where runs go, S3 artifacts, server credentials) and every
+# AWS_* setting (S3 shards and storage). Sent in the runtime env, so visible in the dashboard:
+# prefer instance profiles or IRSA to access keys on shared clusters.
+PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS")
+PASS_ENV_PREFIXES = ("AWS_",)
+
+# Not uploaded with the working directory (gitignore syntax, relative to it; a leading / anchors
+# at the top, so /data/ skips the shards but not the ran/data/ package).
+EXCLUDES = ["/.venv/", "/.git/", "/data/", "/runs/", "/mlruns/", "/mlartifacts/", "/mlflow.db",
+            "/ray_results/", "/out/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+
+# Job keys holding paths that the job resolves against its own working directory (a fresh copy on
+# the cluster): made absolute when the cluster is this machine.
+PATH_KEYS = ("data.path", "storage.path")
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a submission
+
+
+@dataclass
+class Submission:
+    """What ``ran submit`` sends: the entrypoint, its runtime env and metadata."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    submission_id: str
+    config: JobConfig
+    local: bool  # the cluster runs on this machine
+    notes: list[str] = field(default_factory=list)  # what was resolved or should be checked
+
+
+def is_local_address(address: str) -> bool:
+    """True when the dashboard address names this machine (loopback, hostname or own IP)."""
+    host = urlparse(normalize_address(address)).hostname or ""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return True
+    name = socket.gethostname()
+    if host == name:
+        return True
+    try:
+        return host in socket.gethostbyname_ex(name)[2]
+    except OSError:
+        return False
+
+
+def normalize_address(address: str) -> str:
+    """``HEAD:8265`` -> ``http://HEAD:8265``; Ray Jobs talk to the dashboard over HTTP(S)."""
+    address = address.strip().rstrip("/")
+    if "://" not in address:
+        return f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--address {address}: Ray Jobs need the dashboard's http(s):// address, "
+                         f"e.g. http://HEAD:8265 (not the ray:// or GCS address)")
+    return address
+
+
+def entrypoint(job: str, overrides: list[str], tune: str | None = None) -> str:
+    """``ran train JOB --set k=v ...`` (or ``ran tune SPACE --job JOB ...``), shell-quoted."""
+    argv = ["ran", "tune", tune, "--job", job] if tune else ["ran", "train", job]
+    for item in overrides:
+        argv += ["--set", item]
+    return shlex.join(argv)
+
+
+def relative_to_working_dir(path: str | Path, working_dir: Path, what: str) -> str:
+    """``path`` as the job sees it: relative to the uploaded working directory."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return resolved.relative_to(working_dir.resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"{what} {path} is outside the working directory {working_dir}: the "
+                         f"cluster only sees files under it; move it there or pass "
+                         f"--working-dir") from None
+
+
+def job_env(local: bool, notes: list[str], extra: list[str] | None = None) -> dict[str, str]:
+    """The environment passed to the job: PASS_ENV, AWS_*, and ``--env`` items."""
+    env = {k: v for k, v in os.environ.items()
+           if k in PASS_ENV or k.startswith(PASS_ENV_PREFIXES)}
+    for item in extra or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise ValueError(f"--env {key}: not set here; pass --env {key}=VALUE")
+            value = os.environ[key]
+        env[key] = value
+    from ran.tracking import tracking_uri
+
+    uri = tracking_uri()  # MLFLOW_TRACKING_URI or the embedded sqlite store, made absolute
+    file_store = uri.startswith(("sqlite:", "file:", "/"))
+    if local:
+        if uri != env.get("MLFLOW_TRACKING_URI"):
+            notes.append(f"MLflow: the job writes to {uri}")
+        env["MLFLOW_TRACKING_URI"] = uri
+    elif file_store:
+        notes.append(f"MLflow: {uri} is a file on this machine; the job will record its run on the "
+                     f"cluster's disk. Set MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000 to keep it.")
+    return env
+
+
+def resolve_paths(cfg: JobConfig, local: bool, notes: list[str]) -> list[str]:
+    """``--set`` items making PATH_KEYS absolute (local cluster), or notes about them (remote)."""
+    flat = cfg.flat()
+    extra = []
+    for key in PATH_KEYS:
+        value = str(flat[key])
+        if "://" in value:
+            continue
+        if local and not Path(value).is_absolute():
+            extra.append(f"{key}={Path(value).resolve()}")
+            notes.append(f"{key}: {value} -> {Path(value).resolve()}")
+        elif not local:
+            notes.append(f"{key}={value} is a path on the cluster's nodes; use s3://... unless "
+                         f"every node mounts it")
+    return extra
+
+
+def submission_id(cfg: JobConfig) -> str:
+    """``ran-<job name>-<UTC time>-<4 hex>``: readable, sortable and unique."""
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.name)[:40]
+    return f"ran-{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def build_submission(job: str, overrides: list[str], address: str, *, tune: str | None = None,
+                     working_dir: str | Path = ".", env: list[str] | None = None) -> Submission:
+    """Validate the job (and the Tune space) here, then describe the Ray Job that runs it."""
+    wd = Path(working_dir).resolve()
+    if not wd.is_dir():
+        raise FileNotFoundError(f"--working-dir {working_dir} is not a directory")
+    cfg = load_config(job, overrides)
+    if tune:
+        from ran.tune.space import check_space, load_space
+
+        check_space(load_space(tune), cfg.model_dump())
+    local = is_local_address(address)
+    notes: list[str] = []
+    overrides = list(overrides) + resolve_paths(cfg, local, notes)
+    job_rel = relative_to_working_dir(job, wd, "job config")
+    space_rel = relative_to_working_dir(tune, wd, "search space") if tune else None
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(wd),
+        "excludes": EXCLUDES,
+        "env_vars": job_env(local, notes, env),
+    }
+    package = Path(__file__).resolve().parent
+    if not package.is_relative_to(wd):  # ship the package we run, unless the upload holds it
+        runtime_env["py_modules"] = [str(package)]
+    metadata = {"ran.job": job_rel, "ran.name": cfg.name, "ran.kind": "tune" if tune else "train",
+                "ran.user": getpass.getuser()}
+    return Submission(entrypoint(job_rel, overrides, space_rel), runtime_env, metadata,
+                      submission_id(cfg), cfg, local, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the cluster
+
+
+def auth_headers() -> dict[str, str]:
+    """The Ray auth token as a bearer header, where Ray would find one.
+
+    ``ray start`` turns token auth on when ``~/.ray/auth_token`` exists, but a client process only
+    sends the token when ``RAY_AUTH_MODE=token`` is set in its own environment; send it whenever
+    a token is available (a cluster without token auth ignores it). ``RAY_AUTH_MODE=disabled``
+    sends nothing.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(address: str | None) -> "JobSubmissionClient":
+    """A JobSubmissionClient for ``address`` (else RAY_API_SERVER_ADDRESS or an http RAY_ADDRESS)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    url = normalize_address(address)
+    try:
+        return JobSubmissionClient(url, headers=auth_headers())
+    except ConnectionError:
+        raise ConnectionError(f"cannot reach the Ray dashboard at {url}: is the cluster up and "
+                              f"the dashboard port (default 8265) reachable? "
+                              f"(`cluster/local.sh status` for a local head)") from None
+    except Exception as err:  # AuthenticationError and friends: one line, with what to do
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConnectionError(f"Ray dashboard at {url}: {first} (set RAY_AUTH_TOKEN or "
+                              f"~/.ray/auth_token to the cluster's token)") from None
+
+
+def _job_info(client: "JobSubmissionClient", job_id: str) -> Any:
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as err:
+        if "does not exist" in str(err) or "404" in str(err):
+            raise ValueError(f"no job {job_id} on this cluster; `ran jobs list` shows them") from None
+        raise
+
+
+def wait_until_done(client: "JobSubmissionClient", job_id: str, timeout: float = 60.0) -> Any:
+    """Poll until the job is terminal (the log stream can end a moment before the status)."""
+    deadline = time.monotonic() + timeout
+    info = _job_info(client, job_id)
+    while str(info.status) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = _job_info(client, job_id)
+    return info
+
+
+def follow(client: "JobSubmissionClient", job_id: str, out: TextIO = sys.stdout) -> int:
+    """Stream the job's logs until it ends; 0 when it SUCCEEDED, else 1."""
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    _job_info(client, job_id)  # a clear error for an unknown id, before the stream opens
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running. `ran jobs stop {job_id}` stops it.",
+              file=sys.stderr)
+        raise
+    while True:  # the stream also ends when the connection drops: only a terminal status ends this
+        info = wait_until_done(client, job_id)
+        if str(info.status) in TERMINAL:
+            break
+    return report_end(info, out)
+
+
+def report_end(info: Any, out: TextIO = sys.stdout) -> int:
+    status = str(info.status)
+    line = f"job {info.submission_id} {status}"
+    if status != "SUCCEEDED" and info.message:
+        line += f": {_first_line(info.message)}"
+    print(line, file=out, flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def submit(sub: Submission, address: str) -> str:
+    """Submit to the cluster; returns the submission id."""
+    client = connect(address)
+    _ensure_local_experiment(sub)
+    return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                             metadata=sub.metadata, submission_id=sub.submission_id)
+
+
+def _ensure_local_experiment(sub: Submission) -> None:
+    """Create the MLflow experiment here when the store is a file on this machine, so that its
+    artifact location is this machine's ``./mlartifacts``, not the job's temporary copy of it."""
+    uri = sub.runtime_env["env_vars"].get("MLFLOW_TRACKING_URI", "")
+    if sub.local and uri.startswith("sqlite:"):
+        from ran.tracking import ensure_experiment
+
+        ensure_experiment(sub.config.tracking.experiment, uri)
+
+
+def cli_submit(args: argparse.Namespace) -> int:
+    """``ran submit JOB [--set k=v]... --address URL [--tune SPACE] [--wait]``."""
+    sub = build_submission(args.job, args.overrides, args.address, tune=args.tune,
+                           working_dir=getattr(args, "working_dir", None) or ".",
+                           env=getattr(args, "env", None))
+    for note in sub.notes:
+        print(f"note: {note}")
+    job_id = submit(sub, args.address)
+    url = normalize_address(args.address)
+    print(f"submitted {job_id}: {sub.entrypoint}")
+    print(f"  follow:  ran jobs logs {job_id} --follow --address {url}")
+    print(f"  status:  ran jobs status {job_id} --address {url}")
+    print(f"  stop:    ran jobs stop {job_id} --address {url}")
+    print(f"  dashboard: {url}/#/jobs/{job_id}", flush=True)
+    if not args.wait:
+        return 0
+    return follow(connect(args.address), job_id)
+
+
+def cli_jobs(args: argparse.Namespace) -> int:
+    """``ran jobs list | status ID | logs ID [--follow] | stop ID``."""
+    if args.action != "list" and not args.job_id:
+        raise ValueError(f"ran jobs {args.action} needs a job id; `ran jobs list` shows them")
+    client = connect(args.address)
+    if args.action == "list":
+        print_jobs(client.list_jobs())
+        return 0
+    if args.action == "status":
+        print_status(_job_info(client, args.job_id))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return follow(client, args.job_id)
+        _job_info(client, args.job_id)
+        sys.stdout.write(client.get_job_logs(args.job_id))
+        return 0
+    return stop(client, args.job_id)
+
+
+def stop(client: "JobSubmissionClient", job_id: str, timeout: float = 60.0) -> int:
+    """Ask the job to stop and wait for it to end; 0 once it is no longer running."""
+    info = _job_info(client, job_id)
+    if str(info.status) in TERMINAL:
+        print(f"job {job_id} already ended: {info.status}")
+        return 0
+    client.stop_job(job_id)
+    info = wait_until_done(client, job_id, timeout)
+    if str(info.status) not in TERMINAL:
+        print(f"job {job_id} still {info.status} after {timeout:.0f}s; Ray kills it soon",
+              file=sys.stderr)
+        return 1
+    print(f"job {job_id} {info.status}")
+    return 0
+
+
+def _first_line(message: str) -> str:
+    """Ray's job message without the log tail it appends after the first line."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line.split(", last available logs")[0]
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _took(info: Any) -> str:
+    if not info.start_time:
+        return "-"
+    end = info.end_time or time.time() * 1000
+    seconds = int((end - info.start_time) / 1000)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def print_jobs(jobs: list[Any], out: TextIO = sys.stdout) -> None:
+    """One line per submitted job, oldest first."""
+    jobs = sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
+    rows = [(j.submission_id, str(j.status), _when(j.start_time), _took(j), j.entrypoint)
+            for j in jobs]
+    header = ("SUBMISSION ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+    if not rows:
+        print("(no submitted jobs)", file=out)
+
+
+def print_status(info: Any, out: TextIO = sys.stdout) -> None:
+    fields = [("submission id", info.submission_id), ("status", str(info.status)),
+              ("entrypoint", info.entrypoint), ("started", _when(info.start_time)),
+              ("ended", _when(info.end_time)), ("took", _took(info))]
+    if info.driver_exit_code is not None:
+        fields.append(("exit code", str(info.driver_exit_code)))
+    for key, value in sorted((info.metadata or {}).items()):
+        fields.append((key, value))
+    if info.message:
+        fields.append(("message", _first_line(info.message)))
+    width = max(len(k) for k, _ in fields)
+    for key, value in fields:
+        print(f"{key.ljust(width)}  {value}", file=out)
