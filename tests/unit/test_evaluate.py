@@ -1,0 +1,79 @@
+"""`ran eval` measures a model exactly as training validates it, and names bad references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ran.config import parse_config
+from ran.evaluate import ModelRefError, check_classes, eval_crop, evaluate, load_model, resolve_model
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from ran.data.synth import write_synthetic
+    from ran.train.launch import resolve_config
+    from ran.train.worker import Trainer
+
+    data = tmp_path_factory.mktemp("synth")
+    write_synthetic(str(data), classes=4, train=16, val=24, size=32, samples_per_shard=10,
+                    progress=False, workers=1)
+    cfg, _ = resolve_config(parse_config({
+        "model": {"name": "attention56"},
+        "data": {"recipe": "cifar", "path": str(data), "batch_size": 8, "workers": 0},
+        "train": {"epochs": 1, "seed": 3},
+    }))
+    trainer = Trainer(cfg)
+    trainer.train_epoch()
+    return trainer
+
+
+def test_evaluate_matches_the_trainers_validation(trainer):
+    expected = trainer.validate()
+    cfg = trainer.cfg
+    got = evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=5, workers=2)
+
+    assert got["images"] == expected["val_samples"] == 24
+    assert got["top1"] == expected["val_top1"]
+    assert got["top5"] == expected["val_top5"]
+    assert got["loss"] == pytest.approx(expected["val_loss"], rel=1e-3)
+    assert got["img_per_s"] > 0
+
+
+def test_a_checkpoint_directory_loads_as_our_model(trainer, tmp_path):
+    trainer.save(tmp_path / "epoch=0001_step=0000002")
+    model, cfg, classes = load_model(str(tmp_path))  # a run directory: its latest checkpoint
+
+    assert cfg == trainer.cfg
+    assert classes is not None and len(classes) == 4
+    trained = trainer.raw_model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        logits, masks = model(torch.randn(2, 3, 32, 32), return_masks=True)
+    assert logits.shape == (2, 4)
+    assert len(masks) == 3
+
+
+def test_data_with_other_classes_is_refused(trainer):
+    manifest = {"num_classes": 10, "classes": [str(i) for i in range(10)]}
+    with pytest.raises(ValueError, match="has 10 classes but the model has 4 outputs"):
+        check_classes(trainer.raw_model, None, manifest, "other")
+    manifest = {"num_classes": 4, "classes": ["a", "b", "c", "d"]}
+    with pytest.raises(ValueError, match="class names differ"):
+        check_classes(trainer.raw_model, ["w", "x", "y", "z"], manifest, "other")
+
+
+def test_eval_crop_follows_the_model_and_config():
+    assert eval_crop(parse_config({"model": {"name": "attention92"}, "data": {"recipe": "imagenet"}})) == 320
+    assert eval_crop(parse_config({"model": {"name": "attention56"}, "data": {"recipe": "imagenet"}})) == 224
+    assert eval_crop(parse_config({"model": {"name": "attention92"}, "data": {"recipe": "imagenet",
+                                                                             "eval_crop": 256}})) == 256
+
+
+def test_references_that_name_nothing_say_what_is_accepted(tmp_path):
+    with pytest.raises(ModelRefError, match="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id"):
+        resolve_model("no-such-thing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelRefError, match="no checkpoint.pt in it"):
+        resolve_model(str(empty))
