@@ -1,0 +1,307 @@
+"""Gated promotion through MLflow registry aliases, and the registry as a table.
+
+``ran promote NAME --version V --alias champion`` moves ``@champion`` to version V only if V beats
+the version that holds it now, on the same data:
+
+- by default on the validation metrics recorded when the versions were registered (version tags
+  ``val_top1``, ``val_top5``, ``val_loss``), which compare only if both runs validated on the same
+  shards and split (their ``data.path`` and ``data.val_split`` params); otherwise it refuses and
+  asks for ``--eval-data``;
+- with ``--eval-data PATH``, on a fresh evaluation of both versions on those shards.
+
+The candidate must have a strictly higher top-1 than the holder and, with ``--min-top1``, at least
+that top-1 (a fraction, 0.75 for 75%). A refusal leaves the alias where it was. A promotion moves
+the alias (``set_registered_model_alias``) and records who, when, why and the metrics as tags on
+the promoted version (``promotion.<alias>.*``) and on the version it replaced
+(``promotion.<alias>.replaced_by`` and ``.replaced_at``). Aliases are the registry's mutable
+pointers; stages are deprecated and not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+METRIC_TAGS = ("val_top1", "val_top5", "val_loss")  # set by RunTracker.log_final_model
+DATA_PARAMS = ("data.path", "data.val_split")  # what the recorded metrics were measured on
+
+
+def _client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    from ran.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+class PromotionError(ValueError):
+    """A promotion request that cannot be evaluated (unknown version, no comparable metrics)."""
+
+
+@dataclass
+class Standing:
+    """One version's metrics on one basis."""
+
+    version: str
+    top1: float
+    top5: float | None = None
+    loss: float | None = None
+    basis: str = ""  # what the metrics were measured on, for messages and tags
+
+
+@dataclass
+class Decision:
+    """The outcome of a promotion request."""
+
+    outcome: str  # "promoted", "refused" or "unchanged"
+    reason: str  # one line, for people
+    candidate: Standing | None = None
+    holder: Standing | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # recorded on the candidate
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the registry
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        known = ", ".join(sorted((v.version for v in _versions(client, name)), key=int)) or "none"
+        raise PromotionError(f"registered model {name!r} has no version {version} "
+                             f"(versions: {known})") from None
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    found = client.search_model_versions(f"name = {_quote(name)}")
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def alias_holder(client: Any, name: str, alias: str) -> Any | None:
+    """The version ``alias`` points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise PromotionError(f"no registered model {name!r} (see `ran registry`)") from None
+    version = model.aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def recorded_standing(client: Any, mv: Any) -> Standing:
+    """The validation metrics recorded with a version, and the data they were measured on."""
+    tags = mv.tags or {}
+    if "val_top1" not in tags:
+        raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded val_top1 tag; "
+                             "pass --eval-data PATH to evaluate it")
+    params = client.get_run(mv.run_id).data.params if mv.run_id else {}
+    path, split = (params.get(k, "?") for k in DATA_PARAMS)
+    return Standing(str(mv.version), float(tags["val_top1"]), _float(tags.get("val_top5")),
+                    _float(tags.get("val_loss")), basis=f"{path} [{split}] (recorded)")
+
+
+def _float(text: str | None) -> float | None:
+    return None if text is None else float(text)
+
+
+def evaluated_standing(name: str, version: str, data: str) -> Standing:
+    """A fresh evaluation of ``models:/name/version`` on the ``val`` split of ``data``."""
+    from ran.evaluate import evaluate_ref
+
+    _, _, m = evaluate_ref(f"models:/{name}/{version}", data, "val")
+    return Standing(str(version), m["top1"], m["top5"], m["loss"], basis=f"{data} [val] (evaluated)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding and recording
+
+
+def decide(candidate: Standing, holder: Standing | None, alias: str,
+           min_top1: float | None = None) -> Decision:
+    """The gate: at least ``min_top1``, and strictly better top-1 than the holder."""
+    if min_top1 is not None and candidate.top1 < min_top1:
+        return Decision("refused", f"version {candidate.version} has top-1 {candidate.top1:.4f} "
+                        f"on {candidate.basis}, below --min-top1 {min_top1:.4f}", candidate, holder)
+    if holder is None:
+        return Decision("promoted", f"{alias!r} was unassigned; version {candidate.version} takes "
+                        f"it with top-1 {candidate.top1:.4f} on {candidate.basis}", candidate)
+    if candidate.top1 <= holder.top1:
+        return Decision("refused", f"version {candidate.version} (top-1 {candidate.top1:.4f}) does "
+                        f"not beat {alias!r} version {holder.version} (top-1 {holder.top1:.4f}) on "
+                        f"{holder.basis}", candidate, holder)
+    return Decision("promoted", f"version {candidate.version} (top-1 {candidate.top1:.4f}) beats "
+                    f"{alias!r} version {holder.version} (top-1 {holder.top1:.4f}) on "
+                    f"{holder.basis}", candidate, holder)
+
+
+def current_user() -> str:
+    """Who is promoting: MLflow's user name if set, else the OS user."""
+    for key in ("MLFLOW_TRACKING_USERNAME", "USER", "LOGNAME"):
+        if os.environ.get(key):
+            return os.environ[key]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def promotion_tags(decision: Decision, alias: str, user: str, reason: str,
+                   when: dt.datetime) -> dict[str, str]:
+    """``promotion.<alias>.*`` tags for the promoted version."""
+    c, h = decision.candidate, decision.holder
+    assert c is not None
+    tags = {"by": user, "at": when.isoformat(timespec="seconds"), "reason": reason or "-",
+            "basis": c.basis, "top1": f"{c.top1:.6f}",
+            "previous_version": h.version if h else "none"}
+    if c.top5 is not None:
+        tags["top5"] = f"{c.top5:.6f}"
+    if c.loss is not None:
+        tags["loss"] = f"{c.loss:.6f}"
+    if h is not None:
+        tags["previous_top1"] = f"{h.top1:.6f}"
+    return {f"promotion.{alias}.{k}": v for k, v in tags.items()}
+
+
+def promote(name: str, version: str, alias: str = "champion", *, min_top1: float | None = None,
+            eval_data: str | None = None, reason: str = "", user: str | None = None) -> Decision:
+    """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring."""
+    from mlflow.exceptions import MlflowException
+
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+        raise PromotionError(f"--min-top1 {min_top1}: give top-1 as a fraction, e.g. 0.75 for 75%")
+    client = _client()
+    mv = _version(client, name, version)
+    holder_mv = alias_holder(client, name, alias)
+    if holder_mv is not None and str(holder_mv.version) == str(mv.version):
+        return Decision("unchanged", f"version {mv.version} already holds {alias!r}")
+    if eval_data:
+        candidate = evaluated_standing(name, str(mv.version), eval_data)
+        holder = evaluated_standing(name, str(holder_mv.version), eval_data) if holder_mv else None
+    else:
+        candidate = recorded_standing(client, mv)
+        holder = recorded_standing(client, holder_mv) if holder_mv else None
+        if holder is not None and holder.basis != candidate.basis:
+            raise PromotionError(
+                f"recorded metrics are not comparable: version {candidate.version} validated on "
+                f"{candidate.basis}, version {holder.version} on {holder.basis}; pass --eval-data "
+                "PATH to evaluate both on the same shards")
+    decision = decide(candidate, holder, alias, min_top1)
+    if not decision.promoted:
+        return decision
+    when = dt.datetime.now(dt.timezone.utc)
+    who = user or current_user()
+    try:
+        client.set_registered_model_alias(name, alias, str(mv.version))
+    except MlflowException as err:
+        raise PromotionError(f"cannot set alias {alias!r} on {name}/{mv.version}: {err.message}") from None
+    decision.tags = promotion_tags(decision, alias, who, reason, when)
+    for key, value in decision.tags.items():
+        client.set_model_version_tag(name, str(mv.version), key, value)
+    if holder_mv is not None:
+        client.set_model_version_tag(name, str(holder_mv.version), f"promotion.{alias}.replaced_by",
+                                     str(mv.version))
+        client.set_model_version_tag(name, str(holder_mv.version), f"promotion.{alias}.replaced_at",
+                                     decision.tags[f"promotion.{alias}.at"])
+    return decision
+
+
+def cli_promote(args: argparse.Namespace) -> int:
+    decision = promote(args.name, args.version, args.alias, min_top1=args.min_top1,
+                       eval_data=args.eval_data, reason=args.reason)
+    if decision.outcome == "refused":
+        print(f"refused: {decision.reason}; {args.alias!r} unchanged")
+        return 1
+    if decision.outcome == "unchanged":
+        print(f"unchanged: {decision.reason}")
+        return 0
+    print(f"promoted: {args.name}@{args.alias} -> version {args.version}: {decision.reason}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry as a table
+
+
+def registry_rows(name: str | None = None) -> list[dict[str, str]]:
+    """One row per registered version: model, version, aliases, recorded metrics, run, created."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    if name:
+        try:
+            models = [client.get_registered_model(name)]
+        except MlflowException:
+            known = ", ".join(m.name for m in _registered_models(client)) or "none"
+            raise PromotionError(f"no registered model {name!r} (registered: {known})") from None
+    else:
+        models = _registered_models(client)
+    rows = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in model.aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in _versions(client, model.name):
+            tags = mv.tags or {}
+            rows.append({
+                "model": model.name, "version": str(mv.version),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))) or "-",
+                "top1": _metric(tags.get("val_top1")), "top5": _metric(tags.get("val_top5")),
+                "loss": _metric(tags.get("val_loss")), "arch": tags.get("model", "-"),
+                "run": (mv.run_id or "-")[:12],
+                "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime(
+                    "%Y-%m-%d %H:%M"),
+            })
+    return rows
+
+
+def _registered_models(client: Any) -> list[Any]:
+    models, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        models.extend(page)
+        token = page.token
+        if not token:
+            return sorted(models, key=lambda m: m.name)
+
+
+def _metric(text: str | None) -> str:
+    return "-" if text is None else f"{float(text):.4f}"
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """Left-aligned text columns, right-aligned numbers."""
+    header = {"model": "model", "version": "version", "aliases": "aliases", "top1": "val_top1",
+              "top5": "val_top5", "loss": "val_loss", "arch": "arch", "run": "run",
+              "created": "created"}
+    numeric = {"version", "top1", "top5", "loss"}
+    table = [header, *rows]
+    widths = {k: max(len(r[k]) for r in table) for k in header}
+    return "\n".join("  ".join(r[k].rjust(widths[k]) if k in numeric else r[k].ljust(widths[k])
+                               for k in header).rstrip() for r in table)
+
+
+def cli_registry(args: argparse.Namespace) -> int:
+    from ran.tracking import tracking_uri
+
+    rows = registry_rows(args.name)
+    if not rows:
+        print(f"no registered model versions in {tracking_uri()}")
+        return 0
+    print(format_table(rows))
+    return 0
