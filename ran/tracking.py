@@ -75,10 +75,12 @@ def tracking_uri() -> str:
 
 
 def default_artifact_location(experiment: str) -> str | None:
-    """``./mlartifacts/<experiment>`` for a local sqlite store; None lets a server decide."""
-    if os.environ.get("MLFLOW_TRACKING_URI") and not tracking_uri().startswith("sqlite:"):
+    """Artifacts of a sqlite store live beside it in ``mlartifacts/<experiment>``; None lets a
+    server (or any other store) decide."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
         return None
-    return str(Path(DEFAULT_ARTIFACTS).resolve() / experiment)
+    return str(Path(uri[len("sqlite:///"):]).parent / DEFAULT_ARTIFACTS / experiment)
 
 
 def _client(uri: str | None = None) -> Any:

@@ -219,8 +219,9 @@ def connect_ray(address: str | None) -> bool:
         except ConnectionError as err:
             raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from None
         return False
-    # The dashboard serves the State API, which Train V2's placement-group cleaner polls.
-    ray.init(log_to_driver=True)
+    # address="local": never attach to some other `ray start` cluster found on this machine.
+    # The dashboard stays on: it serves the State API that Train V2's placement-group cleaner polls.
+    ray.init(address="local", log_to_driver=True)
     return True
 
 
@@ -247,8 +248,10 @@ def check_resources(cfg: JobConfig) -> None:
         )
 
 
-def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any]) -> Any:
-    """The ``TorchTrainer`` for a resolved config."""
+def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
+                  callbacks: list[Any] | None = None) -> Any:
+    """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
+    e.g. the ``TuneReportCallback`` of a ``ran tune`` trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -267,6 +270,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any])
             storage_path=storage.ray_path,
             storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=s.max_failures),
+            callbacks=list(callbacks or []),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
@@ -287,7 +291,8 @@ def fault_from_env() -> dict[str, Any] | None:
 
 
 def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
-                 fault: dict[str, Any] | None = None) -> TrainOutcome:
+                 fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                 run_tags: dict[str, str] | None = None) -> TrainOutcome:
     """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
 
     Args:
@@ -296,6 +301,9 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
         address: Ray address; default ``RAY_ADDRESS``, else a local Ray started (and stopped) here.
             An already initialised Ray (``ray.init`` by the caller) is used as is.
         fault: fault injection for tests (see :mod:`ran.train.worker`).
+        callbacks: extra Ray Train callbacks (``ran tune`` passes a ``TuneReportCallback``).
+        run_tags: extra tags for a new MLflow run (``ran tune`` nests trial runs under the search
+            run with ``mlflow.parentRunId``).
 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
@@ -310,7 +318,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
     started = connect_ray(address)
     try:
         check_resources(cfg)
-        return _train(cfg, manifest, storage, resume, fault, launched_at)
+        return _train(cfg, manifest, storage, resume, fault, launched_at, callbacks, run_tags)
     finally:
         if started:
             import ray
@@ -325,11 +333,12 @@ def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, resume: bool,
-           fault: dict[str, Any] | None, launched_at: float) -> TrainOutcome:
+           fault: dict[str, Any] | None, launched_at: float, callbacks: list[Any] | None = None,
+           run_tags: dict[str, str] | None = None) -> TrainOutcome:
     from ran import tracking
 
     uri = tracking.tracking_uri()
-    tracker = _open_run(cfg, manifest, storage, uri, resume)
+    tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
     outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, uri, resumed=resume)
     if tracker.status == "FINISHED":
         print(f"{storage.run_uri} already finished (MLflow run {tracker.run_id}); nothing to do")
@@ -339,7 +348,7 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, resume: b
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": uri,
                    "fault": fault, "launched_at": launched_at}
     try:
-        result = build_trainer(cfg, storage, loop_config).fit()
+        result = build_trainer(cfg, storage, loop_config, callbacks).fit()
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -358,7 +367,7 @@ def _checkpoint_uri(storage: Storage, path: str) -> str:
 
 
 def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: str,
-              resume: bool) -> Any:
+              resume: bool, extra_tags: dict[str, str] | None = None) -> Any:
     from ran import tracking
 
     if resume:
@@ -373,6 +382,7 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
         tracking.TAG_STORAGE: storage.run_uri,
         tracking.TAG_JOB: cfg.name,
         **tracking.ray_job_tags(),
+        **(extra_tags or {}),
     }
     commit = tracking.git_commit()
     if commit:

@@ -470,6 +470,8 @@ class Trainer:
                     say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step}")
         if self.tracker is not None:
             self.tracker.log_params({f"plan.{k}": v for k, v in self.plan.to_dict().items()})
+            if self.step:  # a restart: say from where, for people reading the run later
+                self.tracker.set_tags({"ran.resumed_from": f"epoch={self.epoch} step={self.step}"})
         metrics: dict[str, float] = {}
         while self.epoch < self.plan.epochs:
             metrics = self.run_epoch(reporter)
