@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import urlparse
 
 from ran.config import JobConfig, load_config
 
@@ -66,20 +65,6 @@ class Submission:
     config: JobConfig
     local: bool  # the cluster runs on this machine
     notes: list[str] = field(default_factory=list)  # what was resolved or should be checked
-
-
-def is_local_address(address: str) -> bool:
-    """True when the dashboard address names this machine (loopback, hostname or own IP)."""
-    host = urlparse(normalize_address(address)).hostname or ""
-    if host in ("localhost", "::1") or host.startswith("127."):
-        return True
-    name = socket.gethostname()
-    if host == name:
-        return True
-    try:
-        return host in socket.gethostbyname_ex(name)[2]
-    except OSError:
-        return False
 
 
 def normalize_address(address: str) -> str:
@@ -134,8 +119,9 @@ def job_env(local: bool, notes: list[str], extra: list[str] | None = None) -> di
             notes.append(f"MLflow: the job writes to {uri}")
         env["MLFLOW_TRACKING_URI"] = uri
     elif file_store:
-        notes.append(f"MLflow: {uri} is a file on this machine; the job will record its run on the "
-                     f"cluster's disk. Set MLFLOW_TRACKING_URI=http://MLFLOW_HOST:5000 to keep it.")
+        notes.append(f"MLflow: {uri} is a file on this machine, out of the cluster's reach: the "
+                     f"job records its run on the cluster's disk. Set MLFLOW_TRACKING_URI="
+                     f"http://MLFLOW_HOST:5000 (an MLflow server both can reach) to keep it.")
     return env
 
 
@@ -150,9 +136,13 @@ def resolve_paths(cfg: JobConfig, local: bool, notes: list[str]) -> list[str]:
         if local and not Path(value).is_absolute():
             extra.append(f"{key}={Path(value).resolve()}")
             notes.append(f"{key}: {value} -> {Path(value).resolve()}")
+        elif not local and not Path(value).is_absolute():
+            notes.append(f"{key}={value} is relative: on the cluster it points into the job's "
+                         f"temporary copy of the working directory; use s3://... or an absolute "
+                         f"path that every node mounts")
         elif not local:
-            notes.append(f"{key}={value} is a path on the cluster's nodes; use s3://... unless "
-                         f"every node mounts it")
+            notes.append(f"{key}={value} must exist on every node of the cluster (a shared "
+                         f"filesystem), or use s3://...")
     return extra
 
 
@@ -162,18 +152,23 @@ def submission_id(cfg: JobConfig) -> str:
     return f"ran-{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def build_submission(job: str, overrides: list[str], address: str, *, tune: str | None = None,
-                     working_dir: str | Path = ".", env: list[str] | None = None) -> Submission:
-    """Validate the job (and the Tune space) here, then describe the Ray Job that runs it."""
-    wd = Path(working_dir).resolve()
-    if not wd.is_dir():
-        raise FileNotFoundError(f"--working-dir {working_dir} is not a directory")
+def validate(job: str, overrides: list[str], tune: str | None = None) -> JobConfig:
+    """The job config (and the Tune space over it) as ``ran train`` / ``ran tune`` will check them."""
     cfg = load_config(job, overrides)
     if tune:
         from ran.tune.space import check_space, load_space
 
         check_space(load_space(tune), cfg.model_dump())
-    local = is_local_address(address)
+    return cfg
+
+
+def build_submission(job: str, overrides: list[str], *, local: bool, tune: str | None = None,
+                     working_dir: str | Path = ".", env: list[str] | None = None) -> Submission:
+    """Describe the Ray Job running ``job``; ``local``: the cluster runs on this machine."""
+    wd = Path(working_dir).resolve()
+    if not wd.is_dir():
+        raise FileNotFoundError(f"--working-dir {working_dir} is not a directory")
+    cfg = validate(job, overrides, tune)
     notes: list[str] = []
     overrides = list(overrides) + resolve_paths(cfg, local, notes)
     job_rel = relative_to_working_dir(job, wd, "job config")
@@ -236,6 +231,41 @@ def connect(address: str | None) -> "JobSubmissionClient":
                               f"~/.ray/auth_token to the cluster's token)") from None
 
 
+def this_machine_ips() -> set[str]:
+    """Loopback, the hostname's addresses and the address of the default route (what Ray picks)."""
+    ips = {"127.0.0.1", "::1"}
+    try:
+        ips.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # UDP: nothing is sent
+            ips.add(probe.getsockname()[0])
+        except OSError:
+            pass
+    return ips
+
+
+def cluster_is_local(address: str) -> bool:
+    """Whether every node of the cluster runs on this machine (asked through the State API).
+
+    The dashboard address alone cannot tell: ``http://127.0.0.1:8265`` is just as often a port
+    forward (``ray dashboard``, ``kubectl port-forward``) to a remote cluster.
+    """
+    import requests
+
+    url = f"{normalize_address(address)}/api/v0/nodes?limit=1000"
+    try:
+        response = requests.get(url, headers=auth_headers(), timeout=30)
+        response.raise_for_status()
+        nodes = response.json()["data"]["result"]["result"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return False  # unknown: treat as remote, which changes no path
+    ips = {n.get("node_ip") for n in nodes if n.get("state") == "ALIVE"}
+    return bool(ips) and ips <= this_machine_ips()
+
+
 def _job_info(client: "JobSubmissionClient", job_id: str) -> Any:
     try:
         return client.get_job_info(job_id)
@@ -245,18 +275,20 @@ def _job_info(client: "JobSubmissionClient", job_id: str) -> Any:
         raise
 
 
-def wait_until_done(client: "JobSubmissionClient", job_id: str, timeout: float = 60.0) -> Any:
-    """Poll until the job is terminal (the log stream can end a moment before the status)."""
-    deadline = time.monotonic() + timeout
+def wait_until_done(client: "JobSubmissionClient", job_id: str,
+                    timeout: float | None = 60.0) -> Any:
+    """Poll until the job is terminal or ``timeout`` seconds pass (None: no limit)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     info = _job_info(client, job_id)
-    while str(info.status) not in TERMINAL and time.monotonic() < deadline:
+    while str(info.status) not in TERMINAL and (deadline is None or time.monotonic() < deadline):
         time.sleep(0.5)
         info = _job_info(client, job_id)
     return info
 
 
-def follow(client: "JobSubmissionClient", job_id: str, out: TextIO = sys.stdout) -> int:
+def follow(client: "JobSubmissionClient", job_id: str, out: TextIO | None = None) -> int:
     """Stream the job's logs until it ends; 0 when it SUCCEEDED, else 1."""
+    out = out or sys.stdout
 
     async def stream() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -266,18 +298,20 @@ def follow(client: "JobSubmissionClient", job_id: str, out: TextIO = sys.stdout)
     _job_info(client, job_id)  # a clear error for an unknown id, before the stream opens
     try:
         asyncio.run(stream())
+        info = _job_info(client, job_id)
+        if str(info.status) not in TERMINAL:  # the stream closed, the job did not end
+            print(f"(log stream closed; waiting for {job_id} to end)", file=sys.stderr, flush=True)
+            info = wait_until_done(client, job_id, timeout=None)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running. `ran jobs stop {job_id}` stops it.",
               file=sys.stderr)
         raise
-    while True:  # the stream also ends when the connection drops: only a terminal status ends this
-        info = wait_until_done(client, job_id)
-        if str(info.status) in TERMINAL:
-            break
     return report_end(info, out)
 
 
-def report_end(info: Any, out: TextIO = sys.stdout) -> int:
+def report_end(info: Any, out: TextIO | None = None) -> int:
+    """Print how the job ended (with the reason when it failed); 0 for SUCCEEDED, else 1."""
+    out = out or sys.stdout
     status = str(info.status)
     line = f"job {info.submission_id} {status}"
     if status != "SUCCEEDED" and info.message:
@@ -290,9 +324,8 @@ def report_end(info: Any, out: TextIO = sys.stdout) -> int:
 # Commands
 
 
-def submit(sub: Submission, address: str) -> str:
+def submit(client: "JobSubmissionClient", sub: Submission) -> str:
     """Submit to the cluster; returns the submission id."""
-    client = connect(address)
     _ensure_local_experiment(sub)
     return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
                              metadata=sub.metadata, submission_id=sub.submission_id)
@@ -310,12 +343,14 @@ def _ensure_local_experiment(sub: Submission) -> None:
 
 def cli_submit(args: argparse.Namespace) -> int:
     """``ran submit JOB [--set k=v]... --address URL [--tune SPACE] [--wait]``."""
-    sub = build_submission(args.job, args.overrides, args.address, tune=args.tune,
-                           working_dir=getattr(args, "working_dir", None) or ".",
+    validate(args.job, args.overrides, args.tune)  # fail fast, before talking to the cluster
+    client = connect(args.address)
+    sub = build_submission(args.job, args.overrides, local=cluster_is_local(args.address),
+                           tune=args.tune, working_dir=getattr(args, "working_dir", None) or ".",
                            env=getattr(args, "env", None))
     for note in sub.notes:
         print(f"note: {note}")
-    job_id = submit(sub, args.address)
+    job_id = submit(client, sub)
     url = normalize_address(args.address)
     print(f"submitted {job_id}: {sub.entrypoint}")
     print(f"  follow:  ran jobs logs {job_id} --follow --address {url}")
@@ -324,7 +359,7 @@ def cli_submit(args: argparse.Namespace) -> int:
     print(f"  dashboard: {url}/#/jobs/{job_id}", flush=True)
     if not args.wait:
         return 0
-    return follow(connect(args.address), job_id)
+    return follow(client, job_id)
 
 
 def cli_jobs(args: argparse.Namespace) -> int:
@@ -381,8 +416,9 @@ def _took(info: Any) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def print_jobs(jobs: list[Any], out: TextIO = sys.stdout) -> None:
+def print_jobs(jobs: list[Any], out: TextIO | None = None) -> None:
     """One line per submitted job, oldest first."""
+    out = out or sys.stdout
     jobs = sorted((j for j in jobs if j.submission_id), key=lambda j: j.start_time or 0)
     rows = [(j.submission_id, str(j.status), _when(j.start_time), _took(j), j.entrypoint)
             for j in jobs]
@@ -394,7 +430,8 @@ def print_jobs(jobs: list[Any], out: TextIO = sys.stdout) -> None:
         print("(no submitted jobs)", file=out)
 
 
-def print_status(info: Any, out: TextIO = sys.stdout) -> None:
+def print_status(info: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     fields = [("submission id", info.submission_id), ("status", str(info.status)),
               ("entrypoint", info.entrypoint), ("started", _when(info.start_time)),
               ("ended", _when(info.end_time)), ("took", _took(info))]

@@ -1,0 +1,203 @@
+"""ran submit / ran jobs without a cluster: what a submission carries, what it refuses, what the
+commands say when there is nothing to talk to."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from ran import cluster
+from ran.cli import main
+from ran.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with a job file; no MLflow/AWS/Ray settings in the environment."""
+    for key in list(os.environ):
+        if key.startswith(("MLFLOW_", "AWS_", "RAY_")):
+            monkeypatch.delenv(key)
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "tiny.yaml").write_text("model: {name: attention56}\ntrain: {epochs: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def overrides_of(sub: cluster.Submission) -> dict[str, str]:
+    argv = shlex.split(sub.entrypoint)
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+
+
+def test_entrypoint_is_a_quoted_ran_command():
+    cmd = cluster.entrypoint("jobs/a b.yaml", ["tracking.experiment=it's", "optim.lr=0.05"])
+    assert shlex.split(cmd) == ["ran", "train", "jobs/a b.yaml", "--set", "tracking.experiment=it's",
+                                "--set", "optim.lr=0.05"]
+    tune = cluster.entrypoint("jobs/x.yaml", [], tune="tune_spaces/s.yaml")
+    assert shlex.split(tune) == ["ran", "tune", "tune_spaces/s.yaml", "--job", "jobs/x.yaml"]
+
+
+@pytest.mark.parametrize("given, url", [("HEAD:8265", "http://HEAD:8265"),
+                                        ("http://h:8265/", "http://h:8265"),
+                                        ("https://ray.example.com", "https://ray.example.com")])
+def test_addresses_are_dashboard_urls(given, url):
+    assert cluster.normalize_address(given) == url
+
+
+def test_ray_client_and_gcs_style_addresses_are_refused():
+    with pytest.raises(ValueError, match="dashboard's http"):
+        cluster.normalize_address("ray://head:10001")
+
+
+def test_local_submission_makes_paths_and_sqlite_store_absolute(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///store/mlflow.db")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    sub = cluster.build_submission("jobs/tiny.yaml", ["data.path=shards"], local=True)
+    assert shlex.split(sub.entrypoint)[:3] == ["ran", "train", "jobs/tiny.yaml"]
+    sets = overrides_of(sub)
+    assert sets["data.path"] == str(project / "shards")
+    assert sets["storage.path"] == str(project / "runs")
+    env = sub.runtime_env["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{project}/store/mlflow.db"
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    assert "UNRELATED_SECRET" not in env
+    assert sub.runtime_env["working_dir"] == str(project)
+    assert sub.metadata["ran.job"] == "jobs/tiny.yaml" and sub.metadata["ran.kind"] == "train"
+    assert sub.submission_id.startswith("ran-tiny-")
+
+
+def test_local_submission_without_tracking_uri_uses_the_embedded_store_here(project):
+    sub = cluster.build_submission("jobs/tiny.yaml", [], local=True)
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{project}/mlflow.db"
+
+
+def test_remote_submission_leaves_paths_alone_and_says_why(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    sub = cluster.build_submission("jobs/tiny.yaml", ["data.path=s3://b/shards"], local=False)
+    assert overrides_of(sub) == {"data.path": "s3://b/shards"}
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert any("storage.path=runs is relative" in n for n in sub.notes)
+    assert not any("data.path" in n for n in sub.notes)
+
+
+def test_remote_submission_warns_that_a_local_mlflow_file_stays_behind(project):
+    sub = cluster.build_submission("jobs/tiny.yaml", ["storage.path=s3://b/runs"], local=False)
+    assert "MLFLOW_TRACKING_URI" not in sub.runtime_env["env_vars"]
+    assert any(n.startswith("MLflow:") and "MLFLOW_TRACKING_URI=http" in n for n in sub.notes)
+
+
+def test_excludes_skip_data_and_stores_but_not_the_ran_data_package():
+    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's upload uses
+
+    spec = PathSpec.from_lines("gitwildmatch", cluster.EXCLUDES)
+    for skipped in (".venv/bin/python", "data/synth/train-000000.tar", "runs/job/ckpt.pt",
+                    "mlflow.db", "mlartifacts/1/model.pt", "ran/__pycache__/cli.cpython-311.pyc"):
+        assert spec.match_file(skipped), skipped
+    for kept in ("ran/data/read.py", "ran/cluster.py", "jobs/demo.yaml", "tune_spaces/optim.yaml"):
+        assert not spec.match_file(kept), kept
+
+
+def test_the_repository_gitignore_does_not_hide_the_package_from_the_upload():
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", (REPO / ".gitignore").read_text().splitlines())
+    assert not any(spec.match_file(str(p.relative_to(REPO))) for p in (REPO / "ran").rglob("*.py"))
+
+
+def test_the_package_travels_as_a_py_module_when_outside_the_working_dir(project):
+    sub = cluster.build_submission("jobs/tiny.yaml", [], local=True)
+    assert sub.runtime_env["py_modules"] == [str(REPO / "ran")]
+    (project / "inside").mkdir()
+    with pytest.raises(ValueError, match="outside the working directory"):
+        cluster.build_submission("jobs/tiny.yaml", [], local=True, working_dir=project / "inside")
+
+
+def test_bad_jobs_fail_before_any_upload(project):
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        cluster.build_submission("jobs/tiny.yaml", ["optim.lrr=1"], local=True)
+    with pytest.raises(ConfigError, match="cannot read job config"):
+        cluster.build_submission("jobs/missing.yaml", [], local=True)
+
+
+def test_env_items_are_passed_or_refused(project, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "abc")
+    sub = cluster.build_submission("jobs/tiny.yaml", [], local=False, env=["HF_TOKEN", "X=1"])
+    assert sub.runtime_env["env_vars"]["HF_TOKEN"] == "abc"
+    assert sub.runtime_env["env_vars"]["X"] == "1"
+    with pytest.raises(ValueError, match="--env NOPE: not set here"):
+        cluster.build_submission("jobs/tiny.yaml", [], local=False, env=["NOPE"])
+
+
+def test_auth_token_from_env_then_file_then_default(project, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cluster.auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home\n")
+    assert cluster.auth_headers() == {"Authorization": "Bearer home"}
+    (tmp_path / "tok").write_text("file")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert cluster.auth_headers() == {"Authorization": "Bearer file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env")
+    assert cluster.auth_headers() == {"Authorization": "Bearer env"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert cluster.auth_headers() == {}
+
+
+def test_this_machine_is_local_to_itself():
+    assert "127.0.0.1" in cluster.this_machine_ips()
+
+
+def test_an_unreachable_dashboard_is_a_one_line_error(project, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["submit", "jobs/tiny.yaml", "--address", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: cannot reach the Ray dashboard at http://127.0.0.1:{port}")
+    assert err.count("\n") == 1
+
+
+def test_an_invalid_job_fails_before_connecting(project, capsys):
+    code = main(["submit", "jobs/tiny.yaml", "--set", "scaling.num_workers=0",
+                 "--address", "http://127.0.0.1:1"])
+    assert code == 2
+    assert "scaling.num_workers" in capsys.readouterr().err
+
+
+def test_jobs_commands_need_an_id_and_an_address(project, capsys):
+    assert main(["jobs", "status", "--address", "http://127.0.0.1:1"]) == 2
+    assert "needs a job id" in capsys.readouterr().err
+    assert main(["jobs", "list"]) == 2
+    assert "pass --address" in capsys.readouterr().err
+
+
+def _job(sid, status, start, end, message=""):
+    return SimpleNamespace(submission_id=sid, status=status, start_time=start, end_time=end,
+                           entrypoint=f"ran train jobs/{sid}.yaml", metadata={"ran.job": sid},
+                           message=message, driver_exit_code=None)
+
+
+def test_job_list_is_oldest_first_with_durations(capsys):
+    cluster.print_jobs([_job("b", "RUNNING", 2_000_000, None), _job("a", "SUCCEEDED", 1_000_000, 1_065_000),
+                        _job(None, "SUCCEEDED", 0, 1)])  # a driver job: not a submission
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["SUBMISSION", "ID"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["a", "b"]
+    assert "0:01:05" in lines[1] and lines[1].endswith("ran train jobs/a.yaml")
+
+
+def test_failed_job_message_is_cut_to_its_first_line(capsys):
+    info = _job("a", "FAILED", 1, 2, "Job entrypoint command failed with exit code 1, last "
+                                     "available logs (truncated to 20,000 chars):\nTraceback ...")
+    assert cluster.report_end(info) == 1
+    assert capsys.readouterr().out.strip() == \
+        "job a FAILED: Job entrypoint command failed with exit code 1"

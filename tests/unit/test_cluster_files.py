@@ -1,0 +1,227 @@
+"""cluster/: the launcher config, KubeRay manifests, image and README cannot run here, so they are
+parsed and held to what matters: valid for Ray's own schema, images of the installed Ray and Python,
+GPU requests where training runs, none on the head, and entrypoints that are real `ran` commands
+over real job files."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from ran.cli import build_parser
+from ran.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+PY = f"py{sys.version_info.major}{sys.version_info.minor}"
+RAY_IMAGE = re.compile(rf"^rayproject/ray:{re.escape(ray.__version__)}-{PY}-(cpu|gpu|cu12\d*)$")
+
+
+def load(name: str) -> Any:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def load_all(name: str) -> list[Any]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+
+
+def parse_ran(command: str) -> Any:
+    """A `ran ...` command line as ran's own CLI parses it (SystemExit if it would not)."""
+    argv = shlex.split(command)
+    assert argv[0] == "ran", command
+    return build_parser().parse_args(argv[1:])
+
+
+def check_ran_job_command(command: str, cwd: Path = REPO) -> Any:
+    """The command parses, names an existing job file, and the job accepts its --set overrides."""
+    args = parse_ran(command)
+    assert args.command in ("train", "tune", "submit"), command
+    assert (cwd / args.job).is_file(), f"{command}: no job file {args.job}"
+    return load_config(cwd / args.job, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# AWS cluster launcher
+
+
+@pytest.fixture(scope="module")
+def aws() -> dict[str, Any]:
+    return load("aws-gpu.yaml")
+
+
+def test_aws_config_passes_rays_own_schema(aws):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(aws)))
+
+
+def test_aws_images_are_the_installed_ray_and_python(aws):
+    docker = aws["docker"]
+    for key in ("image", "head_image", "worker_image"):
+        assert RAY_IMAGE.match(docker[key]), (key, docker[key])
+    assert "ray-ml" not in yaml.safe_dump(aws)  # no longer published
+    assert docker["worker_image"].endswith(("-gpu",)) or "-cu12" in docker["worker_image"]
+
+
+def test_aws_head_is_cpu_and_gpu_types_autoscale_from_zero(aws):
+    types = aws["available_node_types"]
+    head = types[aws["head_node_type"]]
+    assert not re.match(r"^(g\d|p\d)", head["node_config"]["InstanceType"])  # a CPU family
+    workers = {name: t for name, t in types.items() if name != aws["head_node_type"]}
+    instance_types = {t["node_config"]["InstanceType"] for t in workers.values()}
+    assert {"g5.xlarge", "g5.12xlarge", "p4d.24xlarge"} <= instance_types
+    for name, t in workers.items():
+        assert t["min_workers"] == 0 and t["max_workers"] >= 1, name
+    assert sum(t["max_workers"] for t in workers.values()) >= aws["max_workers"] > 0
+
+
+def test_aws_nodes_reach_s3_through_instance_profiles(aws):
+    for name, t in aws["available_node_types"].items():
+        arn = t["node_config"]["IamInstanceProfile"]["Arn"]
+        assert re.match(r"^arn:aws:iam::\w+:instance-profile/ran-ray-(head|worker)$", arn), name
+
+
+def test_aws_setup_installs_this_checkout(aws):
+    (remote, local), = aws["file_mounts"].items()
+    assert (REPO / local / "pyproject.toml").is_file()  # `ray up` runs from the repository root
+    assert any(re.search(rf"pip install .*{re.escape(remote)}\b", c) for c in aws["setup_commands"])
+    assert any(c.startswith("ran ") for c in aws["setup_commands"])  # the install is checked
+    for heavy in (".venv", "/data", "/runs", "mlflow.db"):
+        assert heavy in aws["rsync_exclude"]
+    head_start = " ".join(aws["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in head_start and "--head" in head_start
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and KubeRay
+
+
+def dockerfile() -> str:
+    return (CLUSTER / "Dockerfile").read_text()
+
+
+def test_dockerfile_builds_ran_on_the_installed_ray_image():
+    text = dockerfile()
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)$", text, re.M).group(1)
+    assert RAY_IMAGE.match(base) and base.endswith("-gpu")
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.M)
+    assert re.search(r"^RUN pip install .*\s\.(\s|$)", text, re.M)
+    for copied in ("ran", "jobs", "tune_spaces", "pyproject.toml"):
+        assert re.search(rf"^COPY .*\b{copied}\b", text, re.M), copied
+        assert (REPO / copied).exists(), copied
+
+
+def kuberay_image() -> str:
+    """The tag the Dockerfile's header tells you to build."""
+    return re.search(r"docker build -f cluster/Dockerfile -t (\S+) \.", dockerfile()).group(1)
+
+
+def containers(pod_template: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_template["spec"]["containers"]
+
+
+def check_cluster_spec(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Common rules for a RayCluster spec; returns its GPU worker groups."""
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no training on the head
+    for c in containers(head["template"]):
+        assert c["image"] == kuberay_image()
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    groups = spec["workerGroupSpecs"]
+    assert groups
+    for g in groups:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        for c in containers(g["template"]):
+            assert c["image"] == kuberay_image()
+            res = c["resources"]
+            assert res["limits"]["nvidia.com/gpu"] >= 1, g["groupName"]
+            assert res["requests"] == res["limits"], g["groupName"]  # Guaranteed QoS
+    return groups
+
+
+def test_raycluster_has_gpu_worker_groups_and_an_s3_service_account():
+    docs = {d["kind"]: d for d in load_all("kuberay/raycluster.yaml")}
+    cluster = docs["RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1"
+    groups = check_cluster_spec(cluster["spec"])
+    gpus = sorted(containers(g["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] for g in groups)
+    assert gpus[0] == 1 and gpus[-1] == 8
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    account = docs["ServiceAccount"]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in groups]
+    assert all(t["spec"]["serviceAccountName"] == account["metadata"]["name"] for t in templates)
+
+
+def test_rayjob_runs_ran_train_on_as_many_gpu_workers_as_pods():
+    job = load("kuberay/rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile(), re.M).group(1)
+    assert runtime_env["working_dir"] == workdir  # where the image holds jobs/ (the repo root)
+    cfg = check_ran_job_command(job["spec"]["entrypoint"])
+    assert parse_ran(job["spec"]["entrypoint"]).command == "train"
+    assert cfg.scaling.use_gpu
+    assert cfg.data.path.startswith("s3://") and cfg.storage.path.startswith("s3://")
+    groups = check_cluster_spec(job["spec"]["rayClusterSpec"])
+    pods = sum(g["replicas"] * containers(g["template"])[0]["resources"]["limits"]["nvidia.com/gpu"]
+               for g in groups)
+    assert pods == cfg.scaling.num_workers
+
+
+# ---------------------------------------------------------------------------------------------
+# README and local.sh
+
+
+def readme_commands() -> list[str]:
+    """Shell commands in the README's code blocks, continuation lines joined."""
+    text = (CLUSTER / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        lines += [re.sub(r"\s+#.*$", "", ln).strip() for ln in joined.splitlines()]
+    return [ln.rstrip(" &") for ln in lines if ln]
+
+
+def test_readme_gives_the_exact_commands():
+    commands = readme_commands()
+    needed = [r"^ray up cluster/aws-gpu\.yaml$", r"^kubectl apply -f cluster/kuberay/raycluster\.yaml$",
+              r"^kubectl apply -f cluster/kuberay/rayjob\.yaml$",
+              r"^ran submit jobs/imagenet_attention56\.yaml --address http://\S+:8265",
+              r"^ray job submit --address http://\S+:8265 --working-dir \. -- ran train jobs/\S+\.yaml"]
+    for pattern in needed:
+        assert any(re.search(pattern, c) for c in commands), pattern
+
+
+def test_readme_ran_commands_parse_and_name_real_files():
+    commands = readme_commands()
+    ran_commands = [c for c in commands if c.startswith("ran ")]
+    ran_commands += [c.split(" -- ", 1)[1] for c in commands if c.startswith("ray job submit")]
+    assert len(ran_commands) >= 8
+    for command in ran_commands:
+        args = parse_ran(command)
+        if getattr(args, "job", None) and args.command in ("train", "submit"):
+            check_ran_job_command(command)
+    for path in set(re.findall(r"\bcluster/[\w./-]+\w", " ".join(commands))):
+        assert (REPO / path).exists(), path
+
+
+def test_local_sh_is_valid_bash_with_usage():
+    script = CLUSTER / "local.sh"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run([str(script)], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage:" in out.stderr
+    code = [ln for ln in script.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    assert not any(re.search(r"\bray\"?\s+stop\b|ray\}?\"?\s+stop", ln) for ln in code)
