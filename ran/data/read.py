@@ -23,12 +23,11 @@ import math
 import os
 import random
 import sys
-import tarfile
 import time
 from typing import Any, Iterator, NamedTuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ran.data import DataError, storage
@@ -93,20 +92,108 @@ def _key_and_ext(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:].lower()
 
 
+class TarFormatError(ValueError):
+    """A tar stream that is truncated or not a tar archive."""
+
+
+class _BufferedStream:
+    """Exact-size reads over any ``read(n)`` stream (S3 bodies return short reads), 1 MiB at a time."""
+
+    def __init__(self, stream: Any, chunk: int = 1 << 20):
+        self.stream, self.chunk = stream, chunk
+        self.buffer, self.pos = b"", 0
+
+    def read(self, n: int) -> bytes:
+        if self.pos + n <= len(self.buffer):
+            self.pos += n
+            return self.buffer[self.pos - n:self.pos]
+        parts = [self.buffer[self.pos:]]
+        have = len(parts[0])
+        while have < n:
+            data = self.stream.read(max(self.chunk, n - have))
+            if not data:
+                break
+            parts.append(data)
+            have += len(data)
+        self.buffer, self.pos = b"".join(parts), min(n, have)
+        return self.buffer[:self.pos]
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a PAX extended header ("<len> key=value\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        pos += length
+    return None
+
+
+def iter_tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files in an uncompressed tar stream.
+
+    A small reader for ustar/GNU/PAX archives: ``tarfile`` spends more time parsing headers than
+    PNG decoding takes for CIFAR-size images. TarFormatError on truncation or a bad header.
+    """
+    reader = _BufferedStream(stream)
+    long_name = None
+    while True:
+        header = reader.read(512)
+        if header == bytes(512):
+            return  # end-of-archive marker
+        if len(header) < 512:
+            raise TarFormatError("truncated tar header")
+        checksum = sum(header) - sum(header[148:156]) + 8 * 32
+        try:
+            valid = checksum == _octal(header[148:156])
+            size = _octal(header[124:136])
+        except ValueError:
+            valid = False
+        if not valid:
+            raise TarFormatError("bad tar header checksum (not a tar file, or corrupt)")
+        data = reader.read(size)
+        if len(data) < size:
+            raise TarFormatError(f"unexpected end of data ({len(data)} of {size} bytes)")
+        reader.read((512 - size % 512) % 512)
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == b"x":  # PAX extended header for the next member
+            long_name = _pax_path(data) or long_name
+        elif kind in (b"0", b"\0", b"7"):
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if header[257:262] == b"ustar" and header[345]:
+                    name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            yield name, data
+        else:
+            long_name = None  # directories, links, global headers: nothing to read
+
+
 def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar stream, grouping consecutive members."""
     key, sample = None, {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            parts = _key_and_ext(member.name) if member.isfile() else None
-            if parts is None:
-                continue
-            data = tar.extractfile(member).read()
-            if parts[0] != key:
-                if key is not None:
-                    yield key, sample
-                key, sample = parts[0], {}
-            sample[parts[1]] = data
+    for name, data in iter_tar_members(stream):
+        parts = _key_and_ext(name)
+        if parts is None:
+            continue
+        if parts[0] != key:
+            if key is not None:
+                yield key, sample
+            key, sample = parts[0], {}
+        sample[parts[1]] = data
     if key is not None:
         yield key, sample
 
@@ -259,8 +346,13 @@ class ShardDataset(IterableDataset):
             lost = max(0, expected - yielded)
             log.warning("shard %s: unreadable after %d samples (%s: %s); skipping the remaining %d",
                         url, yielded, type(exc).__name__, exc, lost)
-            health.last_reason = f"shard {url}: {type(exc).__name__}"
+            health.last_reason = f"shard {url}: {type(exc).__name__}: {exc}"
             yield lost
+            return
+        if yielded < expected:
+            log.warning("shard %s: %d samples, the manifest says %d", url, yielded, expected)
+            health.last_reason = f"shard {url}: {expected - yielded} samples missing"
+            yield expected - yielded
 
     def _resampled(self, rng: random.Random, health: _Health) -> Iterator[Any]:
         """Endless shuffled samples from shards drawn at random (weighted by sample count)."""
@@ -307,7 +399,7 @@ class ShardDataset(IterableDataset):
                 data, label = parse_sample(sample, self.num_classes)
                 images[len(labels)] = self.transform.sample(data, rng)
             except Exception as exc:
-                health.skip(1, f"sample {key}: {type(exc).__name__}: {exc}")
+                health.skip(1, f"sample {key}: {_reason(exc)}")
                 continue
             health.good()
             labels.append(label)
@@ -374,17 +466,34 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         iterator = iter(self.dataloader)
         while True:
+            message = None
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
             except DataError as exc:  # from a worker: keep the one-line message, drop the traceback
-                raise DataError(_worker_message(str(exc))) from None
+                message = _worker_message(str(exc))
+            if message is not None:
+                # Stop the workers now: torch's re-raised exception sits in a reference cycle that
+                # keeps the DataLoader iterator alive until a garbage collection, which may close
+                # its queues before the iterator, and then each worker takes 5 s to time out.
+                del iterator
+                self.close()
+                raise DataError(message)
             yield batch
 
     def close(self) -> None:
-        """Stop the persistent loader workers (they also stop when the loader is collected)."""
-        self.dataloader._iterator = None  # noqa: SLF001 - DataLoader keeps its persistent iterator here
+        """Stop the persistent loader workers now (they also stop when the loader is dropped)."""
+        iterator = getattr(self.dataloader, "_iterator", None)  # DataLoader's persistent iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.dataloader._iterator = None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot identify image data"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _worker_message(text: str) -> str:
@@ -460,7 +569,7 @@ def verify_shard(url: str, expected: int, num_classes: int) -> tuple[int, list[s
                         image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
                     image.load()
                 except Exception as exc:
-                    problems.append(f"{name}: sample {key}: {type(exc).__name__}: {exc}")
+                    problems.append(f"{name}: sample {key}: {_reason(exc)}")
     except Exception as exc:
         problems.append(f"{name}: unreadable tar after {samples} samples ({type(exc).__name__}: {exc})")
     if samples != expected:

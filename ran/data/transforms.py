@@ -44,8 +44,20 @@ _LIGHTING_EIGVEC = torch.tensor([
     [-0.5836, -0.6948, 0.4203],
 ])
 
-# PIL arrays are read-only views of a fresh copy; we only read them, so torch's warning is noise.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+_quiet_from_numpy = False
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """CHW uint8 view of a decoded RGB image (HWC memory)."""
+    global _quiet_from_numpy
+    array = np.asarray(image)  # a read-only array over a fresh copy of the pixels; we only read it
+    if _quiet_from_numpy:
+        return torch.from_numpy(array).permute(2, 0, 1)
+    with warnings.catch_warnings():  # torch warns once per process about read-only arrays
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+    _quiet_from_numpy = True
+    return tensor
 
 
 def check_recipe(recipe: str) -> str:
@@ -119,8 +131,7 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
             w, h = min(w, image.size[0] - left), min(h, image.size[1] - top)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)  # CHW view of HWC memory
-    pixels = pixels[:, top:top + h, left:left + w]
+    pixels = _pixels(image)[:, top:top + h, left:left + w]
     if (h, w) == tuple(size):
         return pixels.contiguous()
     return F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
@@ -132,7 +143,7 @@ def decode_full(data: bytes) -> torch.Tensor:
     image = Image.open(io.BytesIO(data))
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+    return _pixels(image).contiguous()
 
 
 def random_resized_box(width: int, height: int, rng: random.Random,

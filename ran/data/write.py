@@ -30,7 +30,7 @@ import tarfile
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ran.data import DataError, storage
 
@@ -342,6 +342,8 @@ def _encode(item: Item, max_size: int | None) -> tuple[bytes, str]:
         if fmt == "JPEG":  # entropy-decode everything, but at 1/8 scale: catches truncation cheaply
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
         image.load()
+    except UnidentifiedImageError:
+        raise _Skip("cannot decode: not a recognised image format") from None
     except Exception as exc:
         raise _Skip(f"cannot decode: {type(exc).__name__}: {exc}") from None
     if max_size and max(size) > max_size:
