@@ -1,0 +1,101 @@
+"""`ran data build|synth|verify`: exit codes, one-line errors, verify catching mismatches."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from ran.data.commands import add_data_parser
+
+
+def ran(*argv):
+    parser = argparse.ArgumentParser(prog="ran")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_data_parser(sub)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.fixture
+def synth(tmp_path):
+    out = tmp_path / "synth"
+    assert ran("data", "synth", "--output", str(out), "--classes", "3", "--train", "30", "--val", "9",
+               "--size", "16", "--samples-per-shard", "10", "--workers", "1", "--quiet") == 0
+    return out
+
+
+def test_synth_then_verify_passes(synth, capsys):
+    manifest = json.load(open(synth / "manifest.json"))
+    assert manifest["splits"]["train"]["total"] == 30 and manifest["num_classes"] == 3
+    assert ran("data", "verify", str(synth), "--workers", "1", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "train: 3 shards, 30 samples, 3 classes: ok" in out
+    assert "val: 1 shards, 9 samples, 3 classes: ok" in out
+
+
+def test_build_an_image_folder(tmp_path, capsys):
+    for i in range(6):
+        path = tmp_path / "src" / ("a" if i % 2 else "b") / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(path)
+    assert ran("data", "build", "--source", "imagefolder", "--input", str(tmp_path / "src"),
+               "--output", str(tmp_path / "out"), "--val-fraction", "0.34", "--workers", "1") == 0
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert (manifest["splits"]["train"]["total"], manifest["splits"]["val"]["total"]) == (4, 2)
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_verify_detects_a_count_mismatch(synth, capsys):
+    manifest = json.load(open(synth / "manifest.json"))
+    manifest["splits"]["train"]["shards"][1]["samples"] += 1
+    (synth / "manifest.json").write_text(json.dumps(manifest))
+    assert ran("data", "verify", str(synth), "--workers", "1", "--quiet") == 1
+    captured = capsys.readouterr()
+    assert "train-000001.tar: 10 samples, manifest says 11" in captured.out
+    assert captured.err.startswith("error:")
+
+
+def test_verify_detects_undecodable_images_and_bad_labels(synth, capsys):
+    shard = synth / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            if i == 0:
+                data = data[:30]  # a broken PNG
+            if i == 3:
+                data = b"7"  # label out of range for 3 classes
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    assert ran("data", "verify", str(synth), "--workers", "2", "--quiet") == 1
+    out = capsys.readouterr().out
+    assert "val: 1 shards, 9 samples, 3 classes: 2 problem(s)" in out
+    assert "label 7 out of range 0..2" in out
+    assert "train: 3 shards, 30 samples, 3 classes: ok" in out
+
+
+def test_verify_detects_a_missing_shard(synth, capsys):
+    (synth / "train-000002.tar").unlink()
+    assert ran("data", "verify", str(synth), "--workers", "1", "--quiet") == 1
+    assert "train-000002.tar: missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "--source", "imagefolder", "--input", "{tmp}/missing", "--output", "{tmp}/out"],
+     "no such directory"),
+    (["build", "--source", "imagenet", "--input", "{tmp}", "--output", "{tmp}/out"], "unknown layout"),
+    (["synth", "--output", "{tmp}/file/out"], "cannot write to"),
+    (["verify", "{tmp}"], "no manifest.json"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("a file where a directory should be")
+    rc = ran("data", *[a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
