@@ -195,9 +195,14 @@ def _storage_base(path: str, job: str) -> Storage:
     from urllib.parse import urlparse
 
     parsed = urlparse(endpoint)
+    # Keys from the driver's environment travel with the (pickled) filesystem to the workers.
+    keys = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": os.environ.get("AWS_SESSION_TOKEN")}
     fs = pyarrow.fs.S3FileSystem(
         endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https",
         region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        **({k: v for k, v in keys.items() if v} if keys["access_key"] else {}),
     )
     return Storage(uri=path, name=job, ray_path=path[len("s3://"):].rstrip("/"), filesystem=fs)
 

@@ -110,3 +110,28 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     write_synthetic(str(out), classes=4, train=384, val=128, size=16, seed=0,
                     samples_per_shard=128, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_job():
+    """Factory of tiny training jobs: ``tiny_job(data, storage, **{"dotted.key": value})``."""
+    from ran.config import load_config
+
+    def make(data: str, storage: str | Path, **overrides):
+        base = {
+            "name": "tiny", "model.name": "attention56", "model.stem": "cifar",
+            "data.path": data, "data.batch_size": 16, "data.workers": 1, "data.crop": 16,
+            "optim.lr": 0.1, "optim.reference_batch_size": 32, "schedule.kind": "cosine",
+            "train.epochs": 2, "train.log_every": 4, "scaling.num_workers": 2,
+            "scaling.max_failures": 1, "storage.path": str(storage),
+            "tracking.registered_model": None, "tracking.log_model": False,
+        }
+        return load_config(None, {**base, **overrides})
+
+    return make
+
+
+# The S3 endpoint (`moto_server`, session-scoped: yields its URL, sets AWS_* for the session) is
+# shared by all integration tests; it lives in tests/fixtures_s3.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_s3 import moto_server  # noqa: E402,F401

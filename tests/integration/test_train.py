@@ -15,28 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from ran.config import JobConfig, load_config
-
 pytestmark = pytest.mark.integration
 
 CHANCE = 0.25  # 4 classes
 
 
-def tiny_job(data: str, storage: str | Path, **overrides: Any) -> JobConfig:
-    """A job small enough for 2 shared CPU cores."""
-    base = {
-        "name": "tiny", "model.name": "attention56", "model.stem": "cifar",
-        "data.path": data, "data.batch_size": 16, "data.workers": 1, "data.crop": 16,
-        "optim.lr": 0.1, "optim.reference_batch_size": 32, "schedule.kind": "cosine",
-        "train.epochs": 2, "train.log_every": 4, "scaling.num_workers": 2,
-        "scaling.max_failures": 1, "storage.path": str(storage),
-        "tracking.registered_model": None, "tracking.log_model": False,
-    }
-    return load_config(None, {**base, **overrides})
-
-
 @pytest.fixture(scope="module")
-def trained(ray_local: str, synth_data: str, tmp_path_factory: pytest.TempPathFactory):
+def trained(ray_local: str, synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
     """One 2-worker run of 3 epochs that logs and registers its model (shared by the tests below)."""
     from ran.train.launch import run_training
 

@@ -1,0 +1,131 @@
+"""Fault tolerance of `ran train`: a worker dies, the driver dies, checkpoints live on S3.
+
+Every case must end with the planned number of steps and an MLflow run holding each epoch exactly
+once (neither duplicated by the replay after a restart nor missing).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ran.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+STEPS_PER_EPOCH = 384 // (16 * 2)  # synth_data train split / global batch
+
+
+def _history(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _assert_each_epoch_once(uri: str, run_id: str, epochs: int) -> None:
+    for key in ("train_loss", "val_top1", "lr", "img_per_s"):
+        assert _history(uri, run_id, key) == list(range(1, epochs + 1)), key
+    step_loss = _history(uri, run_id, "step_loss")
+    assert len(step_loss) == len(set(step_loss)), "a step was logged twice"
+
+
+def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
+        ray_local, synth_data, tiny_job, mlflow_sqlite, moto_server, tmp_path):
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from ran.train.launch import run_training
+
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.create_bucket(Bucket="ckpt")
+    marker = tmp_path / "died"
+    fail_at = STEPS_PER_EPOCH + 3  # inside epoch 2, after the epoch-1 checkpoint
+    cfg = tiny_job(synth_data, "s3://ckpt/runs", **{"train.epochs": 2})
+    outcome = run_training(cfg, fault={"step": fail_at, "rank": 1, "marker": str(marker)})
+
+    assert marker.read_text().startswith(f"rank 1 exited at step {fail_at}")
+    assert outcome.metrics["epoch"] == 2 and outcome.metrics["step"] == 2 * STEPS_PER_EPOCH
+    assert outcome.checkpoint.startswith("s3://ckpt/runs/tiny-")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/")["Contents"]]
+    assert any("/epoch=0001_step=" in k and k.endswith("checkpoint.pt") for k in keys)
+    assert any("/epoch=0002_step=" in k and k.endswith("checkpoint.pt") for k in keys)
+
+    run = MlflowClient(mlflow_sqlite).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
+    _assert_each_epoch_once(mlflow_sqlite, outcome.run_id, 2)
+
+
+def _ran(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ran.cli", "train", *args], cwd=cwd, env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"ran train exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, mlflow_sqlite,
+                                             tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    job = tmp_path / "tiny.yaml"
+    job.write_text(tiny_job(synth_data, tmp_path / "runs").to_yaml())
+    overrides = ["--set", "train.log_every=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "MLFLOW_TRACKING_URI": mlflow_sqlite}
+    first_log = tmp_path / "first.log"
+    first = _ran(str(job), *overrides, env=env, cwd=tmp_path, log=first_log)
+    runs = tmp_path / "runs"
+
+    def first_checkpoint_committed() -> bool:
+        snapshots = list(runs.glob("tiny-*/checkpoint_manager_snapshot.json"))
+        return bool(snapshots) and "epoch=0001" in snapshots[0].read_text()
+
+    try:
+        _wait_for(first_checkpoint_committed, 240, first, first_log)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash or a closed laptop would
+        first.wait(10)
+    assert not list(runs.glob("tiny-*/epoch=0002*")), "killed too late to test anything"
+
+    second_log = tmp_path / "second.log"
+    second = _ran(str(job), *overrides, "--resume", env=env, cwd=tmp_path, log=second_log)
+    assert second.wait(300) == 0, second_log.read_text()[-3000:]
+    out = second_log.read_text()
+    assert "resumed from" in out and f"epoch 1, step {STEPS_PER_EPOCH}" in out
+    assert "registered model" not in out  # the tiny job registers nothing
+
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.get_experiment_by_name("ran")
+    runs_found = client.search_runs([experiment.experiment_id])
+    assert len(runs_found) == 1, "resume must continue the same MLflow run"
+    assert runs_found[0].info.status == "FINISHED"
+    _assert_each_epoch_once(mlflow_sqlite, runs_found[0].info.run_id, 2)
+
+
+def test_fresh_run_never_resumes_an_old_one(synth_data, tiny_job, tmp_path):
+    from ran.train.launch import storage_for
+
+    cfg = tiny_job(synth_data, tmp_path / "runs", **{"storage.name": "fixed"})
+    (tmp_path / "runs" / "fixed").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
+        storage_for(cfg, resume=False)
+    assert storage_for(cfg, resume=True).name == "fixed"
+
+    unnamed = tiny_job(synth_data, tmp_path / "runs")
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        storage_for(unnamed, resume=True)
+    fresh = storage_for(unnamed, resume=False)
+    assert fresh.name.startswith("tiny-") and not fresh.exists()
