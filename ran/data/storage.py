@@ -21,7 +21,8 @@ S3_HINT = "check AWS credentials or AWS_ENDPOINT_URL"
 MULTIPART_CHUNK = 64 * 1024 * 1024  # S3 parts; objects above this size are uploaded in parts
 HTTP_TIMEOUT = 60.0
 
-_clients: dict[tuple, Any] = {}
+_sessions: dict[tuple, Any] = {}  # per configuration; forked loader workers reuse the parent's
+_clients: dict[tuple, Any] = {}  # per process and configuration (clients hold connection pools)
 
 
 def is_s3(path: str) -> bool:
@@ -60,11 +61,15 @@ def s3_client() -> Any:
     endpoint = s3_endpoint()
     env = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
            "AWS_DEFAULT_REGION", "AWS_REGION")
-    cache_key = (os.getpid(), endpoint, *(os.environ.get(name) for name in env))
-    client = _clients.get(cache_key)
+    config_key = (endpoint, *(os.environ.get(name) for name in env))
+    client = _clients.get((os.getpid(), config_key))
     if client is None:
         import boto3
         from botocore.config import Config
+
+        session = _sessions.get(config_key)
+        if session is None:  # loading the S3 service model takes a good part of a second
+            session = _sessions[config_key] = boto3.session.Session()
 
         config = Config(
             retries={"max_attempts": 4, "mode": "standard"},
@@ -73,8 +78,8 @@ def s3_client() -> Any:
             # S3-compatible stores (MinIO, moto, Ceph) rarely resolve virtual-hosted bucket names.
             s3={"addressing_style": "path"} if endpoint else None,
         )
-        client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
-        _clients[cache_key] = client
+        client = session.client("s3", endpoint_url=endpoint, config=config)
+        _clients[(os.getpid(), config_key)] = client
     return client
 
 
