@@ -24,8 +24,11 @@ test-unit: setup
 models: setup
 	$(BIN)/ran models
 
+# The README's first command: synthetic shards (once), then a 2-worker CPU training run on a local
+# Ray, tracked in ./mlflow.db and registered as ran-demo. A few minutes on 2 cores.
 demo: setup
-	$(BIN)/ran models
+	test -f data/synth/manifest.json || $(BIN)/ran data synth --output data/synth --classes 10 --train 3000 --val 1000 --size 32 --seed 0
+	$(BIN)/ran train jobs/demo.yaml
 
 clean:
 	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db

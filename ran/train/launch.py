@@ -224,10 +224,43 @@ def connect_ray(address: str | None) -> bool:
         except ConnectionError as err:
             raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from None
         return False
-    # address="local": never attach to some other `ray start` cluster found on this machine.
-    # The dashboard stays on: it serves the State API that Train V2's placement-group cleaner polls.
-    ray.init(address="local", log_to_driver=True)
+    start_local_ray()
     return True
+
+
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a Ray instance in this process and return its GCS address.
+
+    Never attaches to another ``ray start`` cluster found on this machine (``address="local"``).
+    The dashboard stays on: it serves the State API that Ray Train V2's placement-group cleaner
+    polls. That cleaner, like any State API call, finds its cluster through ``RAY_ADDRESS`` and
+    fails when several Ray instances run on one machine, so the GCS port is chosen up front and
+    ``RAY_ADDRESS`` is set for every process of this instance (they inherit this environment).
+    """
+    import socket
+
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        ray.init(address="local", log_to_driver=True, **init_kwargs)
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+    return address
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray started by :func:`start_local_ray` and forget its address."""
+    import ray
+
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
 
 
 def check_resources(cfg: JobConfig) -> None:
@@ -297,7 +330,8 @@ def fault_from_env() -> dict[str, Any] | None:
 
 def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
                  fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
-                 run_tags: dict[str, str] | None = None) -> TrainOutcome:
+                 run_tags: dict[str, str] | None = None,
+                 launched_at: float | None = None) -> TrainOutcome:
     """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
 
     Args:
@@ -309,12 +343,14 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
         callbacks: extra Ray Train callbacks (``ran tune`` passes a ``TuneReportCallback``).
         run_tags: extra tags for a new MLflow run (``ran tune`` nests trial runs under the search
             run with ``mlflow.parentRunId``).
+        launched_at: ``time.time()`` when the user asked for this run (default: now); the first
+            epoch reports ``startup_s``, the seconds from then to the first optimizer step.
 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
         ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
     """
-    launched_at = time.time()
+    launched_at = launched_at or time.time()
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
     check_model_and_options(cfg)
@@ -326,9 +362,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
         return _train(cfg, manifest, storage, resume, fault, launched_at, callbacks, run_tags)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            stop_local_ray()
 
 
 def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -402,7 +436,7 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: Any, checkpoint:
     import torch
 
     from ran.data.transforms import normalizer
-    from ran.train.worker import load_checkpoint, build_model
+    from ran.train.worker import build_model, eval_crop, load_checkpoint
 
     if not cfg.tracking.log_model:
         return None
@@ -410,7 +444,7 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: Any, checkpoint:
         state = load_checkpoint(directory)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    crop = _eval_crop(cfg)
+    crop = eval_crop(cfg)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8, generator=generator)
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
@@ -418,15 +452,6 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: Any, checkpoint:
     metrics.update(epoch=state["epoch"], step=state["step"])
     version = tracker.log_final_model(model, cfg, list(manifest["classes"]), example, metrics)
     return f"{version.name}/{version.version}" if version is not None else None
-
-
-def _eval_crop(cfg: JobConfig) -> int:
-    from ran.data.transforms import default_crop
-    from ran.models import model_defaults
-
-    crop = cfg.data.eval_crop or cfg.data.crop
-    crop = crop or model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
-    return crop or default_crop(cfg.data.recipe)
 
 
 def where_to_look(outcome: TrainOutcome) -> str:
@@ -452,9 +477,13 @@ def where_to_look(outcome: TrainOutcome) -> str:
 
 def cli_train(args: argparse.Namespace) -> int:
     """``ran train JOB.yaml [--set k=v]... [--address RAY] [--resume]``."""
+    import psutil
+
+    started = psutil.Process().create_time()  # the command's start: startup_s counts imports too
     cfg = load_config(args.job, args.overrides)
     try:
-        outcome = run_training(cfg, resume=args.resume, address=args.address, fault=fault_from_env())
+        outcome = run_training(cfg, resume=args.resume, address=args.address, fault=fault_from_env(),
+                               launched_at=started)
     except Exception as err:  # Ray's failure after retries: one line, not a traceback
         from ray.train import TrainingFailedError
 

@@ -60,6 +60,20 @@ def build_model(cfg: JobConfig) -> nn.Module:
     )
 
 
+def eval_crop(cfg: JobConfig) -> int:
+    """``data.eval_crop``; else a non-default train crop (small images); else the model's own
+    for its stem (320 for Attention-92 on ImageNet, 32 on CIFAR)."""
+    from ran.data.transforms import default_crop
+    from ran.models import model_defaults
+
+    if cfg.data.eval_crop:
+        return cfg.data.eval_crop
+    if cfg.data.crop and cfg.data.crop != default_crop(cfg.data.recipe):
+        return cfg.data.crop
+    own = model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
+    return own or default_crop(cfg.data.recipe)
+
+
 def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.Optimizer:
     """SGD (Nesterov momentum by default); optionally no weight decay on BN and bias parameters."""
     o = cfg.optim
@@ -235,15 +249,9 @@ class Trainer:
     # -- construction
 
     @property
-    def eval_crop(self) -> int | None:
-        """``data.eval_crop``, else the model's own for the stem (320 for Attention-92)."""
-        from ran.models import model_defaults
-
-        if self.cfg.data.eval_crop:
-            return self.cfg.data.eval_crop
-        if self.cfg.data.crop:  # a non-standard train crop: evaluate at the same size
-            return self.cfg.data.crop
-        return model_defaults(self.cfg.model.name).eval_crop.get(self.cfg.resolved_stem())
+    def eval_crop(self) -> int:
+        """The evaluation crop of this run (see :func:`eval_crop`)."""
+        return eval_crop(self.cfg)
 
     def _build_model(self) -> nn.Module:
         model = build_model(self.cfg)

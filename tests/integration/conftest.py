@@ -1,7 +1,8 @@
 """Shared fixtures for integration tests: the real services on loopback, small and shut down after.
 
 - ``ray_local``: one local Ray for the session (2 CPUs, dashboard on: Ray Train V2's placement-group
-  cleaner polls the State API it serves); ``ray.shutdown()`` at the end.
+  cleaner polls the State API it serves; ``RAY_ADDRESS`` names it meanwhile, so State API calls
+  find it among other developers' Ray instances); shut down at the end.
 - ``mlflow_sqlite``: ``MLFLOW_TRACKING_URI`` pointing at a fresh sqlite file in ``tmp_path`` (and the
   working directory moved there, so nothing lands in the checkout).
 - ``mlflow_server``: an ``mlflow server`` subprocess on a free 127.0.0.1 port for the session.
@@ -63,14 +64,16 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[str]:
     """A local Ray (2 CPUs) for the whole session; yields its address for subprocesses."""
-    import ray
+    from ran.train.launch import start_local_ray, stop_local_ray
 
-    context = ray.init(address="local", num_cpus=2, include_dashboard=True,
-                       dashboard_port=free_port(), log_to_driver=True)
+    saved = os.environ.get("RAY_ADDRESS")
+    address = start_local_ray(num_cpus=2, include_dashboard=True, dashboard_port=free_port())
     try:
-        yield context.address_info["gcs_address"]
+        yield address
     finally:
-        ray.shutdown()
+        stop_local_ray()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
 
 
 @pytest.fixture

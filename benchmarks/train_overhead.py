@@ -1,0 +1,145 @@
+"""What Ray Train costs: a plain single-process torch loop vs `ran train` with 1 and 2 workers.
+
+Same model (CIFAR-stem Attention-56), same synthetic shards, same loader, same batch per worker and
+the same number of steps. Step time is measured on the last epoch (the first one pays for warm-up)
+and includes waiting for data, as a training run does. For `ran train` the numbers come from its
+own MLflow metrics (``epoch_time_s`` and ``startup_s``: seconds from the command's start to the
+first optimizer step). Each training process gets one CPU thread, as a Ray worker with
+``cpus_per_worker=1`` does, so the 1-worker ratio isolates the framework's overhead.
+
+Goals (issue 4): 1 worker within 10% of the plain loop; first step within 15 s of the command.
+
+    python benchmarks/train_overhead.py [--size 32] [--train 1536] [--batch 32] [--epochs 2]
+
+Prints one JSON object. The machine's load average is included: on a shared machine, timings are
+only comparable with others taken at a similar load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def job_yaml(data: str, args: argparse.Namespace, workers: int) -> str:
+    """The benchmark job (no model logging: it is not part of a training step)."""
+    from ran.config import load_config
+
+    cfg = load_config(None, {
+        "name": f"overhead{workers}", "model.name": "attention56", "model.stem": "cifar",
+        "data.path": data, "data.batch_size": args.batch, "data.workers": 1,
+        "optim.reference_batch_size": args.batch, "schedule.kind": "constant",
+        "train.epochs": args.epochs, "train.log_every": 1000, "train.precision": args.precision,
+        "scaling.num_workers": workers, "scaling.max_failures": 0,
+        "tracking.experiment": "overhead", "tracking.registered_model": None,
+        "tracking.log_model": False,
+    })
+    return cfg.to_yaml()
+
+
+def plain_loop(data: str, args: argparse.Namespace) -> dict[str, float]:
+    """The same steps in one process, no Ray, no DDP, no MLflow."""
+    import torch
+
+    from ran.data.read import make_loader
+    from ran.data.transforms import normalizer
+    from ran.models import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model("attention56", stem="cifar", num_classes=args.classes)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    loader = make_loader(data, "train", train=True, batch_size=args.batch, recipe="cifar", workers=1)
+    norm = normalizer("cifar")
+    bf16 = args.precision == "bf16"
+    epoch_time = 0.0
+    for epoch in range(args.epochs):
+        loader.set_epoch(epoch)
+        start = time.perf_counter()
+        for batch in loader:
+            x = norm(batch.images).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(x), batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epoch_time = time.perf_counter() - start
+    steps = len(loader)
+    return {"step_time_s": epoch_time / steps, "img_per_s": steps * args.batch / epoch_time,
+            "steps_per_epoch": steps}
+
+
+def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path) -> dict[str, float]:
+    """`ran train` as a user runs it (a subprocess starting its own local Ray)."""
+    from mlflow.tracking import MlflowClient
+
+    job = root / f"overhead{workers}.yaml"
+    job.write_text(job_yaml(data, args, workers))
+    uri = f"sqlite:///{root}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("RAY_ADDRESS", None)
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "ran.cli", "train", str(job)], cwd=root, env=env,
+                          capture_output=True, text=True)
+    wall = time.time() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"ran train ({workers} workers) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("overhead")
+    run = client.search_runs([experiment.experiment_id], f"tags.`ran.job` = 'overhead{workers}'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    steps = int(run.data.params["plan.steps_per_epoch"])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")}
+    epoch_time = history[max(history)]
+    startup = client.get_metric_history(run.info.run_id, "startup_s")[0].value
+    return {"step_time_s": epoch_time / steps, "img_per_s": steps * args.batch * workers / epoch_time,
+            "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=32, help="image side (px)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--train", type=int, default=1536, help="train images")
+    parser.add_argument("--batch", type=int, default=32, help="batch per worker")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    args = parser.parse_args()
+
+    from ran.data.synth import write_synthetic
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="ran-overhead-") as tmp:
+        root = Path(tmp)
+        data = str(root / "data")
+        write_synthetic(data, classes=args.classes, train=args.train, val=args.batch * 4,
+                        size=args.size, progress=False)
+        results: dict[str, Any] = {"plain": plain_loop(data, args)}
+        for workers in (1, 2):
+            results[f"ran_{workers}_worker{'s' if workers > 1 else ''}"] = ran_train(data, args, workers, root)
+    plain, one, two = results["plain"], results["ran_1_worker"], results["ran_2_workers"]
+    results["ratios"] = {
+        "step_time_1_worker_vs_plain": one["step_time_s"] / plain["step_time_s"],
+        "step_time_2_workers_vs_plain": two["step_time_s"] / plain["step_time_s"],
+        "throughput_2_workers_vs_plain": two["img_per_s"] / plain["img_per_s"],
+    }
+    results["goals"] = {
+        "1_worker_within_10pct": one["step_time_s"] <= 1.10 * plain["step_time_s"],
+        "first_step_within_15s": max(one["first_step_s"], two["first_step_s"]) <= 15.0,
+    }
+    results["setup"] = {**vars(args), "model": "attention56 (cifar stem)", "cpus": os.cpu_count(),
+                        "threads_per_process": 1, "loadavg_before": load_before,
+                        "loadavg_after": os.getloadavg()}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The job config: the shipped recipes load, bad jobs fail with messages that say what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ran.config import ConfigError, JobConfig, flatten, load_config, parse_config, valid_keys
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_job_loads_and_names_itself(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert cfg.tracking.registered_model
+
+
+def test_shipped_jobs_cover_the_paper_recipes():
+    names = {p.stem for p in JOBS.glob("*.yaml")}
+    assert {"demo", "cifar10_attention56", "cifar10_attention92", "imagenet_attention56",
+            "imagenet_attention92", "imagenet_attention452"} <= names
+
+
+@pytest.mark.parametrize("name", ["cifar10_attention56", "cifar10_attention92"])
+def test_cifar_jobs_follow_the_paper(name):
+    cfg = load_config(JOBS / f"{name}.yaml")
+    assert (cfg.data.recipe, cfg.resolved_stem()) == ("cifar", "cifar")
+    assert cfg.data.batch_size * cfg.scaling.num_workers == cfg.optim.reference_batch_size == 64
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == \
+        (0.1, 0.9, True, 1e-4)
+    assert cfg.schedule.milestones == [64_000, 96_000] and cfg.schedule.total_steps == 160_000
+    assert cfg.train.epochs is None
+
+
+@pytest.mark.parametrize("name", ["imagenet_attention56", "imagenet_attention92",
+                                  "imagenet_attention452"])
+def test_imagenet_jobs_follow_the_paper(name):
+    cfg = load_config(JOBS / f"{name}.yaml")
+    assert (cfg.data.recipe, cfg.resolved_stem(), cfg.data.crop) == ("imagenet", "imagenet", 224)
+    assert cfg.data.batch_size * cfg.scaling.num_workers == cfg.optim.reference_batch_size == 256
+    assert cfg.schedule.milestones == [200_000, 400_000, 500_000]
+    assert cfg.schedule.total_steps == 530_000
+    assert cfg.data.path.startswith("s3://") and cfg.storage.path.startswith("s3://")
+
+
+def test_attention92_on_imagenet_is_evaluated_at_320():
+    assert load_config(JOBS / "imagenet_attention92.yaml").data.eval_crop == 320
+    assert load_config(JOBS / "imagenet_attention56.yaml").data.eval_crop == 224
+
+
+def test_demo_runs_on_cpu_with_two_workers():
+    cfg = load_config(JOBS / "demo.yaml")
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (2, False)
+    assert (cfg.model.name, cfg.resolved_stem()) == ("attention56", "cifar")
+    assert cfg.train.precision != "fp16"
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lrate=0.1"])
+    message = str(err.value)
+    assert "unknown config key 'optim.lrate'" in message
+    assert "optim.lr" in message and "optim.weight_decay" in message
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("optim:\n  lr: 0.1\n  mommentum: 0.9\n")
+    with pytest.raises(ConfigError, match="mommentum"):
+        load_config(job)
+
+
+def test_negative_lr_names_the_key():
+    with pytest.raises(ConfigError, match=r"optim\.lr: .*greater than 0"):
+        load_config(None, ["optim.lr=-0.1"])
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(ConfigError, match="fp16 needs scaling.use_gpu"):
+        load_config(None, ["train.precision=fp16"])
+    assert load_config(None, ["train.precision=fp16", "scaling.use_gpu=true"]).train.precision == "fp16"
+
+
+def test_milestones_must_be_increasing_and_within_the_run():
+    with pytest.raises(ConfigError, match="increasing"):
+        load_config(None, ["schedule.milestones=[96000, 64000]"])
+    with pytest.raises(ConfigError, match="must not exceed"):
+        load_config(None, ["schedule.milestones=[200000]"])
+
+
+def test_overrides_parse_values_as_yaml():
+    cfg = load_config(None, ["train.epochs=3", "tracking.registered_model=null", "data.crop=16",
+                             "scaling.use_gpu=true", "schedule.milestones=[10, 20]"])
+    assert cfg.train.epochs == 3 and cfg.tracking.registered_model is None
+    assert cfg.data.crop == 16 and cfg.scaling.use_gpu is True
+    assert cfg.schedule.milestones == [10, 20]
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.epochs"])
+
+
+def test_stable_names_from_the_design_exist():
+    keys = set(valid_keys())
+    assert {"model.name", "model.stem", "model.num_classes", "model.mask_activation",
+            "model.combination", "model.mask_structure", "model.p", "model.t", "model.r",
+            "model.unit", "data.path", "data.batch_size", "data.workers", "optim.lr",
+            "optim.weight_decay", "train.epochs", "train.precision", "train.seed",
+            "scaling.num_workers", "scaling.use_gpu", "storage.path", "tracking.experiment",
+            "tracking.registered_model"} <= keys
+
+
+def test_flat_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(JOBS / "demo.yaml")
+    job = tmp_path / "again.yaml"
+    job.write_text(cfg.to_yaml())
+    assert load_config(job) == cfg
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+    assert cfg.flat()["model.name"] == "attention56"
+
+
+def test_parse_config_rejects_a_wrong_type_with_the_input():
+    with pytest.raises(ConfigError, match=r"data\.batch_size.*'many'"):
+        parse_config({"data": {"batch_size": "many"}})
+    assert isinstance(parse_config({}), JobConfig)
