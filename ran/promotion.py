@@ -82,7 +82,7 @@ def _version(client: Any, name: str, version: str) -> Any:
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
-        known = ", ".join(sorted((v.version for v in _versions(client, name)), key=int)) or "none"
+        known = ", ".join(sorted((str(v.version) for v in _versions(client, name)), key=int)) or "none"
         raise PromotionError(f"registered model {name!r} has no version {version} "
                              f"(versions: {known})") from None
 

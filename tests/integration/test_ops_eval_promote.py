@@ -1,0 +1,268 @@
+"""`ran eval`, `ran promote` and `ran registry` on a real MLflow registry (sqlite, then a server).
+
+One short real training run registers version 1 of ``tiny-ran`` (it learns); version 2 is an
+untrained model of the same config, logged and registered through the same
+``RunTracker.log_final_model`` with its own measured validation metrics, so it is the worse one.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ran.cli import main
+from ran.config import load_config
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-ran"
+
+
+def _job(data: str, storage: Path) -> Any:
+    return load_config(None, {
+        "name": "ops", "model.name": "attention56", "model.stem": "cifar", "data.path": data,
+        "data.batch_size": 16, "data.workers": 1, "data.crop": 16, "optim.lr": 0.1,
+        "optim.reference_batch_size": 32, "schedule.kind": "cosine", "train.epochs": 2,
+        "train.log_every": 4, "scaling.num_workers": 2, "storage.path": str(storage),
+        "tracking.experiment": "ops", "tracking.registered_model": MODEL,
+    })
+
+
+def _register_untrained(cfg: Any, classes: list[str]) -> Any:
+    """Version 2: same config, initial weights, metrics measured as training would record them."""
+    from ran.data.transforms import normalizer
+    from ran.evaluate import evaluate
+    from ran.tracking import RunTracker
+    from ran.train.worker import build_model
+
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    m = evaluate(model, cfg, cfg.data.path, "val", device=torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
+    tracker = RunTracker.create(cfg, run_name="untrained", tags={"ran.model": cfg.model.name})
+    version = tracker.log_final_model(model, cfg, classes, example, {
+        "val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]})
+    tracker.finish()
+    return version
+
+
+@pytest.fixture(scope="module")
+def registry(ray_local: str, synth_data: str, tmp_path_factory: pytest.TempPathFactory):
+    """The sqlite store holding versions 1 (trained) and 2 (untrained) of ``tiny-ran``."""
+    from ran.data.read import read_manifest
+    from ran.train.launch import run_training
+
+    root = tmp_path_factory.mktemp("ops")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        trained = run_training(_job(synth_data, root / "runs"))
+        assert trained.registered == f"{MODEL}/1"
+        untrained = _register_untrained(trained.config, read_manifest(synth_data)["classes"])
+        assert untrained.version in (2, "2")
+    yield {"uri": uri, "root": root, "trained": trained, "data": synth_data}
+
+
+@pytest.fixture
+def store(registry, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    monkeypatch.chdir(registry["root"])
+    return registry
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _printed(text: str, label: str) -> float:
+    return float(re.search(rf"^{label}\s+([0-9.]+)", text, re.M).group(1))
+
+
+def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys):
+    from ran.evaluate import evaluate_ref
+
+    trained = store["trained"]
+    assert main(["eval", f"models:/{MODEL}/1", "--data", store["data"], "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert _printed(out, "top-1") == pytest.approx(trained.metrics["val_top1"], abs=5e-5)
+    assert _printed(out, "top-5") == pytest.approx(trained.metrics["val_top5"], abs=5e-5)
+    assert _printed(out, "img/s") > 0
+
+    for ref in (trained.run_id, trained.checkpoint):
+        _, _, m = evaluate_ref(ref, store["data"], workers=0)
+        assert m["top1"] == trained.metrics["val_top1"], ref  # the same counts, exactly
+        assert m["images"] == 128
+        assert m["loss"] == pytest.approx(trained.metrics["val_loss"], rel=2e-2)  # bf16 autocast
+
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)
+    run = _client(store["uri"]).get_run(run_id)
+    assert run.data.tags["ran.kind"] == "evaluation"
+    assert run.data.tags["ran.registered_model"] == MODEL
+    assert run.data.tags["ran.model_version"] == "1"
+    assert run.data.tags["ran.source_run_id"] == trained.run_id
+    assert run.data.metrics["top1"] == trained.metrics["val_top1"]
+    assert run.inputs.model_inputs  # the logged model is the run's input
+
+
+def test_the_worse_version_cannot_take_champion_and_the_better_can(store, capsys):
+    import mlflow
+    import mlflow.pytorch
+
+    from ran.tracking import load_ran_model
+
+    client = _client(store["uri"])
+    tags = {v: client.get_model_version(MODEL, v).tags for v in ("1", "2")}
+    assert float(tags["1"]["val_top1"]) > float(tags["2"]["val_top1"])  # 1 is the better
+
+    assert main(["promote", MODEL, "--version", "2", "--alias", "champion"]) == 0
+    assert "'champion' was unassigned" in capsys.readouterr().out
+    assert main(["promote", MODEL, "--version", "1", "--reason", "trained beats untrained"]) == 0
+    assert "beats 'champion' version 2" in capsys.readouterr().out
+    assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
+
+    assert main(["promote", MODEL, "--version", "2"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("refused: version 2 (top-1 ")
+    assert "does not beat 'champion' version 1" in out and "'champion' unchanged" in out
+    assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
+    assert main(["promote", MODEL, "--version", "2", "--eval-data", store["data"]]) == 1
+    assert "(evaluated)" in capsys.readouterr().out
+    assert str(client.get_registered_model(MODEL).aliases["champion"]) == "1"
+
+    promoted = client.get_model_version(MODEL, "1").tags
+    assert promoted["promotion.champion.reason"] == "trained beats untrained"
+    assert promoted["promotion.champion.by"]
+    assert promoted["promotion.champion.at"].startswith("20")
+    assert promoted["promotion.champion.previous_version"] == "2"
+    assert float(promoted["promotion.champion.top1"]) == pytest.approx(float(tags["1"]["val_top1"]))
+    assert client.get_model_version(MODEL, "2").tags["promotion.champion.replaced_by"] == "1"
+
+    mlflow.set_tracking_uri(store["uri"])
+    champion = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = load_ran_model(f"models:/{MODEL}/1").model(x)
+        other = load_ran_model(f"models:/{MODEL}/2").model(x)
+        got = champion(x)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, other, atol=1e-2)
+
+
+def test_min_top1_and_unknown_versions_are_refused_clearly(store, capsys):
+    assert main(["promote", MODEL, "--version", "1", "--alias", "gate", "--min-top1", "0.999"]) == 1
+    assert "below --min-top1 0.9990" in capsys.readouterr().out
+    assert main(["promote", MODEL, "--version", "9", "--alias", "gate"]) == 2
+    assert "has no version 9 (versions: 1, 2)" in capsys.readouterr().err
+    assert main(["promote", MODEL, "--version", "1", "--min-top1", "75"]) == 2
+    assert "as a fraction" in capsys.readouterr().err
+    assert "gate" not in _client(store["uri"]).get_registered_model(MODEL).aliases
+
+
+def test_registry_lists_versions_aliases_and_metrics(store, capsys):
+    client = _client(store["uri"])
+    client.set_registered_model_alias(MODEL, "listed", "2")
+    assert main(["registry"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["model", "version", "aliases", "val_top1", "val_top5", "val_loss"]
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert set(rows) == {"1", "2"}
+    assert "listed" in rows["2"][2].split(",")
+    assert float(rows["2"][3]) == pytest.approx(float(client.get_model_version(MODEL, "2").tags["val_top1"]), abs=1e-4)
+    assert main(["registry", "nope"]) == 2
+    assert f"no registered model 'nope' (registered: {MODEL})" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(store, monkeypatch):
+    """``mlflow server`` on 127.0.0.1 over the same store; stopped after the test."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = open(store["root"] / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+         str(port), "--backend-store-uri", store["uri"], "--workers", "1"],
+        cwd=store["root"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (store["root"] / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+
+
+def test_promotion_through_an_mlflow_server(server, store, capsys):
+    import mlflow
+    import mlflow.pytorch
+
+    from ran.tracking import load_ran_model
+
+    assert main(["promote", MODEL, "--version", "2", "--alias", "staging"]) == 0
+    assert main(["promote", MODEL, "--version", "1", "--alias", "staging", "--reason", "better"]) == 0
+    assert main(["promote", MODEL, "--version", "2", "--alias", "staging"]) == 1
+    assert "refused: version 2" in capsys.readouterr().out
+
+    client = _client(server)
+    assert str(client.get_model_version_by_alias(MODEL, "staging").version) == "1"
+    assert client.get_model_version(MODEL, "1").tags["promotion.staging.reason"] == "better"
+    assert main(["registry", MODEL]) == 0
+    assert "staging" in capsys.readouterr().out
+
+    mlflow.set_tracking_uri(server)
+    x = torch.randn(2, 3, 16, 16)
+    staging = mlflow.pytorch.load_model(f"models:/{MODEL}@staging")
+    with torch.no_grad():
+        assert torch.allclose(staging(x), load_ran_model(f"models:/{MODEL}/1").model(x), atol=1e-4)
+
+
+def test_explain_a_registered_model_and_log_the_pictures(store, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "shape.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "pictures"
+    assert main(["explain", f"models:/{MODEL}/1", str(image), "--out", str(out), "--log-mlflow"]) == 0
+    assert Image.open(out / "shape_attention.png").size == (1200, 350)  # input + 3 modules, 1 row
+
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", capsys.readouterr().out).group(1)
+    client = _client(store["uri"])
+    assert client.get_run(run_id).data.tags["ran.kind"] == "explain"
+    assert client.get_run(run_id).data.tags["ran.model_version"] == "1"
+    assert [a.path for a in client.list_artifacts(run_id, "attention")] == ["attention/shape_attention.png"]
