@@ -388,8 +388,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, resume: b
                    "fault": fault, "launched_at": launched_at}
     try:
         result = build_trainer(cfg, storage, loop_config, callbacks).fit()
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     outcome.metrics = dict(result.metrics or {})
     if result.checkpoint is not None:
@@ -475,11 +475,20 @@ def where_to_look(outcome: TrainOutcome) -> str:
     return "\n".join(lines)
 
 
+def process_start_time() -> float:
+    """When this process started (``time.time()`` scale); now where /proc is not available."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 def cli_train(args: argparse.Namespace) -> int:
     """``ran train JOB.yaml [--set k=v]... [--address RAY] [--resume]``."""
-    import psutil
-
-    started = psutil.Process().create_time()  # the command's start: startup_s counts imports too
+    started = process_start_time()  # startup_s counts the command's imports too
     cfg = load_config(args.job, args.overrides)
     try:
         outcome = run_training(cfg, resume=args.resume, address=args.address, fault=fault_from_env(),

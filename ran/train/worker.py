@@ -382,6 +382,7 @@ class Trainer:
         """Loss, top-1 and top-5 over the whole split: counts summed across ranks, then divided."""
         model = self.raw_model
         was_training = model.training
+        self._sync_buffers()
         model.eval()
         loss_sum = top1 = top5 = samples = skipped = 0.0
         for batch in self.val_loader:
@@ -402,6 +403,16 @@ class Trainer:
         n = max(samples, 1)
         return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n,
                 "val_samples": samples, "val_skipped": skipped}
+
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics (what the checkpoint holds).
+
+        DDP broadcasts buffers from rank 0 at each training forward, after which every rank
+        updates its own copy once more; without this, ranks would validate slightly different models.
+        """
+        if self.distributed:
+            for buffer in self.raw_model.buffers():
+                dist.broadcast(buffer, src=0)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         """Sum numbers across ranks (float64, so counts stay exact)."""

@@ -96,7 +96,8 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
     try:
         _wait_for(first_checkpoint_committed, 240, first, first_log)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash or a closed laptop would
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash or a closed laptop would
         first.wait(10)
     assert not list(runs.glob("tiny-*/epoch=0002*")), "killed too late to test anything"
 
