@@ -178,13 +178,14 @@ def build_submission(job: str, overrides: list[str], *, local: bool, tune: str |
         "excludes": EXCLUDES,
         "env_vars": job_env(local, notes, env),
     }
-    package = Path(__file__).resolve().parent
-    if not package.is_relative_to(wd):  # ship the package we run, unless the upload holds it
-        runtime_env["py_modules"] = [str(package)]
+    if not (wd / "ran" / "__init__.py").is_file():  # ship the package we run, unless the upload holds one
+        runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    # tracking tags the MLflow run with it (ray.submission_id): from a run to its Ray Job and back
+    runtime_env["env_vars"]["RAY_JOB_SUBMISSION_ID"] = sid = submission_id(cfg)
     metadata = {"ran.job": job_rel, "ran.name": cfg.name, "ran.kind": "tune" if tune else "train",
                 "ran.user": getpass.getuser()}
-    return Submission(entrypoint(job_rel, overrides, space_rel), runtime_env, metadata,
-                      submission_id(cfg), cfg, local, notes)
+    return Submission(entrypoint(job_rel, overrides, space_rel), runtime_env, metadata, sid, cfg,
+                      local, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,19 +327,8 @@ def report_end(info: Any, out: TextIO | None = None) -> int:
 
 def submit(client: "JobSubmissionClient", sub: Submission) -> str:
     """Submit to the cluster; returns the submission id."""
-    _ensure_local_experiment(sub)
     return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
                              metadata=sub.metadata, submission_id=sub.submission_id)
-
-
-def _ensure_local_experiment(sub: Submission) -> None:
-    """Create the MLflow experiment here when the store is a file on this machine, so that its
-    artifact location is this machine's ``./mlartifacts``, not the job's temporary copy of it."""
-    uri = sub.runtime_env["env_vars"].get("MLFLOW_TRACKING_URI", "")
-    if sub.local and uri.startswith("sqlite:"):
-        from ran.tracking import ensure_experiment
-
-        ensure_experiment(sub.config.tracking.experiment, uri)
 
 
 def cli_submit(args: argparse.Namespace) -> int:
@@ -432,7 +422,8 @@ def print_jobs(jobs: list[Any], out: TextIO | None = None) -> None:
 
 def print_status(info: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    fields = [("submission id", info.submission_id), ("status", str(info.status)),
+    fields = [("submission id", info.submission_id), ("ray job id", info.job_id or "-"),
+              ("status", str(info.status)),
               ("entrypoint", info.entrypoint), ("started", _when(info.start_time)),
               ("ended", _when(info.end_time)), ("took", _took(info))]
     if info.driver_exit_code is not None:

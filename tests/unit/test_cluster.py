@@ -70,6 +70,7 @@ def test_local_submission_makes_paths_and_sqlite_store_absolute(project, monkeyp
     assert sub.runtime_env["working_dir"] == str(project)
     assert sub.metadata["ran.job"] == "jobs/tiny.yaml" and sub.metadata["ran.kind"] == "train"
     assert sub.submission_id.startswith("ran-tiny-")
+    assert env["RAY_JOB_SUBMISSION_ID"] == sub.submission_id  # MLflow tags the run with it
 
 
 def test_local_submission_without_tracking_uri_uses_the_embedded_store_here(project):
@@ -183,7 +184,7 @@ def test_jobs_commands_need_an_id_and_an_address(project, capsys):
 def _job(sid, status, start, end, message=""):
     return SimpleNamespace(submission_id=sid, status=status, start_time=start, end_time=end,
                            entrypoint=f"ran train jobs/{sid}.yaml", metadata={"ran.job": sid},
-                           message=message, driver_exit_code=None)
+                           message=message, driver_exit_code=None, job_id="01000000")
 
 
 def test_job_list_is_oldest_first_with_durations(capsys):

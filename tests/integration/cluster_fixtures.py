@@ -1,0 +1,214 @@
+"""A real Ray cluster of ``ray start`` processes on 127.0.0.1, owned by one test.
+
+Each node is started with its own ports and a marker in its environment, which every process it
+spawns inherits (raylet, GCS, dashboard, agents, workers, job drivers). Stopping a node signals
+exactly the processes carrying its marker: ``ray stop`` would stop every Ray on the machine,
+including other people's. Token authentication is on, with a token of the cluster's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MARK = "RAN_TEST_RAY_NODE"  # environment marker: <cluster id>/<node name>
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def marked_pids(prefix: str) -> list[int]:
+    """Processes of this user whose environment carries a MARK value starting with ``prefix``."""
+    needle = f"{MARK}={prefix}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(item.startswith(needle) for item in environ.split(b"\0")):
+            pids.append(int(entry))
+    return pids
+
+
+def signal_marked(prefix: str, grace: float = 10.0) -> None:
+    """SIGTERM the marked processes, SIGKILL those left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in marked_pids(prefix):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while marked_pids(prefix) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not marked_pids(prefix):
+            return
+
+
+@dataclass
+class LocalCluster:
+    """A head and any number of worker nodes, each a ``ray start`` on this machine."""
+
+    root: Path  # short temp dir (Unix socket paths are limited to ~100 bytes)
+    env: dict[str, str]
+    cluster_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+        env = {**self.env, MARK: f"{self.cluster_id}/{name}"}
+        cmd = [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1",
+               "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+               "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+               "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+               "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats", *args]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        self.nodes.append(name)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout}\n{out.stderr}")
+
+    def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self.gcs_port, self.dashboard_port, client = free_ports(3)
+        self._start("head", ["--head", "--port", str(self.gcs_port), "--temp-dir", str(self.root),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                             "--ray-client-server-port", str(client), "--num-cpus", str(num_cpus),
+                             "--resources", json.dumps(resources or {})])
+        self.wait_dashboard()
+
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """A worker node. Its own temp dir, as on another machine: nodes sharing one would share
+        runtime_resources/, and one node's cleanup would delete a job's working dir under the
+        other's feet."""
+        self._start(name, ["--address", self.gcs_address, "--num-cpus", str(num_cpus),
+                           "--resources", json.dumps(resources or {}),
+                           "--temp-dir", str(self.root / name)])
+
+    def kill_node(self, name: str) -> None:
+        """Kill a node as a machine failure would: SIGKILL, no goodbye to the GCS."""
+        signal_marked(f"{self.cluster_id}/{name}", grace=0)
+
+    def pids(self, name: str = "") -> list[int]:
+        return marked_pids(f"{self.cluster_id}/{name}")
+
+    def stop(self) -> None:
+        signal_marked(f"{self.cluster_id}/")
+
+    def get(self, path: str) -> dict:
+        """GET a dashboard endpoint with the cluster's token; the decoded JSON."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers={
+            "Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def wait_dashboard(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get("/api/version")
+                return
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray dashboard at {self.dashboard_url}: {err}") from err
+                time.sleep(0.5)
+
+    def state(self, resource: str, **filters: str) -> list[dict]:
+        """Ray State API rows (``nodes``, ``actors``, ...) over the dashboard's HTTP API."""
+        query = "&".join(f"filter_keys={k}&filter_predicates=%3D&filter_values={v}"
+                         for k, v in filters.items())
+        body = self.get(f"/api/v0/{resource}?limit=1000&detail=1&{query}")
+        return body["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict]:
+        """Alive nodes, each with node_id, resources_total, labels."""
+        return self.state("nodes", state="ALIVE")
+
+    def wait_nodes(self, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.alive_nodes()) != count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected {count} alive nodes, have {len(self.alive_nodes())}")
+            time.sleep(1)
+
+
+def cluster_env() -> dict[str, str]:
+    """Environment for the cluster's processes: our venv first on PATH, token auth, quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+def local_cluster() -> Iterator[LocalCluster]:
+    """A cluster with no nodes yet: the test starts the head (and nodes) it needs; all of them
+    are stopped afterwards, and the test fails if any of their processes survive."""
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    cluster = LocalCluster(root, cluster_env())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        left = cluster.pids()
+        shutil.rmtree(root, ignore_errors=True)
+        assert not left, f"Ray processes survived the cluster's stop: {left}"
+
+
+def ran(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 300,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``ran`` command of this venv; on failure the output is in the assertion."""
+    out = subprocess.run([str(BIN / "ran"), *args], env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"ran {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def client_env(cluster: LocalCluster, tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for ``ran submit`` / ``ran jobs``: no RAY_AUTH_MODE, the token in a file (as
+    ``~/.ray/auth_token`` would hold it), so the token travels only if ``ran`` sends it."""
+    token = tmp / "auth_token"
+    token.write_text(cluster.env["RAY_AUTH_TOKEN"])
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token), **extra)
+    return env
