@@ -291,6 +291,15 @@ class _Health:
                             f"max_bad_fraction={self.max_bad_fraction} (last: {self.last_reason})")
 
 
+def _batch_tensor(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """An uninitialised uint8 batch; in a loader worker, allocated in shared memory right away
+    (as torch's default_collate does) so sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class ShardDataset(IterableDataset):
     """Batches of one split; see the module docstring for how work is split."""
 
@@ -387,7 +396,7 @@ class ShardDataset(IterableDataset):
             return
         made = 0
         crop = self.transform.crop
-        images = torch.empty((self.batch_size, 3, crop, crop), dtype=torch.uint8)
+        images = _batch_tensor((self.batch_size, 3, crop, crop))
         labels: list[int] = []
         for item in items:
             if isinstance(item, int):
@@ -408,7 +417,7 @@ class ShardDataset(IterableDataset):
                 made += 1
                 if made == limit:
                     return
-                images = torch.empty_like(images)
+                images = _batch_tensor(images.shape)
                 labels = []
         if labels:
             n = len(labels)

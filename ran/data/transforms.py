@@ -2,7 +2,8 @@
 
 A transform has two steps: ``sample(data, rng)`` decodes one encoded image straight to a uint8
 ``(3, crop, crop)`` tensor (cropping before resizing, and decoding JPEGs at a reduced DCT scale when
-the crop allows), and ``batch(images, rng)`` applies what is cheaper on a whole uint8 batch. The
+the crop allows), and ``batch(images, rng)`` applies what is cheaper on a whole uint8 batch (the
+CIFAR pad-and-crop). The
 float conversion and mean/std normalisation happen last, on the training device, with
 :func:`normalizer`.
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 # Same values as ran.models.registry; ran.data does not depend on ran.models.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,27 +39,44 @@ EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to crop / 0.875, then centre
 DEFAULT_CROP = {"imagenet": 224, "cifar": 32}
 
 # PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch.
-_LIGHTING_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-_LIGHTING_EIGVEC = torch.tensor([
-    [-0.5675, 0.7192, 0.4009],
-    [-0.5808, -0.0045, -0.8140],
-    [-0.5836, -0.6948, 0.4203],
-])
+_LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
+_LIGHTING_EIGVEC = (  # rows: R, G, B; columns: principal components
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
-_quiet_from_numpy = False
+_quiet_readonly: set[str] = set()
+
+
+def _readonly_tensor(make: Callable[[], torch.Tensor], kind: str) -> torch.Tensor:
+    """Wrap read-only memory (bytes, PIL arrays) without torch's once-per-process warnings.
+
+    We only ever read these tensors. Torch warns once per process and kind (numpy, buffer), so
+    only the first call of each kind needs the (slow) warnings context.
+    """
+    if kind in _quiet_readonly:
+        return make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = make()
+    _quiet_readonly.add(kind)
+    return tensor
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
     """CHW uint8 view of a decoded RGB image (HWC memory)."""
-    global _quiet_from_numpy
     array = np.asarray(image)  # a read-only array over a fresh copy of the pixels; we only read it
-    if _quiet_from_numpy:
-        return torch.from_numpy(array).permute(2, 0, 1)
-    with warnings.catch_warnings():  # torch warns once per process about read-only arrays
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-    _quiet_from_numpy = True
-    return tensor
+    return _readonly_tensor(lambda: torch.from_numpy(array), "numpy").permute(2, 0, 1)
+
+
+def _decode_jpeg(data: bytes) -> torch.Tensor:
+    """Full-size JPEG decode straight into a CHW tensor (HWC memory), skipping PIL's extra copy."""
+    buffer = _readonly_tensor(lambda: torch.frombuffer(data, dtype=torch.uint8), "buffer")
+    try:
+        return decode_jpeg(buffer, mode=ImageReadMode.RGB)
+    except RuntimeError as exc:  # "decode_jpeg, <source path>:<line>, <reason>"
+        raise ValueError(f"corrupt JPEG: {str(exc).rsplit(', ', 1)[-1]}") from None
 
 
 def check_recipe(recipe: str) -> str:
@@ -87,7 +106,7 @@ class Normalizer:
                      self.inv_std.to(images.device).view(1, -1, 1, 1))
             self._cache[images.device] = stats
         mean, inv_std = stats
-        return (images.float() - mean) * inv_std
+        return images.float().sub_(mean).mul_(inv_std)  # one float allocation
 
 
 def normalizer(recipe: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -110,6 +129,33 @@ def _draft_scale(region_w: float, region_h: float, out_w: int, out_h: int) -> in
     return scale
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None if ``data`` is not a parsable JPEG."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, end = 2, len(data)
+    while pos + 9 < end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            return (width, height) if width and height else None
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xDA:  # scan data before any frame header: not a JPEG we understand
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
 def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int, int]],
                   size: tuple[int, int]) -> torch.Tensor:
     """Decode ``data`` and resize the box ``region(width, height) -> (left, top, w, h)`` to ``size``.
@@ -118,20 +164,29 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
     size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling), which is much cheaper than a
     full decode followed by a downscale.
     """
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
-    left, top, w, h = region(width, height)
-    if image.format == "JPEG":
+    jpeg = jpeg_size(data)
+    if jpeg is not None:
+        width, height = jpeg
+        left, top, w, h = region(width, height)
         scale = _draft_scale(w, h, size[1], size[0])
+    if jpeg is not None and scale == 1:
+        pixels = _decode_jpeg(data)
+    else:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if jpeg is None:
+            width, height = image.size
+            left, top, w, h = region(width, height)
+            scale = 1
         if scale > 1:
             image.draft("RGB", (width // scale, height // scale))
             sx, sy = width / image.size[0], height / image.size[1]
             left, top = int(left / sx), int(top / sy)
             w, h = max(1, round(w / sx)), max(1, round(h / sy))
             w, h = min(w, image.size[0] - left), min(h, image.size[1] - top)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    pixels = _pixels(image)[:, top:top + h, left:left + w]
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = _pixels(image)
+    pixels = pixels[:, top:top + h, left:left + w]
     if (h, w) == tuple(size):
         return pixels.contiguous()
     return F.interpolate(pixels[None], size=size, mode="bilinear", antialias=True,
@@ -180,8 +235,16 @@ def center_box(width: int, height: int, fraction: float) -> tuple[int, int, int,
 # Transforms
 
 
+def add_saturating(channel: torch.Tensor, offset: int) -> None:
+    """``channel += offset`` in place on uint8, clipped to 0..255 without a wider copy."""
+    if offset > 0:
+        channel.clamp_(max=255 - offset).add_(offset)
+    elif offset < 0:
+        channel.clamp_(min=-offset).sub_(-offset)
+
+
 class ImageNetTrain:
-    """Random-resized crop + flip per sample; PCA lighting per batch."""
+    """Random-resized crop, flip and PCA lighting, per sample."""
 
     def __init__(self, crop: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), lighting: float = 0.1):
@@ -190,15 +253,20 @@ class ImageNetTrain:
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
         image = decode_region(data, lambda w, h: random_resized_box(w, h, rng, self.scale, self.ratio),
                               (self.crop, self.crop))
-        return image.flip(-1) if rng.random() < 0.5 else image
+        if rng.random() < 0.5:
+            image = image.flip(-1)
+        if self.lighting > 0:
+            for channel, offset in zip(image, self.lighting_offsets(rng)):
+                add_saturating(channel, offset)
+        return image
+
+    def lighting_offsets(self, rng: random.Random) -> list[int]:
+        """AlexNet's colour augmentation: RGB shift along the principal components, in 0..255 units."""
+        alpha = [rng.gauss(0.0, self.lighting) * value for value in _LIGHTING_EIGVAL]
+        return [round(255.0 * sum(v * a for v, a in zip(row, alpha))) for row in _LIGHTING_EIGVEC]
 
     def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        if self.lighting <= 0 or len(images) == 0:
-            return images
-        alpha = torch.tensor([[rng.gauss(0.0, self.lighting) for _ in range(3)] for _ in images])
-        offsets = (alpha * _LIGHTING_EIGVAL) @ _LIGHTING_EIGVEC.T * 255.0  # (N, 3) RGB shifts
-        shifted = images.to(torch.int16).add_(offsets.round().to(torch.int16).view(-1, 3, 1, 1))
-        return images.copy_(shifted.clamp_(0, 255))
+        return images
 
 
 class ImageNetEval:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ran.data import DataError
-from ran.data.transforms import (CifarEval, CifarTrain, ImageNetEval, ImageNetTrain, center_box,
-                                 decode_region, normalizer, random_resized_box)
+from ran.data.transforms import (CifarEval, CifarTrain, ImageNetEval, ImageNetTrain, add_saturating,
+                                 center_box, decode_region, jpeg_size, normalizer, random_resized_box)
 
 
 def encode(image, fmt="JPEG", **kw):
@@ -50,16 +50,22 @@ def test_imagenet_eval_is_resize_then_centre_crop():
 
 
 def test_imagenet_train_output_and_lighting_stay_uint8():
-    transform = ImageNetTrain(crop=48)
-    rng = random.Random(1)
     data = encode(halves(), quality=90)
-    batch = torch.stack([transform.sample(data, rng) for _ in range(8)])
-    assert batch.shape == (8, 3, 48, 48) and batch.dtype == torch.uint8
-    before = batch.clone()
-    after = transform.batch(batch, rng)
-    assert after.dtype == torch.uint8
-    shift = (after.int() - before.int()).float().mean(dim=(2, 3))
-    assert 0 < shift.abs().max() < 40  # a small per-image colour shift
+    with_light, without = ImageNetTrain(crop=48), ImageNetTrain(crop=48, lighting=0)
+    lit = torch.stack([with_light.sample(data, random.Random(i)) for i in range(8)])
+    plain = torch.stack([without.sample(data, random.Random(i)) for i in range(8)])  # same crops
+    assert lit.shape == (8, 3, 48, 48) and lit.dtype == torch.uint8
+    shift = (lit.int() - plain.int()).float().mean(dim=(2, 3))  # per image and channel
+    assert 0 < shift.abs().max() < 40  # a small colour shift per image
+    assert len({tuple(s.round().tolist()) for s in shift}) > 1
+
+
+def test_saturating_add_clips_instead_of_wrapping():
+    channel = torch.tensor([0, 10, 250, 255], dtype=torch.uint8)
+    add_saturating(channel, 8)
+    assert channel.tolist() == [8, 18, 255, 255]
+    add_saturating(channel, -12)
+    assert channel.tolist() == [0, 6, 243, 243]
 
 
 def test_flip_happens_about_half_the_time():
@@ -117,3 +123,18 @@ def test_normalizer_matches_mean_and_std():
                           torch.tensor([0.2470, 0.2435, 0.2616]), atol=1e-5)
     with pytest.raises(DataError, match="unknown recipe"):
         normalizer("mnist")
+
+
+def test_jpeg_size_reads_the_frame_header():
+    for mode, progressive in (("RGB", False), ("RGB", True), ("L", False), ("CMYK", False)):
+        assert jpeg_size(encode(Image.new(mode, (123, 45)), progressive=progressive)) == (123, 45)
+    assert jpeg_size(encode(Image.new("RGB", (5, 5)), "PNG")) is None
+    assert jpeg_size(b"\xff\xd8\xff") is None
+
+
+def test_corrupt_jpeg_is_a_value_error_with_the_reason():
+    data = encode(halves())
+    with pytest.raises(ValueError, match="corrupt JPEG: Image is incomplete or truncated"):
+        ImageNetEval(crop=256).sample(data[: len(data) // 2], random.Random(0))  # full-size decode
+    with pytest.raises(OSError, match="truncated"):
+        ImageNetEval(crop=32).sample(data[: len(data) // 2], random.Random(0))  # reduced-size decode
