@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ran.data import storage
 from ran.data.write import Item, Source, write_dataset
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond")
@@ -97,6 +98,7 @@ def write_synthetic(output: str, *, classes: int = 10, train: int = 2000, val: i
     if classes < 2 or train < classes or val < 0 or size < 8:
         raise DataError(f"synthetic dataset needs classes >= 2, train >= classes, val >= 0 and size >= 8 "
                         f"(got classes={classes}, train={train}, val={val}, size={size})")
+    storage.check_writable(output)  # before spending time on the images
     splits = {"train": synthesize(classes, train, size, np.random.default_rng([seed, 0]), "train")}
     if val:
         splits["val"] = synthesize(classes, val, size, np.random.default_rng([seed, 1]), "val")

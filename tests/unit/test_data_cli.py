@@ -99,3 +99,14 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, argv, mess
     assert rc == 2
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_data_layer_imports_neither_ray_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, ran.data.commands, ran.data.read, ran.data.write, ran.data.synth, ran.data.storage; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
