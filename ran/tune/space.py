@@ -65,9 +65,9 @@ class SearchSettings(_Strict):
     metric: str = "val_top1"  # reported metric to optimise (each validation reports it)
     mode: Literal["max", "min"] = "max"  # maximise or minimise the metric
     scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop weak trials early; fifo: run all out
-    grace_period: int = Field(1, ge=1)  # asha: validations before a trial may be stopped
+    grace_period: int = Field(1, ge=1)  # asha: epochs before a trial may be stopped
     reduction_factor: float = Field(2.0, gt=1)  # asha: keep the top 1/reduction_factor per rung
-    max_t: int | None = Field(None, ge=1)  # asha: validations of a full trial; None: train.epochs
+    max_t: int | None = Field(None, ge=1)  # asha: epochs of a full trial; None: the job's length
     search_alg: Literal["random", "optuna"] = "random"  # optuna: TPE (needs the optuna extra)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster holds
     seed: int | None = None  # seeds the sampler (random and optuna)
@@ -283,16 +283,4 @@ def check_space(space: SearchSpace, job_raw: dict[str, Any]) -> JobConfig:
                 parse_config(trial, f"with {dist.name}={value!r}")
             except ConfigError as err:
                 raise ConfigError(f"search space {space.name}: {dist.name}: {err}") from None
-    _check_schedule_length(space, base)
     return base
-
-
-def _check_schedule_length(space: SearchSpace, base: JobConfig) -> None:
-    s = space.settings
-    if s.scheduler == "asha" and s.max_t is None and base.train.epochs is None:
-        raise ConfigError(f"search space {space.name}: asha needs search.max_t (validations per "
-                          "full trial) when the job sets no train.epochs")
-    max_t = s.max_t or base.train.epochs
-    if s.scheduler == "asha" and max_t is not None and s.grace_period > max_t:
-        raise ConfigError(f"search space {space.name}: grace_period {s.grace_period} exceeds "
-                          f"{max_t} validations per trial; lower it or raise train.epochs")

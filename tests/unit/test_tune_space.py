@@ -138,12 +138,6 @@ def test_value_the_job_refuses_is_caught_before_ray_starts(space, words):
         assert word in str(err.value)
 
 
-def test_asha_without_a_run_length_asks_for_max_t():
-    space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
-    with pytest.raises(ConfigError, match="max_t"):
-        check_space(space, {})
-
-
 def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_space(tmp_path / "missing.yaml")
@@ -151,3 +145,163 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
     bad.write_text("space: {optim.lr: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_space(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search helpers (no Ray cluster): concurrency, ranking, the results table and plot, searchers
+
+
+def _trial(tid, status, metric, **overrides):
+    from ran.tune.search import TrialOutcome
+
+    return TrialOutcome(tid, status, overrides, metric, metric, 2 if status == "completed" else 1)
+
+
+def test_concurrency_counts_the_driver_and_the_workers_of_a_trial():
+    from ran.tune.search import concurrency_limit
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}},
+                               search={"resources": {"num_workers": 1, "cpus_per_worker": 0.9}}))
+    base = check_space(space, JOB)
+    assert concurrency_limit(space, base, {"CPU": 2.0}) == 2  # 0.1 + 0.9 per trial
+    assert concurrency_limit(space, base, {"CPU": 16.0}) == 16
+    capped = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"max_concurrent_trials": 3}))
+    assert concurrency_limit(capped, check_space(capped, JOB), {"CPU": 64.0}) == 3  # 2 x 1 CPU + 0.1
+
+
+def test_a_trial_larger_than_the_cluster_is_refused():
+    from ran.tune.search import concurrency_limit
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
+    with pytest.raises(ConfigError, match="one trial needs 2.1 CPUs"):
+        concurrency_limit(space, check_space(space, JOB), {"CPU": 2.0})  # 2 workers x 1 CPU + 0.1
+    gpu = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"resources": {"use_gpu": True}}))
+    with pytest.raises(ConfigError, match="GPUs"):
+        concurrency_limit(gpu, check_space(gpu, {**JOB, "train": {"epochs": 4, "precision": "bf16"}}),
+                          {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_best_is_the_top_completed_trial_and_failed_trials_rank_last():
+    from ran.tune.search import pick_best, results_rows
+
+    trials = [_trial("a", "completed", 0.6, **{"model.depth": 56}),
+              _trial("b", "stopped", 0.9, **{"model.depth": 92}),
+              _trial("c", "failed", None, **{"model.depth": 57}),
+              _trial("d", "completed", 0.8, **{"model.depth": 92})]
+    assert pick_best(trials, "max").trial_id == "d"
+    assert pick_best(trials, "min").trial_id == "a"
+    assert pick_best([trials[1], trials[2]], "max") is None  # a stopped trial never ran to the end
+    rows = results_rows(trials, ["model.depth"], "val_top1", "max")
+    assert [r["trial_id"] for r in rows] == ["d", "a", "b", "c"]
+    assert rows[0]["model.depth"] == 92 and rows[0]["val_top1"] == 0.8 and rows[0]["rank"] == 1
+
+
+def test_results_csv_plot_and_table(tmp_path):
+    import csv
+
+    from ran.tune.search import format_table, plot_metric_vs_params, results_rows, write_csv
+
+    space = parse_space(_space({"model.depth": {"grid": [56, 92]},
+                                "optim.lr": {"loguniform": [0.001, 0.1]},
+                                "model.mask_activation": {"choice": ["mixed", "spatial"]}}))
+    trials = [_trial("a", "completed", 0.7, **{"model.depth": 56, "optim.lr": 0.01,
+                                               "model.mask_activation": "mixed"}),
+              _trial("b", "failed", None, **{"model.depth": 92, "optim.lr": 0.002,
+                                             "model.mask_activation": "spatial"})]
+    rows = results_rows(trials, space.searched_keys, "val_top1", "max")
+    write_csv(rows, tmp_path / "results.csv")
+    read = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["status"] for r in read] == ["completed", "failed"]
+    assert read[0]["optim.lr"] == "0.01"
+    plot_metric_vs_params(trials, space, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_table(rows, ["rank", "trial_id", "status", "val_top1"], limit=1).splitlines()
+    assert len(table) == 2 and table[1].split() == ["1", "a", "completed", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A tiny shard set: 2 classes, 40 train and 8 val images of 8 px."""
+    from ran.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic(str(out), classes=2, train=40, val=8, size=8, seed=0, progress=False)
+    return str(out)
+
+
+def _data_job(shards, **train):
+    return {"data": {"path": shards, "batch_size": 4},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+            "train": train, "schedule": {"kind": "constant", "total_steps": 50, "milestones": []},
+            "optim": {"reference_batch_size": 8}}
+
+
+def test_asha_runs_on_the_reported_epoch_up_to_the_job_length(shards):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ran.tune.search import asha_max_t, build_scheduler, prepare
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}},
+                               search={"grace_period": 2, "reduction_factor": 3}))
+    base, manifest = prepare(space, _data_job(shards, epochs=4))
+    asha = build_scheduler(space, asha_max_t(space, base, manifest))
+    assert isinstance(asha, ASHAScheduler)
+    assert asha._time_attr == "epoch" and asha._max_t == 4
+    # No train.epochs: 50 steps at batch 8 = 400 images = 10 epochs of 40 (5 steps of 2 x 4).
+    base, manifest = prepare(space, _data_job(shards))
+    assert asha_max_t(space, base, manifest) == 10
+    fifo = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"scheduler": "fifo"}))
+    assert isinstance(build_scheduler(fifo, 10), FIFOScheduler)
+
+
+def test_grace_period_longer_than_a_trial_is_refused(shards):
+    from ran.tune.search import prepare
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"grace_period": 5}))
+    with pytest.raises(ConfigError, match="grace_period 5 exceeds the 4 epochs"):
+        prepare(space, _data_job(shards, epochs=4))
+
+
+def test_missing_data_is_refused_before_ray_starts(tmp_path):
+    from ran.tune.search import prepare
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
+    with pytest.raises(ConfigError, match="no such directory"):
+        prepare(space, {"data": {"path": str(tmp_path / "nowhere")}, "train": {"epochs": 1}})
+
+
+def test_trial_config_gets_its_own_directory_and_leaves_registration_to_the_search():
+    from ran.tune.search import trial_config
+
+    cfg = trial_config({"train": {"epochs": 2}}, {"model.depth": 92}, "job-space", "abc_00001")
+    assert cfg.model.depth == 92
+    assert cfg.storage.name == "job-space-abc_00001"
+    assert cfg.tracking.registered_model is None and cfg.tracking.log_model is False
+
+
+def test_tpe_suggests_job_values_from_the_space():
+    pytest.importorskip("optuna", reason="Optuna's TPE is optional: pip install 'ran[optuna]'")
+    from ran.tune.search import build_searcher
+
+    space = parse_space(_space({
+        "model.depth,model.p,model.t": {"choice": [[56, 1, 2], [92, 2, 4]]},
+        "optim.lr": {"loguniform": [0.001, 0.1]},
+    }, search={"search_alg": "optuna", "seed": 0}))
+    searcher = build_searcher(space, limit=2)
+    assert searcher.set_search_properties("val_top1", "max", space.param_space())
+    for trial in ("t1", "t2"):
+        values = space.trial_overrides(searcher.suggest(trial))
+        assert (values["model.depth"], values["model.p"], values["model.t"]) in {(56, 1, 2), (92, 2, 4)}
+        assert 0.001 <= values["optim.lr"] <= 0.1
+    assert searcher.suggest("t3") is None  # two at a time
+
+
+def test_tpe_without_optuna_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from ran.tune.search import build_searcher
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"search_alg": "optuna"}))
+    with pytest.raises(ConfigError, match=r"pip install 'ran\[optuna\]'"):
+        build_searcher(space)

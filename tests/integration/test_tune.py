@@ -1,0 +1,242 @@
+"""`ran tune` on a real local Ray (2 CPUs) and MLflow on sqlite, over tiny synthetic shards.
+
+Every trial is a real Ray Train run of a real Attention-56/92 on 16 px images of two classes, so
+the searches are kept to one or two epochs of 16 steps. Trials hold 0.1 CPU (driver) + 0.9 CPU
+(worker), so two run at once on two CPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, ray_local: str) -> Iterator[Path]:
+    """A working directory with shards and an MLflow sqlite store, beside the local Ray (2 CPUs).
+
+    Two classes of 16 px images, 128 for training: lr 0.01 at batch 8 reaches ~90% in one epoch.
+    """
+    from ran.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("tune")
+    write_synthetic(str(root / "shards"), classes=2, train=128, val=64, size=SIZE, seed=0,
+                    progress=False)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        yield root
+    finally:
+        mp.undo()
+
+
+def _job(root: Path, name: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "name": name,
+        "model": {"name": "attention56", "stem": "cifar"},
+        "data": {"path": str(root / "shards"), "recipe": "cifar", "crop": SIZE, "eval_crop": SIZE,
+                 "batch_size": 8, "workers": 0},
+        "optim": {"lr": 0.01, "reference_batch_size": 8},
+        "schedule": {"kind": "constant"},
+        "train": {"epochs": 1, "precision": "fp32", "channels_last": False},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.9, "max_failures": 0},
+        "storage": {"path": str(root / "runs")},
+        "tracking": {"experiment": f"tune-{name}", "registered_model": f"{name}-model"},
+    }
+    for section, values in sections.items():
+        job[section].update(values)
+    return job
+
+
+def _runs(experiment: str) -> list[Any]:
+    import mlflow
+
+    from ran import tracking
+
+    client = mlflow.tracking.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+def _artifact(run_id: str, path: str, dest: Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                    dst_path=str(dest)))
+
+
+def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import ran.train.launch
+    from ran.cli import main
+
+    def no_ray(address):
+        raise AssertionError("Ray was contacted for a space that pre-flight should refuse")
+
+    monkeypatch.setattr(ran.train.launch, "connect_ray", no_ray)
+
+    space = tmp_path / "bad.yaml"
+    job = tmp_path / "job.yaml"
+    job.write_text("train: {epochs: 1}\n")
+    space.write_text("space:\n  model.mask_activaton: {choice: [mixed, spatial]}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert "unknown job key 'model.mask_activaton'" in capsys.readouterr().err
+    space.write_text("space:\n  optim.lr: {loguniform: [0.1]}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert "optim.lr: loguniform takes [lo, hi]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def grid_search(workdir: Path) -> tuple[Any, Any]:
+    """depth {56, 92} x mask activation {mixed, spatial}: 4 trials, 2 at a time, 1 epoch each."""
+    from ran.tune.search import run_search
+    from ran.tune.space import parse_space
+
+    space = parse_space({
+        "space": {"model.depth": {"grid": [56, 92]},
+                  "model.mask_activation": {"grid": ["mixed", "spatial"]}},
+        "search": {"scheduler": "fifo", "max_concurrent_trials": 2},
+    }, name="depth_mask")
+    return space, run_search(space, _job(workdir, "grid"))
+
+
+def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search, workdir):
+    space, outcome = grid_search
+    runs = _runs("tune-grid")
+    parents = [r for r in runs if r.data.tags.get("ran.kind") == "search"]
+    assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert {(r.data.params["model.depth"], r.data.params["model.mask_activation"]) for r in children} \
+        == {("56", "mixed"), ("56", "spatial"), ("92", "mixed"), ("92", "spatial")}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all("val_top1" in r.data.metrics for r in children)
+    assert [t.status for t in outcome.trials] == ["completed"] * 4
+
+
+def test_search_run_holds_results_table_plot_and_best_config(grid_search, workdir, tmp_path):
+    import yaml
+
+    space, outcome = grid_search
+    rows = list(csv.DictReader(_artifact(outcome.parent_run_id, "results.csv", tmp_path).open()))
+    assert len(rows) == 4
+    assert {"trial_id", "status", "model.depth", "model.mask_activation", "val_top1"} <= set(rows[0])
+    assert rows[0]["trial_id"] == outcome.best.trial_id
+    assert _artifact(outcome.parent_run_id, "metric_vs_params.png", tmp_path).read_bytes()[:4] \
+        == b"\x89PNG"
+    best = yaml.safe_load(_artifact(outcome.parent_run_id, "best_config.yaml", tmp_path).read_text())
+    assert best["model"]["depth"] == outcome.best.overrides["model.depth"]
+    assert best["tracking"]["registered_model"] == "grid-model"
+
+
+def test_best_trial_model_is_registered_and_loads(grid_search):
+    import torch
+
+    from ran.tracking import load_ran_model
+
+    _, outcome = grid_search
+    assert outcome.registered is not None
+    name, version = outcome.registered.rsplit("/", 1)
+    assert name == "grid-model"
+    loaded = load_ran_model(f"models:/{name}/{version}")
+    assert loaded.config.model.depth == outcome.best.overrides["model.depth"]
+    assert loaded.config.model.mask_activation == outcome.best.overrides["model.mask_activation"]
+    with torch.no_grad():
+        logits = loaded.model(torch.randn(2, 3, SIZE, SIZE))
+    assert logits.shape == (2, 2)
+
+
+@pytest.fixture(scope="module")
+def asha_search(workdir: Path) -> tuple[Any, Any]:
+    """Three trials, one at a time and in this order: a learning arm (lr 0.01), a dead arm
+    (lr 1e-9: its output never changes, so validation stays at chance), and an arm whose depth
+    no Attention network has (57), which fails when its model is built. ASHA compares the dead
+    arm with the learning one after epoch 1 of 2."""
+    from ran.tune.search import run_search
+    from ran.tune.space import parse_space
+
+    space = parse_space({
+        "space": {"optim.lr,model.depth": {"grid": [[0.01, 56], [1.0e-9, 56], [0.01, 57]]}},
+        "search": {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                   "max_concurrent_trials": 1},
+    }, name="asha")
+    return space, run_search(space, _job(workdir, "asha", train={"epochs": 2}))
+
+
+def test_asha_stops_the_dead_arm_early(asha_search):
+    _, outcome = asha_search
+    by_lr = {t.overrides["optim.lr"]: t for t in outcome.trials if t.overrides["model.depth"] == 56}
+    assert by_lr[0.01].status == "completed" and by_lr[0.01].epochs == 2
+    assert by_lr[1e-9].status == "stopped" and by_lr[1e-9].epochs == 1
+    run = _runs("tune-asha")
+    stopped = next(r for r in run if r.info.run_id == by_lr[1e-9].run_id)
+    assert stopped.info.status == "KILLED" and stopped.data.tags["ran.trial_status"] == "stopped"
+
+
+def test_failed_trial_is_recorded_and_the_best_still_chosen(asha_search):
+    _, outcome = asha_search
+    failed = [t for t in outcome.trials if t.status == "failed"]
+    assert [t.overrides["model.depth"] for t in failed] == [57]
+    assert "impossible depth 57" in failed[0].error
+    run = next(r for r in _runs("tune-asha") if r.info.run_id == failed[0].run_id)
+    assert run.info.status == "FAILED" and "impossible depth" in run.data.tags["ran.error"]
+    assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+    assert outcome.best is not None and outcome.best.overrides == {"optim.lr": 0.01, "model.depth": 56}
+    assert outcome.registered == "asha-model/1"
+
+
+def test_interrupted_search_resumes_where_it_stopped(workdir):
+    """Interrupt (SIGUSR1, as Ctrl-C) once the trial has checkpointed epoch 1 of 2, then --resume:
+    the same search run and the same trial run continue, and the trial ends after epoch 2."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ran.tune.search import run_search
+    from ran.tune.space import parse_space
+
+    space = parse_space({"space": {"model.mask_activation": {"grid": ["mixed"]}},
+                         "search": {"scheduler": "fifo"}}, name="resume")
+    job = _job(workdir, "resume", train={"epochs": 2})
+    runs_dir = workdir / "runs"
+    done = threading.Event()
+
+    def interrupt_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while not done.is_set() and time.monotonic() < deadline:
+            if list(runs_dir.glob("resume-resume-*/epoch=0001_*")):
+                os.kill(os.getpid(), signal.SIGUSR1)  # Tune stops, saving its state, as on Ctrl-C
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        first = run_search(space, job)
+    finally:
+        done.set()
+        watcher.join()
+    assert first.interrupted and first.registered is None
+    (trial,) = first.trials
+    assert trial.status == "unfinished" and trial.epochs <= 1
+
+    second = run_search(space, job, resume=True)
+    assert not second.interrupted and second.parent_run_id == first.parent_run_id
+    (resumed,) = second.trials
+    assert resumed.trial_id == trial.trial_id and resumed.run_id == trial.run_id
+    assert resumed.status == "completed" and resumed.epochs == 2
+    assert second.registered == "resume-model/1"
+    runs = _runs("tune-resume")
+    assert len(runs) == 2  # the search run and its one trial run, no duplicates
+    import mlflow
+
+    history = mlflow.tracking.MlflowClient().get_metric_history(trial.run_id, "val_top1")
+    assert sorted(m.step for m in history) == [1, 2]
