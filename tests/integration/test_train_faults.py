@@ -36,11 +36,15 @@ def _assert_each_epoch_once(uri: str, run_id: str, epochs: int) -> None:
 
 
 def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
-        ray_local, synth_data, tiny_job, mlflow_sqlite, moto_server, tmp_path):
+        ray_local, synth_data, tiny_job, mlflow_server, moto_server, tmp_path, monkeypatch):
+    """The cluster setup: checkpoints on S3, MLflow behind a tracking server."""
     import boto3
     from mlflow.tracking import MlflowClient
 
     from ran.train.launch import run_training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
 
     s3 = boto3.client("s3", endpoint_url=moto_server)
     s3.create_bucket(Bucket="ckpt")
@@ -56,10 +60,12 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     assert any("/epoch=0001_step=" in k and k.endswith("checkpoint.pt") for k in keys)
     assert any("/epoch=0002_step=" in k and k.endswith("checkpoint.pt") for k in keys)
 
-    run = MlflowClient(mlflow_sqlite).get_run(outcome.run_id)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
-    _assert_each_epoch_once(mlflow_sqlite, outcome.run_id, 2)
+    assert "training_curves.png" in {a.path for a in client.list_artifacts(outcome.run_id)}
+    _assert_each_epoch_once(mlflow_server, outcome.run_id, 2)
 
 
 def _ran(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
