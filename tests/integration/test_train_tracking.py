@@ -1,0 +1,63 @@
+"""ran.tracking on a real MLflow sqlite store: where runs go, and each step logged exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ran import tracking
+
+pytestmark = pytest.mark.integration
+
+
+def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"  # absolute: workers chdir
+    assert tracking.default_artifact_location("demo") == str(tmp_path / "mlartifacts" / "demo")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/runs.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/sub/runs.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.default_artifact_location("demo") is None  # the server decides
+
+
+def test_replayed_steps_are_not_logged_twice(mlflow_sqlite, tiny_job, tmp_path):
+    cfg = tiny_job("data", tmp_path / "runs")
+    first = tracking.RunTracker.create(cfg, run_name="r", tags={tracking.TAG_STORAGE: "runs/r"})
+    assert first.log_metrics({"val_top1": 0.3, "train_loss": 2.0}, step=1) == 2
+    assert first.log_metrics({"val_top1": 0.5, "train_loss": 1.5}, step=2) == 2
+
+    # A restarted worker group replays epoch 2 from the epoch-1 checkpoint, then goes on.
+    again = tracking.RunTracker(first.run_id)
+    assert again.log_metrics({"val_top1": 0.51, "train_loss": 1.4}, step=2) == 0
+    assert again.log_metrics({"val_top1": 0.7, "train_loss": 1.0}, step=3) == 2
+    assert again.history("val_top1") == [(1, 0.3), (2, 0.5), (3, 0.7)]
+    assert [s for s, _ in again.history("train_loss")] == [1, 2, 3]
+
+
+def test_run_is_found_by_its_storage_tag_and_reopened(mlflow_sqlite, tiny_job, tmp_path):
+    cfg = tiny_job("data", tmp_path / "runs")
+    run = tracking.RunTracker.create(cfg, run_name="r", tags={tracking.TAG_STORAGE: "s3://b/runs/x"})
+    assert run.tag(tracking.TAG_STORAGE) == "s3://b/runs/x"
+    assert run.client.get_run(run.run_id).data.params["model.name"] == "attention56"
+    run.finish("FAILED")
+    found = tracking.RunTracker.find(cfg.tracking.experiment, "s3://b/runs/x")
+    assert found is not None and found.run_id == run.run_id
+    found.reopen()
+    assert found.status == "RUNNING"
+    assert tracking.RunTracker.find(cfg.tracking.experiment, "s3://b/runs/other") is None
+
+
+def test_curves_png_is_drawn_from_the_history(mlflow_sqlite, tiny_job, tmp_path):
+    cfg = tiny_job("data", tmp_path / "runs")
+    run = tracking.RunTracker.create(cfg, run_name="r", tags={})
+    for epoch in (1, 2):
+        run.log_metrics({"train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_top1": 0.4 * epoch,
+                         "val_top5": 0.9}, step=epoch)
+    run.log_metrics({"step_lr": 0.1}, step=10)
+    run.log_curves()
+    path = Path(run.client.download_artifacts(run.run_id, tracking.CURVES_ARTIFACT, str(tmp_path)))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert "config.yaml" in {a.path for a in run.client.list_artifacts(run.run_id)}
