@@ -498,8 +498,12 @@ def _panel(ax: Any, trials: list[TrialOutcome], key: str, metric: str, log: bool
         ax.scatter(xs, ys, c=colour, marker="x" if status == FAILED else "o", label=status, alpha=0.8)
     if not numeric:
         ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
     if log:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -519,8 +523,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[str], limit: int | No
     cells = [[_cell(r.get(c)) for c in columns] for r in shown]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
               for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
