@@ -12,7 +12,6 @@ import tarfile
 import threading
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
