@@ -38,7 +38,8 @@ log = logging.getLogger("ran.data")
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between attempts to open a shard
-MIN_SAMPLES_FOR_BAD_CHECK = 50  # judge max_bad_fraction only after this many samples (or at the end)
+MIN_SAMPLES_FOR_BAD_CHECK = 1000  # judge max_bad_fraction only after this many samples (or at
+# the end of an evaluation pass): over fewer, one unlucky bad sample would look like a high rate
 MAX_SAMPLE_WARNINGS = 5  # per worker; later bad samples are only counted
 
 storage.register_webdataset_opener()

@@ -271,3 +271,13 @@ def test_reads_shards_over_http(coded, http_root):
     assert read_manifest(url)["splits"]["train"]["total"] == 40
     ids = [i for batch in eval_loader(url, workers=0) for i in decode_ids(batch)[0]]
     assert sorted(ids) == list(range(40))
+
+
+def test_training_with_no_readable_shard_fails_clearly(coded):
+    path = coded(samples_per_shard=20)
+    for name in ("train-000000.tar", "train-000001.tar"):
+        os.remove(os.path.join(path, name))
+    loader = make_loader(path, "train", train=True, batch_size=4, recipe="cifar", crop=16, workers=0)
+    loader.dataset.retry_delays = (0.01,)
+    with pytest.raises(DataError, match="no readable shards left .*train-00000[01].tar unreachable"):
+        list(loader)
