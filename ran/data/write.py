@@ -436,10 +436,15 @@ def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[dic
         else:
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {pool.submit(write_shard, task): task for task in tasks}
-                for future in concurrent.futures.as_completed(futures):
-                    task = futures[future]
-                    records[task.name] = future.result()
-                    bar.update(len(task.items))
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        task = futures[future]
+                        records[task.name] = future.result()
+                        bar.update(len(task.items))
+                except BaseException:
+                    for future in futures:  # fail fast: do not write the rest first
+                        future.cancel()
+                    raise
     finally:
         bar.close()
     return [records[task.name] for task in tasks]
