@@ -31,7 +31,7 @@ import copy
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,7 +94,6 @@ class SearchOutcome:
     registered: str | None = None  # "name/version" of the best model
     interrupted: bool = False
     storage: str = ""  # the search directory (local path or URI)
-    artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> local copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +271,7 @@ def open_parent_run(space: SearchSpace, base: JobConfig, name: str, storage_uri:
     client = _client(uri)
     experiment_id = tracking.ensure_experiment(base.tracking.experiment, uri)
     tags = {TAG_KIND: "search", TAG_SEARCH: name, tracking.TAG_STORAGE: storage_uri,
+            "mlflow.note.content": space.description or f"ran tune {space.name}",
             tracking.TAG_JOB: base.name, tracking.TAG_MODEL: base.model.name,
             **tracking.ray_job_tags()}
     commit = tracking.git_commit()
@@ -317,9 +317,10 @@ def trial_runs(parent_run_id: str, experiment: str, uri: str) -> dict[str, str]:
     return {r.data.tags[TAG_TRIAL]: r.info.run_id for r in runs if TAG_TRIAL in r.data.tags}
 
 
-def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str) -> None:
-    """Give the trial's child run its final status (creating one for a trial that failed before
-    its run started, so that every trial of the search is in MLflow)."""
+def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str,
+                 params: dict[str, Any] | None = None) -> None:
+    """Give the trial's child run its final status (creating one, with ``params``, for a trial
+    that failed before its run started, so that every trial of the search is in MLflow)."""
     from ran import tracking
 
     client = _client(ctx.tracking_uri)
@@ -330,7 +331,7 @@ def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str) -> No
         run = client.create_run(experiment_id, run_name=f"{ctx.name}/{trial.trial_id}", tags={
             TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial.trial_id})
         trial.run_id = run.info.run_id
-        tracking.RunTracker(trial.run_id, ctx.tracking_uri).log_params(trial.overrides)
+        tracking.RunTracker(trial.run_id, ctx.tracking_uri).log_params(params or trial.overrides)
     client.set_tag(trial.run_id, TAG_TRIAL_STATUS, trial.status)
     if trial.error:
         client.set_tag(trial.run_id, TAG_ERROR, trial.error[:5000])
@@ -687,8 +688,8 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
                 tuner = build_tuner(space, job_raw, ctx, storage, limit,
                                     asha_max_t(space, base, manifest), resume)
                 grid = tuner.fit()
-        except BaseException:
-            parent.finish("FAILED")
+        except BaseException as err:
+            parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         return _finish(grid, space, base, job_raw, manifest, ctx, storage, parent)
     finally:
@@ -704,7 +705,8 @@ def _finish(grid: Any, space: SearchSpace, base: JobConfig, job_raw: dict[str, A
     trials = collect(grid, space, job_raw, manifest, ctx, base.tracking.experiment,
                      asha_max_t(space, base, manifest))
     for trial in trials:
-        record_trial(trial, ctx, base.tracking.experiment)
+        params = trial_config(job_raw, trial.overrides, ctx.name, trial.trial_id).flat()
+        record_trial(trial, ctx, base.tracking.experiment, params)
     outcome = SearchOutcome(ctx.name, ctx.parent_run_id, s.metric, s.mode, trials,
                             storage=storage.run_uri,
                             interrupted=any(t.status == UNFINISHED for t in trials))

@@ -188,6 +188,7 @@ def test_failed_trial_is_recorded_and_the_best_still_chosen(asha_search):
     run = next(r for r in _runs("tune-asha") if r.info.run_id == failed[0].run_id)
     assert run.info.status == "FAILED" and "impossible depth" in run.data.tags["ran.error"]
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+    assert run.data.params["model.depth"] == "57" and run.data.params["train.epochs"] == "2"
     assert outcome.best is not None and outcome.best.overrides == {"optim.lr": 0.01, "model.depth": 56}
     assert outcome.registered == "asha-model/1"
 
