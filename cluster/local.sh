@@ -61,7 +61,9 @@ start() {
   [[ -n "${RAN_RAY_CPUS:-}" ]] && cpus=(--num-cpus "$RAN_RAY_CPUS")
   [[ -n "${RAN_RAY_GPUS:-}" ]] && gpus=(--num-gpus "$RAN_RAY_GPUS")
   # shellcheck disable=SC2086  # RAN_RAY_ARGS is a list of flags
-  RAN_LOCAL_HEAD="$temp" PATH="${bin}:${PATH}" "${bin}/ray" start --head \
+  # RAY_ADDRESS reaches every process of the head: with other Ray instances on this machine (a
+  # `ran train` with its own local Ray), the State API that Ray Train uses cannot pick one itself.
+  RAN_LOCAL_HEAD="$temp" RAY_ADDRESS="127.0.0.1:${port}" PATH="${bin}:${PATH}" "${bin}/ray" start --head \
     --node-ip-address 127.0.0.1 --port "$port" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" \
     --temp-dir "$temp" --disable-usage-stats "${cpus[@]}" "${gpus[@]}" ${RAN_RAY_ARGS:-} > "${temp}/start.log" 2>&1 \

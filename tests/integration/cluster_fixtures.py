@@ -8,6 +8,7 @@ including other people's. Token authentication is on, with a token of the cluste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -96,7 +97,9 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str]) -> None:
         node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(6)
-        env = {**self.env, MARK: f"{self.cluster_id}/{name}"}
+        # RAY_ADDRESS in every process of the cluster: the State API (which Ray Train's placement
+        # group cleaner uses) cannot pick one cluster by itself when several run on this machine.
+        env = {**self.env, MARK: f"{self.cluster_id}/{name}", "RAY_ADDRESS": self.gcs_address}
         cmd = [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1",
                "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
@@ -131,7 +134,7 @@ class LocalCluster:
         return marked_pids(f"{self.cluster_id}/{name}")
 
     def stop(self) -> None:
-        signal_marked(f"{self.cluster_id}/")
+        signal_marked(f"{self.cluster_id}/", grace=3.0)
 
     def get(self, path: str) -> dict:
         """GET a dashboard endpoint with the cluster's token; the decoded JSON."""
@@ -179,10 +182,10 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def local_cluster() -> Iterator[LocalCluster]:
-    """A cluster with no nodes yet: the test starts the head (and nodes) it needs; all of them
-    are stopped afterwards, and the test fails if any of their processes survive."""
+@contextlib.contextmanager
+def stopped_after() -> Iterator[LocalCluster]:
+    """A cluster with no nodes yet, whose every process is stopped on exit; raises if any
+    survives."""
     root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     cluster = LocalCluster(root, cluster_env())
     try:
@@ -192,6 +195,20 @@ def local_cluster() -> Iterator[LocalCluster]:
         left = cluster.pids()
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"Ray processes survived the cluster's stop: {left}"
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[LocalCluster]:
+    """``ray start --head`` (1 CPU, resource head_slot) plus a worker node ``worker1`` (1 CPU,
+    resource worker_slot) on 127.0.0.1, shared by a module's tests; a dead node is noticed in
+    about 3 s instead of 30 s."""
+    with stopped_after() as cluster:
+        cluster.env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
+                           RAY_health_check_failure_threshold="3")
+        cluster.start_head(num_cpus=1, resources={"head_slot": 1})
+        cluster.add_node("worker1", num_cpus=1, resources={"worker_slot": 1})
+        cluster.wait_nodes(2)
+        yield cluster
 
 
 def ran(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 300,
