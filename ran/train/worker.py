@@ -202,7 +202,7 @@ class Trainer:
             the seconds from launch to the first optimizer step.
 
     Rank and world size come from ``torch.distributed`` when a process group is up (Ray Train
-    sets one up); the model is then wrapped in DDP.
+    sets one up); with more than one worker the model is then wrapped in DDP.
     """
 
     def __init__(self, cfg: JobConfig, *, device: torch.device | None = None,
@@ -213,9 +213,10 @@ class Trainer:
 
         self.cfg = cfg
         self.device = device or torch.device("cpu")
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world_size = dist.get_world_size() if self.distributed else 1
+        group = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if group else 0
+        self.world_size = dist.get_world_size() if group else 1
+        self.distributed = self.world_size > 1  # one worker: no DDP, no collectives
         self.is_master = self.rank == 0
         self.run_id = run_id
         self.tracking_uri = tracking_uri
