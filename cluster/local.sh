@@ -27,15 +27,10 @@ fi
 
 die() { echo "local.sh: $*" >&2; exit 2; }
 
-# PIDs of this user's processes whose environment holds RAN_LOCAL_HEAD=$temp.
+# PIDs of this user's processes whose environment holds RAN_LOCAL_HEAD=$temp (one grep over all).
 head_pids() {
-  local env pid
-  for env in /proc/[0-9]*/environ; do
-    pid="${env#/proc/}"; pid="${pid%/environ}"
-    [[ "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
-    if grep -qzxF "RAN_LOCAL_HEAD=${temp}" "$env" 2>/dev/null; then echo "$pid"; fi
-  done
-  return 0
+  grep -lzxF "RAN_LOCAL_HEAD=${temp}" /proc/[0-9]*/environ 2>/dev/null \
+    | sed -e 's#^/proc/##' -e 's#/environ$##' | grep -vxF -e "$$" -e "$BASHPID" || true
 }
 
 # Bearer token header for the dashboard, where Ray keeps it.
@@ -85,15 +80,16 @@ stop() {
     echo "no head running (temp dir ${temp})"
     return 0
   fi
+  # SIGTERM lets the raylet and GCS shut down in order; whatever is left after 10 s is killed.
   # shellcheck disable=SC2086
   kill -TERM $pids 2>/dev/null || true
-  for _ in $(seq 1 20); do
-    [[ -z "$(head_pids)" ]] && break
+  local deadline=$((SECONDS + 10))
+  while [[ -n "$(head_pids)" && $SECONDS -lt $deadline ]]; do
     sleep 0.5
   done
   pids="$(head_pids)"
   # shellcheck disable=SC2086
-  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null
   sleep 0.5
   [[ -z "$(head_pids)" ]] || die "some processes survived: $(head_pids | tr '\n' ' ')"
   echo "stopped the head (temp dir ${temp})"

@@ -62,8 +62,10 @@ def marked_pids(prefix: str) -> list[int]:
 
 
 def signal_marked(prefix: str, grace: float = 10.0) -> None:
-    """SIGTERM the marked processes, SIGKILL those left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    """SIGTERM the marked processes, SIGKILL those left after ``grace`` seconds (at once when
+    ``grace`` is 0)."""
+    steps = [(signal.SIGTERM, grace)] if grace > 0 else []
+    for sig, wait in steps + [(signal.SIGKILL, 5.0)]:
         for pid in marked_pids(prefix):
             try:
                 os.kill(pid, sig)
@@ -95,36 +97,53 @@ class LocalCluster:
     def gcs_address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
-        node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+    def _node_env(self, name: str) -> dict[str, str]:
         # RAY_ADDRESS in every process of the cluster: the State API (which Ray Train's placement
         # group cleaner uses) cannot pick one cluster by itself when several run on this machine.
-        env = {**self.env, MARK: f"{self.cluster_id}/{name}", "RAY_ADDRESS": self.gcs_address}
-        cmd = [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1",
-               "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-               "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-               "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
-               "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats", *args]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        self.nodes.append(name)
-        if out.returncode != 0:
-            raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout}\n{out.stderr}")
+        return {**self.env, MARK: f"{self.cluster_id}/{name}", "RAY_ADDRESS": self.gcs_address}
+
+    @staticmethod
+    def _node_flags() -> list[str]:
+        """Free ports for everything a node listens on (two nodes on one machine must not share
+        the defaults), and a small object store."""
+        node_manager, object_manager, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+        return ["--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+                "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+                "--object-store-memory", str(200 * 1024**2)]
+
+    def local_sh(self, action: str, **settings: str) -> subprocess.CompletedProcess:
+        """``cluster/local.sh ACTION`` for this cluster's head (its temp dir and ports)."""
+        env = {**self._node_env("head"), "RAN_RAY_TEMP": str(self.root),
+               "RAN_RAY_PORT": str(self.gcs_port), "RAN_DASHBOARD_PORT": str(self.dashboard_port),
+               **settings}
+        return subprocess.run([str(REPO / "cluster" / "local.sh"), action], env=env,
+                              capture_output=True, text=True, timeout=180)
 
     def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """The head, started by ``cluster/local.sh start``: ``ray start --head`` on 127.0.0.1
+        with the dashboard, here on free ports, ``num_cpus`` and custom ``resources``."""
         self.gcs_port, self.dashboard_port, client = free_ports(3)
-        self._start("head", ["--head", "--port", str(self.gcs_port), "--temp-dir", str(self.root),
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(client), "--num-cpus", str(num_cpus),
-                             "--resources", json.dumps(resources or {})])
+        self.nodes.append("head")
+        flags = [*self._node_flags(), "--ray-client-server-port", str(client),
+                 "--resources", json.dumps(resources or {}, separators=(",", ":"))]
+        out = self.local_sh("start", RAN_RAY_CPUS=str(num_cpus), RAN_RAY_ARGS=" ".join(flags))
+        if out.returncode != 0:
+            raise RuntimeError(f"local.sh start failed:\n{out.stdout}\n{out.stderr}")
         self.wait_dashboard()
 
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        """A worker node. Its own temp dir, as on another machine: nodes sharing one would share
-        runtime_resources/, and one node's cleanup would delete a job's working dir under the
-        other's feet."""
-        self._start(name, ["--address", self.gcs_address, "--num-cpus", str(num_cpus),
-                           "--resources", json.dumps(resources or {}),
-                           "--temp-dir", str(self.root / name)])
+        """``ray start --address HEAD`` of a worker node. Its own temp dir, as on another machine:
+        nodes sharing one would share runtime_resources/, and one node's cleanup would delete a
+        job's working dir under the other's feet."""
+        cmd = [str(BIN / "ray"), "start", "--address", self.gcs_address, "--node-ip-address",
+               "127.0.0.1", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
+               "--temp-dir", str(self.root / name), "--disable-usage-stats", *self._node_flags()]
+        self.nodes.append(name)
+        out = subprocess.run(cmd, env=self._node_env(name), capture_output=True, text=True,
+                             timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start ({name}) failed:\n{out.stdout}\n{out.stderr}")
 
     def kill_node(self, name: str) -> None:
         """Kill a node as a machine failure would: SIGKILL, no goodbye to the GCS."""
@@ -134,7 +153,17 @@ class LocalCluster:
         return marked_pids(f"{self.cluster_id}/{name}")
 
     def stop(self) -> None:
+        """``local.sh stop`` for the head, then every process left of any node."""
+        problem = None
+        if "head" in self.nodes:
+            out = self.local_sh("stop")
+            status = self.local_sh("status")
+            if out.returncode != 0 or self.pids("head") or status.returncode != 1:
+                problem = (f"local.sh stop -> {out.returncode}, left {self.pids('head')}: "
+                           f"{out.stderr}; status after stop -> {status.returncode}: {status.stdout}")
         signal_marked(f"{self.cluster_id}/", grace=3.0)
+        if problem:
+            raise AssertionError(problem)
 
     def get(self, path: str) -> dict:
         """GET a dashboard endpoint with the cluster's token; the decoded JSON."""
@@ -199,9 +228,9 @@ def stopped_after() -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[LocalCluster]:
-    """``ray start --head`` (1 CPU, resource head_slot) plus a worker node ``worker1`` (1 CPU,
-    resource worker_slot) on 127.0.0.1, shared by a module's tests; a dead node is noticed in
-    about 3 s instead of 30 s."""
+    """A head from ``cluster/local.sh start`` (1 CPU, resource head_slot) plus a worker node
+    ``worker1`` (1 CPU, resource worker_slot), all on 127.0.0.1, shared by a module's tests; a
+    dead node is noticed in about 3 s instead of 30 s. Stopped with ``cluster/local.sh stop``."""
     with stopped_after() as cluster:
         cluster.env.update(RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
                            RAY_health_check_failure_threshold="3")

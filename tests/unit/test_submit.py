@@ -202,3 +202,18 @@ def test_failed_job_message_is_cut_to_its_first_line(capsys):
     assert cluster.report_end(info) == 1
     assert capsys.readouterr().out.strip() == \
         "job a FAILED: Job entrypoint command failed with exit code 1"
+
+
+def test_tune_submissions_run_ran_tune_over_the_space(project):
+    sub = cluster.build_submission(str(REPO / "jobs/demo.yaml"), ["train.epochs=2"], local=False,
+                                   tune=str(REPO / "tune_spaces/optim.yaml"), working_dir=REPO)
+    assert shlex.split(sub.entrypoint)[:5] == ["ran", "tune", "tune_spaces/optim.yaml", "--job",
+                                               "jobs/demo.yaml"]
+    assert sub.metadata["ran.kind"] == "tune"
+    assert "py_modules" not in sub.runtime_env  # the repository holds the package
+
+
+def test_a_broken_search_space_fails_before_any_upload(project):
+    (project / "space.yaml").write_text("space: {optim.lrr: {choice: [1, 2]}}\n")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        cluster.build_submission("jobs/tiny.yaml", [], local=False, tune="space.yaml")
