@@ -290,7 +290,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
                   callbacks: list[Any] | None = None) -> Any:
     """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
     e.g. the ``TuneReportCallback`` of a ``ran tune`` trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ran.train.worker import train_fn_per_worker
@@ -309,6 +309,8 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
             storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=s.max_failures),
             callbacks=list(callbacks or []),
+            # Ray Train's INFO lines repeat every report's metrics from every rank; ours say more.
+            logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),

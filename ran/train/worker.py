@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,15 +137,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def say(message: str) -> None:
-    """A console line: through logging where it is configured (Ray Train workers), else print.
-
-    Ray Train patches ``print`` in workers to log *and* print when stdout is wrapped, which shows
-    every line twice; its root logger prints once.
-    """
-    if logging.getLogger().handlers:
+    """A console line: through the ``ran.train`` logger in Ray Train workers, else print."""
+    if log.handlers:
         log.info(message)
     else:
         print(message, flush=True)
+
+
+def _console_logger() -> None:
+    """Send ``ran.train`` lines straight to stdout, once each.
+
+    Ray Train patches ``print`` in workers to log *and* print (every line twice) and filters its
+    console handler at the run's log level, which ``ran train`` sets to WARNING to silence the
+    per-report chatter; our progress lines go around both.
+    """
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _seed_everything(seed: int) -> None:
@@ -570,6 +582,7 @@ def trainer_from_worker_config(config: dict[str, Any]) -> Trainer:
     """Build a Trainer inside a Ray Train worker from the launcher's ``train_loop_config``."""
     import ray.train.torch
 
+    _console_logger()
     cfg = parse_config(config["job"], "<train_loop_config>")
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
