@@ -34,7 +34,6 @@ from typing import Any
 
 from ran.config import ConfigError, JobConfig, load_config
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it into every run dir
 _STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
 
 
