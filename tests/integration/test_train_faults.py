@@ -7,6 +7,7 @@ once (neither duplicated by the replay after a restart nor missing).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
 
     job = tmp_path / "tiny.yaml"
     job.write_text(tiny_job(synth_data, tmp_path / "runs").to_yaml())
-    overrides = ["--set", "train.log_every=2"]
+    overrides = ["--set", "train.log_every=2", "--set", "train.epochs=4"]
     env = {**os.environ, "RAY_ADDRESS": ray_local, "MLFLOW_TRACKING_URI": mlflow_sqlite}
     first_log = tmp_path / "first.log"
     first = _ran(str(job), *overrides, env=env, cwd=tmp_path, log=first_log)
@@ -109,13 +110,16 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash or a closed laptop would
         first.wait(10)
-    assert not list(runs.glob("tiny-*/epoch=0002*")), "killed too late to test anything"
+    assert not list(runs.glob("tiny-*/epoch=0004*")), "killed too late to test anything"
 
     second_log = tmp_path / "second.log"
     second = _ran(str(job), *overrides, "--resume", env=env, cwd=tmp_path, log=second_log)
     assert second.wait(300) == 0, second_log.read_text()[-3000:]
     out = second_log.read_text()
-    assert "resumed from" in out and f"epoch 1, step {STEPS_PER_EPOCH}" in out
+    resumed = re.search(r"resumed from \S+ at epoch (\d), step (\d+)", out)
+    assert resumed, out[-3000:]
+    epoch = int(resumed.group(1))
+    assert 1 <= epoch <= 3 and int(resumed.group(2)) == epoch * STEPS_PER_EPOCH
     assert "registered model" not in out  # the tiny job registers nothing
 
     client = MlflowClient(mlflow_sqlite)
@@ -123,7 +127,7 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
     runs_found = client.search_runs([experiment.experiment_id])
     assert len(runs_found) == 1, "resume must continue the same MLflow run"
     assert runs_found[0].info.status == "FINISHED"
-    _assert_each_epoch_once(mlflow_sqlite, runs_found[0].info.run_id, 2)
+    _assert_each_epoch_once(mlflow_sqlite, runs_found[0].info.run_id, 4)
 
 
 def test_fresh_run_never_resumes_an_old_one(synth_data, tiny_job, tmp_path):
