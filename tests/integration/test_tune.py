@@ -194,8 +194,9 @@ def test_failed_trial_is_recorded_and_the_best_still_chosen(asha_search):
 
 
 def test_interrupted_search_resumes_where_it_stopped(workdir):
-    """Interrupt (SIGUSR1, as Ctrl-C) once the trial has checkpointed epoch 1 of 2, then --resume:
-    the same search run and the same trial run continue, and the trial ends after epoch 2."""
+    """Interrupt (SIGUSR1, as Ctrl-C) once the trial has checkpointed epoch 1 of 3, then --resume:
+    the same search run and the same trial run continue, and the trial ends after epoch 3.
+    (Three epochs, so the stopping run cannot finish the trial before Tune's stop lands.)"""
     import os
     import signal
     import threading
@@ -206,7 +207,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir):
 
     space = parse_space({"space": {"model.mask_activation": {"grid": ["mixed"]}},
                          "search": {"scheduler": "fifo"}}, name="resume")
-    job = _job(workdir, "resume", train={"epochs": 2})
+    job = _job(workdir, "resume", train={"epochs": 3})
     runs_dir = workdir / "runs"
     done = threading.Event()
 
@@ -233,11 +234,11 @@ def test_interrupted_search_resumes_where_it_stopped(workdir):
     assert not second.interrupted and second.parent_run_id == first.parent_run_id
     (resumed,) = second.trials
     assert resumed.trial_id == trial.trial_id and resumed.run_id == trial.run_id
-    assert resumed.status == "completed" and resumed.epochs == 2
+    assert resumed.status == "completed" and resumed.epochs == 3
     assert second.registered == "resume-model/1"
     runs = _runs("tune-resume")
     assert len(runs) == 2  # the search run and its one trial run, no duplicates
     import mlflow
 
     history = mlflow.tracking.MlflowClient().get_metric_history(trial.run_id, "val_top1")
-    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in history) == [1, 2, 3]  # each epoch once
