@@ -53,6 +53,7 @@ def plain_loop(data: str, args: argparse.Namespace) -> dict[str, float]:
     from ran.data.read import make_loader
     from ran.data.transforms import normalizer
     from ran.models import create_model
+    from ran.train.worker import resolve_precision
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -61,7 +62,7 @@ def plain_loop(data: str, args: argparse.Namespace) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     loader = make_loader(data, "train", train=True, batch_size=args.batch, recipe="cifar", workers=1)
     norm = normalizer("cifar")
-    bf16 = args.precision == "bf16"
+    bf16 = resolve_precision(args.precision, torch.device("cpu")) == "bf16"
     times = []
     for epoch in range(args.epochs):
         loader.set_epoch(epoch)
@@ -114,7 +115,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1536, help="train images")
     parser.add_argument("--batch", type=int, default=32, help="batch per worker")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="train.precision of both loops (auto: bf16 only on bf16 hardware)")
     args = parser.parse_args()
 
     from ran.data.synth import write_synthetic

@@ -70,7 +70,9 @@ class ScheduleConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int | None = Field(None, ge=1)  # None: schedule.total_steps (rescaled) sets the length
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype (fp16: GPU only)
+    # autocast dtype; auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU
+    # with AMX or AVX512-BF16), else fp32. fp16 (GPU only) adds a grad scaler.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # NHWC memory format (fastest on AMX CPUs and tensor cores)
     compile: bool = False  # torch.compile the model
     sync_batchnorm: bool = False  # SyncBatchNorm across workers
