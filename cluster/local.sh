@@ -27,10 +27,22 @@ fi
 
 die() { echo "local.sh: $*" >&2; exit 2; }
 
-# PIDs of this user's processes whose environment holds RAN_LOCAL_HEAD=$temp (one grep over all).
+# PIDs of this user's processes whose environment holds RAN_LOCAL_HEAD=$temp (one grep over all),
+# and all their descendants: the dashboard's module processes retitle themselves over their
+# environment (setproctitle), so only their parentage ties them to this head.
 head_pids() {
-  grep -lzxF "RAN_LOCAL_HEAD=${temp}" /proc/[0-9]*/environ 2>/dev/null \
-    | sed -e 's#^/proc/##' -e 's#/environ$##' | grep -vxF -e "$$" -e "$BASHPID" || true
+  local roots
+  roots="$(grep -lzxF "RAN_LOCAL_HEAD=${temp}" /proc/[0-9]*/environ 2>/dev/null \
+    | sed -e 's#^/proc/##' -e 's#/environ$##' | grep -vxF -e "$$" -e "$BASHPID" || true)"
+  [[ -n "$roots" ]] || return 0
+  # /proc/PID/stat: "PID (COMM) STATE PPID ..."; COMM may hold spaces and parentheses.
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v roots="$roots" '
+    { pid = $1; rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " "); parent[pid] = f[2] }
+    END {
+      n = split(roots, r, "\n"); for (i = 1; i <= n; i++) keep[r[i]] = 1
+      do { grown = 0; for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; grown = 1 } } while (grown)
+      for (p in keep) print p
+    }' | grep -vxF -e "$$" -e "$BASHPID" || true
 }
 
 # Bearer token header for the dashboard, where Ray keeps it.
@@ -81,15 +93,17 @@ stop() {
     return 0
   fi
   # SIGTERM lets the raylet and GCS shut down in order; whatever is left after 10 s is killed.
+  local first="$pids"
   # shellcheck disable=SC2086
   kill -TERM $pids 2>/dev/null || true
   local deadline=$((SECONDS + 10))
   while [[ -n "$(head_pids)" && $SECONDS -lt $deadline ]]; do
     sleep 0.5
   done
-  pids="$(head_pids)"
+  # The processes seen at first too: orphans of a killed parent no longer descend from the head.
+  pids="$(printf '%s\n' $first $(head_pids) | sort -u)"
   # shellcheck disable=SC2086
-  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null
+  [[ -n "$pids" ]] && { kill -KILL $pids 2>/dev/null || true; }
   sleep 0.5
   [[ -z "$(head_pids)" ]] || die "some processes survived: $(head_pids | tr '\n' ' ')"
   echo "stopped the head (temp dir ${temp})"
