@@ -265,6 +265,9 @@ def summarise_config(case: Case, macs: int, runs: list[dict[str, Any]],
         "timed_steps": len(timed),
         "achieved_tflops": round(train_flop_per_img * img_s / 1e12, 4),
         "mfu_vs_bf16_matmul": round(train_flop_per_img * img_s / (bf16_peak_tflops * 1e12), 4),
+        # The machine's peak is its faster matmul: on a CPU without bf16 hardware that is fp32.
+        "mfu_vs_best_matmul": round(
+            train_flop_per_img * img_s / (max(bf16_peak_tflops, fp32_peak_tflops) * 1e12), 4),
         "peak_rss_mb": round(median([run["peak_rss_mb"] for run in runs]), 1),
         "peak_rss_delta_mb": round(
             median([run["peak_rss_mb"] - run["rss_after_import_mb"] for run in runs]), 1),
@@ -350,6 +353,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): what ``train.precision:
+    auto`` decides on; without it bf16 is emulated and slower than fp32."""
+    import torch
+
+    from ran.train.worker import native_bf16 as native
+
+    return native(torch.device("cpu"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -428,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             "bf16_tflops_best": round(bf16_peak, 4),
             "bf16_tflops_median": round(median(bf16_rates), 4),
             "bf16_over_fp32_best": round(bf16_peak / fp32_peak, 2),
+            "native_bf16": native_bf16(),
             "note": "MFU divides by bf16_tflops_best (the best rate seen is the least disturbed)",
         },
-        "mfu_formula": "3 x forward MACs x 2 x img/s / bf16 matmul FLOP/s",
+        "mfu_formula": "3 x forward MACs x 2 x img/s / bf16 (or best) matmul FLOP/s",
         "results": results,
         "ratios": ratios(results),
         "wall_s": round(time.time() - started, 1),
@@ -466,8 +480,9 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         fastest = max(modes, key=lambda m: modes[m]["img_per_s_best_step"])
         entry["fastest_mode"] = fastest
         entry["fastest_mfu_vs_bf16_matmul"] = modes[fastest]["mfu_vs_bf16_matmul"]
-        entry["goal_mfu"] = {"goal": GOAL_MFU, "measured": modes[fastest]["mfu_vs_bf16_matmul"],
-                             "met": modes[fastest]["mfu_vs_bf16_matmul"] >= GOAL_MFU}
+        mfu = modes[fastest]["mfu_vs_best_matmul"]
+        entry["goal_mfu"] = {"goal": GOAL_MFU, "measured": mfu, "met": mfu >= GOAL_MFU,
+                             "against": "the faster of the fp32 and bf16 matmul peaks"}
         out[case_name] = entry
     return out
 
