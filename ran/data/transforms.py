@@ -235,16 +235,23 @@ def center_box(width: int, height: int, fraction: float) -> tuple[int, int, int,
 # Transforms
 
 
-def add_saturating(channel: torch.Tensor, offset: int) -> None:
-    """``channel += offset`` in place on uint8, clipped to 0..255 without a wider copy."""
-    if offset > 0:
-        channel.clamp_(max=255 - offset).add_(offset)
-    elif offset < 0:
-        channel.clamp_(min=-offset).sub_(-offset)
+def add_saturating(images: torch.Tensor, offsets: torch.Tensor) -> None:
+    """``images += offsets`` in place on uint8, clipped to 0..255 without a wider copy.
+
+    ``offsets`` is an integer tensor that broadcasts against ``images`` (e.g. ``(N, 3, 1, 1)``:
+    one shift per image and channel).
+    """
+    offsets = offsets.to(torch.int16)
+    up = offsets.clamp(0, 255).to(torch.uint8)
+    down = offsets.neg().clamp(0, 255).to(torch.uint8)
+    torch.minimum(images, 255 - up, out=images)
+    images.add_(up)
+    torch.maximum(images, down, out=images)
+    images.sub_(down)
 
 
 class ImageNetTrain:
-    """Random-resized crop, flip and PCA lighting, per sample."""
+    """Random-resized crop and flip per sample; PCA lighting per batch."""
 
     def __init__(self, crop: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), lighting: float = 0.1):
@@ -255,9 +262,6 @@ class ImageNetTrain:
                               (self.crop, self.crop))
         if rng.random() < 0.5:
             image = image.flip(-1)
-        if self.lighting > 0:
-            for channel, offset in zip(image, self.lighting_offsets(rng)):
-                add_saturating(channel, offset)
         return image
 
     def lighting_offsets(self, rng: random.Random) -> list[int]:
@@ -266,6 +270,11 @@ class ImageNetTrain:
         return [round(255.0 * sum(v * a for v, a in zip(row, alpha))) for row in _LIGHTING_EIGVEC]
 
     def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """The lighting shift, one per image and channel, over the whole batch at once (five
+        times cheaper than per sample on the strided HWC crops)."""
+        if self.lighting > 0:
+            offsets = [self.lighting_offsets(rng) for _ in range(len(images))]
+            add_saturating(images, torch.tensor(offsets, dtype=torch.int16)[:, :, None, None])
         return images
 
 

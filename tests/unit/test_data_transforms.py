@@ -52,20 +52,23 @@ def test_imagenet_eval_is_resize_then_centre_crop():
 def test_imagenet_train_output_and_lighting_stay_uint8():
     data = encode(halves(), quality=90)
     with_light, without = ImageNetTrain(crop=48), ImageNetTrain(crop=48, lighting=0)
-    lit = torch.stack([with_light.sample(data, random.Random(i)) for i in range(8)])
-    plain = torch.stack([without.sample(data, random.Random(i)) for i in range(8)])  # same crops
+    crops = torch.stack([with_light.sample(data, random.Random(i)) for i in range(8)])
+    same = torch.stack([without.sample(data, random.Random(i)) for i in range(8)])
+    assert torch.equal(crops, same)  # lighting is not drawn per sample: same crops
+    lit = with_light.batch(crops.clone(), random.Random(0))
+    assert torch.equal(without.batch(crops.clone(), random.Random(0)), crops)
     assert lit.shape == (8, 3, 48, 48) and lit.dtype == torch.uint8
-    shift = (lit.int() - plain.int()).float().mean(dim=(2, 3))  # per image and channel
+    shift = (lit.int() - crops.int()).float().mean(dim=(2, 3))  # per image and channel
     assert 0 < shift.abs().max() < 40  # a small colour shift per image
     assert len({tuple(s.round().tolist()) for s in shift}) > 1
 
 
 def test_saturating_add_clips_instead_of_wrapping():
-    channel = torch.tensor([0, 10, 250, 255], dtype=torch.uint8)
-    add_saturating(channel, 8)
-    assert channel.tolist() == [8, 18, 255, 255]
-    add_saturating(channel, -12)
-    assert channel.tolist() == [0, 6, 243, 243]
+    images = torch.tensor([[0, 10, 250, 255], [0, 10, 250, 255]], dtype=torch.uint8)
+    add_saturating(images, torch.tensor([[8], [-12]]))  # one offset per row
+    assert images.tolist() == [[8, 18, 255, 255], [0, 0, 238, 243]]
+    add_saturating(images, torch.tensor([[-12], [300]]))
+    assert images.tolist() == [[0, 6, 243, 243], [255, 255, 255, 255]]
 
 
 def test_flip_happens_about_half_the_time():
