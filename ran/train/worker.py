@@ -22,6 +22,7 @@ it happened. ``ran train`` fills it from ``RAN_FAIL_AT_STEP``, ``RAN_FAIL_RANK``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -88,6 +89,7 @@ def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every autocast; the answer never changes
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 in hardware (not emulated, which is slower than fp32).
 
