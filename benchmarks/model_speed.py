@@ -353,16 +353,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): what ``train.precision:
-    auto`` decides on; without it bf16 is emulated and slower than fp32."""
-    import torch
-
-    from ran.train.worker import native_bf16 as native
-
-    return native(torch.device("cpu"))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -412,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
                                           fp32_peak, MODES[m]) for m in args.modes},
         }
 
+    import torch  # the parent process needs it only here; the measuring happens in children
+
+    from ran.train.worker import native_bf16
+
     report = {
         "benchmark": "model_speed",
         "what": "training step (forward + cross-entropy + backward + SGD momentum step) on a "
@@ -441,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "bf16_tflops_best": round(bf16_peak, 4),
             "bf16_tflops_median": round(median(bf16_rates), 4),
             "bf16_over_fp32_best": round(bf16_peak / fp32_peak, 2),
-            "native_bf16": native_bf16(),
+            "native_bf16": native_bf16(torch.device("cpu")),  # what precision auto decides on
             "note": "MFU divides by bf16_tflops_best (the best rate seen is the least disturbed)",
         },
         "mfu_formula": "3 x forward MACs x 2 x img/s / bf16 (or best) matmul FLOP/s",

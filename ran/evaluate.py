@@ -248,10 +248,11 @@ def evaluate(model: nn.Module, cfg: "JobConfig", data_path: str, split: str = "v
     """
     from ran.data.read import make_loader
     from ran.data.transforms import normalizer
-    from ran.train.worker import autocast
+    from ran.train.worker import autocast, resolve_precision
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     channels_last = cfg.train.channels_last
+    precision = resolve_precision(cfg.train.precision, device)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -270,7 +271,7 @@ def evaluate(model: nn.Module, cfg: "JobConfig", data_path: str, split: str = "v
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = batch.labels.to(device, non_blocking=True)
-            with autocast(cfg, device):
+            with autocast(precision, device):
                 logits = model(x)
             logits = logits.float()
             loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))

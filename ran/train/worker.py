@@ -22,7 +22,6 @@ it happened. ``ran train`` fills it from ``RAN_FAIL_AT_STEP``, ``RAN_FAIL_RANK``
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -89,7 +88,6 @@ def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
 
 
-@functools.lru_cache(maxsize=None)  # asked at every autocast; the answer never changes
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 in hardware (not emulated, which is slower than fp32).
 
@@ -118,9 +116,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def autocast(cfg: JobConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32 (``auto`` resolved per device)."""
-    precision = resolve_precision(cfg.train.precision, device)
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32.
+
+    ``precision`` is already resolved (:func:`resolve_precision`): callers resolve once, not per
+    batch.
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -343,7 +344,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                with autocast(self.cfg, self.device):
+                with autocast(self.precision, self.device):
                     loss = self.criterion(self.model(images), labels)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float() * len(labels)
@@ -432,7 +433,7 @@ class Trainer:
         loss_sum = top1 = top5 = samples = skipped = 0.0
         for batch in self.val_loader:
             images, labels = self._inputs(batch)
-            with autocast(self.cfg, self.device):
+            with autocast(self.precision, self.device):
                 logits = model(images)
             logits = logits.float()
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))

@@ -9,6 +9,7 @@ from ran.config import load_config
 from ran.train.worker import autocast, native_bf16, resolve_precision
 
 CPU = torch.device("cpu")
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def _cpu_flags() -> set[str]:
@@ -21,7 +22,9 @@ def _cpu_flags() -> set[str]:
 
 def test_auto_is_the_default_and_jobs_use_it():
     assert load_config(None, []).train.precision == "auto"
-    for job in sorted(Path("jobs").glob("*.yaml")):
+    jobs = sorted(JOBS.glob("*.yaml"))
+    assert len(jobs) >= 6, JOBS  # demo, cifar10_* and imagenet_* recipes
+    for job in jobs:
         assert load_config(str(job), []).train.precision == "auto", job
 
 
@@ -42,7 +45,9 @@ def test_auto_resolves_by_device():
 
 def test_autocast_follows_the_resolved_precision():
     for precision in ("fp32", "bf16", "auto"):
-        cfg = load_config(None, [f"train.precision={precision}"])
-        with autocast(cfg, CPU):
+        with autocast(resolve_precision(precision, CPU), CPU):
             enabled = torch.is_autocast_enabled("cpu")
+            dtype = torch.get_autocast_dtype("cpu")
         assert enabled == (resolve_precision(precision, CPU) == "bf16"), precision
+        if enabled:
+            assert dtype == torch.bfloat16
