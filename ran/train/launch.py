@@ -210,8 +210,20 @@ def _storage_base(path: str, job: str) -> Storage:
 # Ray
 
 
-def connect_ray(address: str | None) -> bool:
-    """Connect to ``address`` / ``RAY_ADDRESS``, else start a local Ray; True if we started it."""
+def starts_local_ray(address: str | None) -> bool:
+    """Whether :func:`connect_ray` would start a local Ray: no Ray yet, no address given."""
+    import ray
+
+    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def connect_ray(address: str | None, *, lean: bool = False) -> bool:
+    """Connect to ``address`` / ``RAY_ADDRESS``, else start a local Ray; True if we started it.
+
+    ``lean``: a local Ray started here serves one ``ran train`` (see :func:`start_local_ray`).
+    ``ran tune`` starts a full one: Tune stops trials, and only the placement-group cleaner frees
+    what a stopped trial's workers held.
+    """
     import ray
 
     if ray.is_initialized():
@@ -223,18 +235,48 @@ def connect_ray(address: str | None) -> bool:
         except ConnectionError as err:
             raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from None
         return False
-    start_local_ray()
+    start_local_ray(lean=lean)
     return True
 
 
-def start_local_ray(**init_kwargs: Any) -> str:
+# Environment a lean local Ray sets for its own processes (they inherit it), and stop removes.
+_LEAN_ENV = {
+    # Tells build_trainer that no dashboard serves the State API (so: no placement-group cleaner).
+    "RAN_RAY_NO_DASHBOARD": "1",
+    # One machine that we start and stop ourselves: nothing to be preempted.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+_lean_env_set: list[str] = []
+
+
+def local_resources() -> dict[str, int]:
+    """The CPUs and GPUs a local Ray started here gets (cgroup limits respected, as Ray does)."""
+    import torch
+
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = int(get_num_cpus())
+    except Exception:  # noqa: BLE001 - a private helper; the plain count is a fine fallback
+        cpus = os.cpu_count() or 1
+    return {"CPU": cpus, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def start_local_ray(*, lean: bool = False, **init_kwargs: Any) -> str:
     """Start a Ray instance in this process and return its GCS address.
 
     Never attaches to another ``ray start`` cluster found on this machine (``address="local"``).
-    The dashboard stays on: it serves the State API that Ray Train V2's placement-group cleaner
-    polls. That cleaner, like any State API call, finds its cluster through ``RAY_ADDRESS`` and
-    fails when several Ray instances run on one machine, so the GCS port is chosen up front and
-    ``RAY_ADDRESS`` is set for every process of this instance (they inherit this environment).
+    ``RAY_ADDRESS`` is set to it for every process of this instance (they inherit this
+    environment), with a GCS port chosen up front: State API calls, such as the polls of Ray Train
+    V2's placement-group cleaner, find their cluster through it and fail when several Ray
+    instances run on one machine.
+
+    ``lean=True`` is the Ray of one ``ran train``: it lives as long as the job, on one machine, so
+    it starts without the dashboard (a dozen Python processes competing for the CPUs the job is
+    about to need), without idle workers started ahead, and tells Ray Train so: no preemption
+    watcher and no placement-group cleaner (:func:`build_trainer`), whose work ends with this Ray
+    anyway. The CPUs and GPUs are those of :func:`local_resources`, so that the pre-flight check
+    and Ray agree.
     """
     import socket
 
@@ -247,11 +289,32 @@ def start_local_ray(**init_kwargs: Any) -> str:
     address = f"{get_node_ip_address()}:{port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = address
+    if lean:
+        resources = local_resources()
+        init_kwargs = {"include_dashboard": False, "num_cpus": resources["CPU"],
+                       "num_gpus": resources["GPU"],
+                       # Idle workers started ahead go unused: Ray Train's actors carry a
+                       # runtime env of their own, so each gets a new worker process anyway.
+                       "_system_config": {"enable_worker_prestart": False,
+                                          "prestart_worker_first_driver": False},
+                       **init_kwargs}
+        for key, value in _LEAN_ENV.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _lean_env_set.append(key)
     try:
         ray.init(address="local", log_to_driver=True, **init_kwargs)
+    except BaseException:
+        _forget_lean_env()
+        raise
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     return address
+
+
+def _forget_lean_env() -> None:
+    while _lean_env_set:
+        os.environ.pop(_lean_env_set.pop(), None)
 
 
 def stop_local_ray() -> None:
@@ -260,14 +323,19 @@ def stop_local_ray() -> None:
 
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
+    _forget_lean_env()
 
 
-def check_resources(cfg: JobConfig) -> None:
-    """The live cluster can place every worker (CPUs per worker, one GPU each when asked)."""
-    import ray
+def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> None:
+    """The cluster can place every worker (CPUs per worker, one GPU each when asked).
 
+    ``nodes``: each node's resources; default: the live Ray cluster's.
+    """
     s = cfg.scaling
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if nodes is None:
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     placeable = 0
     for res in nodes:
         fit = int(res.get("CPU", 0) // s.cpus_per_worker)
@@ -290,13 +358,13 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
     """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
     e.g. the ``TuneReportCallback`` of a ``ran tune`` trial)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from ran.train.worker import train_fn_per_worker
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    return TorchTrainer(
+    return _trainer_class()(
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
@@ -315,6 +383,31 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
                                                checkpoint_score_order="max"),
         ),
     )
+
+
+# Ray Train V2 controller callbacks that a lean local Ray (no dashboard, one job, no Ray Data
+# datasets) has no use for. Each starts an actor, that is a Python process importing Ray, while
+# the workers start: on a small machine, seconds before the first step.
+#   PlacementGroupCleanerCallback: frees the workers' placement group if the controller dies,
+#     polling the State API (the dashboard) every second; a lean Ray ends with its job.
+#   DatasetsCallback: a DatasetManager actor that hands out Ray Data shards; ours are WebDataset.
+LEAN_SKIPPED_CALLBACKS = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer``; on a lean local Ray, one without :data:`LEAN_SKIPPED_CALLBACKS`."""
+    from ray.train.torch import TorchTrainer
+
+    # _create_default_callbacks is Ray Train V2's (2.4x-2.60); without it, the stock trainer.
+    if os.environ.get("RAN_RAY_NO_DASHBOARD") != "1" or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [cb for cb in super()._create_default_callbacks()
+                    if type(cb).__name__ not in LEAN_SKIPPED_CALLBACKS]
+
+    return LeanTorchTrainer
 
 
 def fault_from_env() -> dict[str, Any] | None:
@@ -351,16 +444,43 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
         ConfigError, DataError: a problem found before any worker started.
         ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ran import tracking
+
     launched_at = launched_at or time.time()
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
     check_model_and_options(cfg)
     storage = storage_for(cfg, resume=resume)
     cfg = JobConfig.model_validate(_with(cfg.model_dump(), storage={"name": storage.name}))
-    started = connect_ray(address)
+    uri = tracking.tracking_uri()
+    local = starts_local_ray(address)
+    if local:  # the Ray about to start must place the workers: say so before starting anything
+        check_resources(cfg, [local_resources()])
+    started, tracker = False, None
     try:
-        check_resources(cfg)
-        return _train(cfg, manifest, storage, resume, fault, launched_at, callbacks, run_tags)
+        if local:
+            # Opening the MLflow run (importing mlflow, maybe creating the store) takes seconds of
+            # CPU; starting Ray mostly waits for its processes. Both at once.
+            with ThreadPoolExecutor(1, thread_name_prefix="ran-mlflow") as pool:
+                opening = pool.submit(_open_run, cfg, manifest, storage, uri, resume, run_tags)
+                try:
+                    started = connect_ray(None, lean=True)
+                finally:
+                    if opening.exception() is None:
+                        tracker = opening.result()
+            tracker = opening.result()  # its error, if starting Ray went well
+            check_resources(cfg)
+        else:
+            connect_ray(address)
+            check_resources(cfg)
+            tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
+        return _train(cfg, manifest, storage, tracker, resume, fault, launched_at, callbacks)
+    except BaseException as err:
+        if tracker is not None:  # open (RUNNING): a finished run returns, it does not raise
+            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         if started:
             stop_local_ray()
@@ -372,26 +492,22 @@ def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, resume: bool,
-           fault: dict[str, Any] | None, launched_at: float, callbacks: list[Any] | None = None,
-           run_tags: dict[str, str] | None = None) -> TrainOutcome:
+def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: Any, resume: bool,
+           fault: dict[str, Any] | None, launched_at: float,
+           callbacks: list[Any] | None = None) -> TrainOutcome:
+    """Fit on the connected Ray, then log and register the model; the MLflow run stays open."""
     from ran import tracking
 
-    uri = tracking.tracking_uri()
-    tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
-    outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, uri, resumed=resume)
+    outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, tracker.uri, resumed=resume)
     if tracker.status == "FINISHED":
         print(f"{storage.run_uri} already finished (MLflow run {tracker.run_id}); nothing to do")
         outcome.registered = tracker.tag(tracking.TAG_VERSION)
         return outcome
-    print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} ({uri})", flush=True)
-    loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": uri,
+    tracker.set_tags(tracking.ray_job_tags())  # known now that Ray is up
+    print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} ({tracker.uri})", flush=True)
+    loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                    "fault": fault, "launched_at": launched_at}
-    try:
-        result = build_trainer(cfg, storage, loop_config, callbacks).fit()
-    except BaseException as err:
-        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+    result = build_trainer(cfg, storage, loop_config, callbacks).fit()
     outcome.metrics = dict(result.metrics or {})
     if result.checkpoint is not None:
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
@@ -408,6 +524,8 @@ def _checkpoint_uri(storage: Storage, path: str) -> str:
 
 def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: str,
               resume: bool, extra_tags: dict[str, str] | None = None) -> Any:
+    """The MLflow run of this job: found and reopened (``--resume``) or created. Needs no Ray:
+    it runs while Ray starts, and the Ray job tags come later (:func:`_train`)."""
     from ran import tracking
 
     if resume:
@@ -421,7 +539,6 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
         tracking.TAG_DATASET: f"{manifest.get('dataset', '?')} ({cfg.data.path})",
         tracking.TAG_STORAGE: storage.run_uri,
         tracking.TAG_JOB: cfg.name,
-        **tracking.ray_job_tags(),
         **(extra_tags or {}),
     }
     commit = tracking.git_commit()
