@@ -192,6 +192,21 @@ def build_submission(job: str, overrides: list[str], *, local: bool, tune: str |
 # Talking to the cluster
 
 
+def auth_token() -> str | None:
+    """The Ray auth token where Ray looks for one (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``); None if there is none or ``RAY_AUTH_MODE=disabled``."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return None
+    return token or None
+
+
 def auth_headers() -> dict[str, str]:
     """The Ray auth token as a bearer header, where Ray would find one.
 
@@ -200,15 +215,7 @@ def auth_headers() -> dict[str, str]:
     a token is available (a cluster without token auth ignores it). ``RAY_AUTH_MODE=disabled``
     sends nothing.
     """
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        try:
-            token = path.read_text().strip()
-        except OSError:
-            return {}
+    token = auth_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

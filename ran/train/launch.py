@@ -230,13 +230,47 @@ def connect_ray(address: str | None, *, lean: bool = False) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as err:
-            raise ConnectionError(f"cannot connect to Ray at {address}: {err}") from None
+            raise ConnectionError(f"cannot connect to Ray at {address}: {err}{_auth_hint()}") from None
         return False
     start_local_ray(lean=lean)
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ConnectionError unless something listens at a ``host:port`` Ray address (``auto`` and
+    ``ray://`` client addresses are left to Ray). Ray itself retries an unanswered address for
+    minutes before it gives up."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"cannot connect to Ray at {address}: nothing answers there ({err}); "
+                              "is the cluster up? (`cluster/local.sh status` for a head on this "
+                              "machine)") from None
+
+
+def _auth_hint() -> str:
+    """What to try when a connection failed, maybe for want of the auth token.
+
+    ``ray start`` turns token auth on when a token exists (Ray 2.60 writes ``~/.ray/auth_token``
+    the first time a local Ray starts), but Ray sends the token to an explicit address only with
+    ``RAY_AUTH_MODE=token``: it will not hand a local token to any address it is given.
+    """
+    from ran.cluster import auth_token
+
+    if os.environ.get("RAY_AUTH_MODE") is None and auth_token():
+        return ("; if the cluster uses token auth (`ray start` turns it on when ~/.ray/auth_token "
+                "exists), set RAY_AUTH_MODE=token to send the token")
+    return ""
 
 
 # Environment a lean local Ray sets for its own processes (they inherit it), and stop removes.

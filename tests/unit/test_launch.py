@@ -48,3 +48,36 @@ def test_lean_local_ray_drops_the_callbacks_it_has_no_use_for(monkeypatch, tmp_p
     # ... and the lean trainer keeps everything else: backend setup, user callbacks.
     assert lean == stock - set(LEAN_SKIPPED_CALLBACKS)
     assert {"BackendSetupCallback", "UserCallbackHandler"} <= lean
+
+
+def test_check_reachable_refuses_a_closed_port_at_once_and_passes_a_listening_one():
+    import socket
+
+    from ran.train.launch import check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+    with pytest.raises(ConnectionError, match=rf"cannot connect to Ray at 127.0.0.1:{port}: nothing "
+                                              r"answers there .*cluster/local.sh status"):
+        check_reachable(f"127.0.0.1:{port}")
+    check_reachable("auto")  # left to Ray, as are Ray Client addresses
+    check_reachable("ray://head:10001")
+
+
+def test_a_failed_connection_hints_at_token_auth_only_when_it_could_help(monkeypatch, tmp_path):
+    from ran.train.launch import _auth_hint
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert _auth_hint() == ""  # no token here: sending one cannot help
+    (tmp_path / "no-token").write_text("s3cret\n")
+    assert "set RAY_AUTH_MODE=token" in _auth_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # already sent: the failure is something else
+    assert _auth_hint() == ""
