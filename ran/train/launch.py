@@ -512,12 +512,24 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
             tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
         return _train(cfg, manifest, storage, tracker, resume, fault, launched_at, callbacks)
     except BaseException as err:
-        if tracker is not None:  # open (RUNNING): a finished run returns, it does not raise
-            tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if tracker is not None:
+            close_run(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         if started:
             stop_local_ray()
+
+
+def close_run(tracker: Any, status: str) -> None:
+    """End an open (RUNNING) MLflow run with ``status`` as an error propagates: a run that
+    ``--resume`` found finished stays so, and a failure to reach MLflow never hides that error."""
+    import sys
+
+    try:
+        if tracker.status == "RUNNING":
+            tracker.finish(status)
+    except Exception as err:  # noqa: BLE001 - the error being raised matters more
+        print(f"warning: could not mark MLflow run {tracker.run_id} {status}: {err}", file=sys.stderr)
 
 
 def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -529,7 +541,7 @@ def _with(raw: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
 def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: Any, resume: bool,
            fault: dict[str, Any] | None, launched_at: float,
            callbacks: list[Any] | None = None) -> TrainOutcome:
-    """Fit on the connected Ray, then log and register the model; the MLflow run stays open."""
+    """Fit on the connected Ray, log and register the model, finish the MLflow run."""
     from ran import tracking
 
     outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, tracker.uri, resumed=resume)

@@ -81,3 +81,18 @@ def test_a_failed_connection_hints_at_token_auth_only_when_it_could_help(monkeyp
     assert "set RAY_AUTH_MODE=token" in _auth_hint()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # already sent: the failure is something else
     assert _auth_hint() == ""
+
+
+def test_close_run_ends_open_runs_only(tmp_path: Path):
+    from ran.tracking import RunTracker
+    from ran.train.launch import close_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = _cfg(**{"tracking.experiment": "close"})
+    running = RunTracker.create(cfg, run_name="running", tags={}, uri=uri)
+    finished = RunTracker.create(cfg, run_name="finished", tags={}, uri=uri)
+    finished.finish("FINISHED")
+    close_run(running, "FAILED")
+    close_run(finished, "FAILED")  # e.g. --resume of a finished run, then Ray failed to start
+    assert running.status == "FAILED"
+    assert finished.status == "FINISHED"
