@@ -7,8 +7,8 @@ before and after the `ran train` runs, so that a change of load on a shared mach
 spread between the two. Each side's step time is the median of its timed epochs (the plain loop's
 two runs pooled); the fastest epoch is reported too. A median does not favour the side with more
 epochs, as a minimum does: on a noisy machine, the minimum of more samples is lower. For
-`ran train` the numbers come from its own MLflow metrics (``epoch_time_s`` and ``startup_s``: seconds from the command's start to the
-first optimizer step). Each training process gets one CPU thread, as a Ray worker with
+`ran train` the numbers come from its own MLflow metrics (``epoch_time_s`` and ``startup_s``:
+seconds from the command's start to the first optimizer step). Each training process gets one CPU thread, as a Ray worker with
 ``cpus_per_worker=1`` does, so the 1-worker ratio isolates the framework's overhead.
 
 Goals (issue 4): 1 worker within 10% of the plain loop; first step within 15 s of the command.
@@ -115,21 +115,17 @@ def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path) -> 
 
 
 BARE_RAY_TRAIN = """
-import os, time
+import time
 from pathlib import Path
-ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime "))
-launched = boot + ticks / os.sysconf("SC_CLK_TCK")  # as ran.train.launch.process_start_time
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 def train_fn(config):
-    Path(config["out"]).write_text(str(time.time() - config["launched"]))
+    Path(config["out"]).write_text(str(time.time()))
 
 ray.init()
-TorchTrainer(train_fn, train_loop_config={{"launched": launched, "out": {out!r}}},
+TorchTrainer(train_fn, train_loop_config={{"out": {out!r}}},
              scaling_config=ScalingConfig(num_workers={workers}),
              run_config=RunConfig(storage_path={storage!r})).fit()
 ray.shutdown()
@@ -141,11 +137,16 @@ def bare_ray_train(root: Path, workers: int) -> float:
     hello world (stock ``ray.init()`` and ``TorchTrainer``), the floor under any Ray Train job here."""
     out = root / f"bare{workers}.txt"
     script = BARE_RAY_TRAIN.format(out=str(out), workers=workers, storage=str(root / "bare-runs"))
+    from ran.train.launch import process_start_time
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"bare Ray Train run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return float(out.read_text())
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launched = process_start_time(proc.pid)  # the clock `ran train` reports startup_s on
+    output, _ = proc.communicate()
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"bare Ray Train run failed:\n{output[-3000:]}")
+    return float(out.read_text()) - launched
 
 
 def main() -> None:

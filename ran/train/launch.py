@@ -490,7 +490,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
     cfg = JobConfig.model_validate(_with(cfg.model_dump(), storage={"name": storage.name}))
     uri = tracking.tracking_uri()
     local = starts_local_ray(address)
-    if local:  # the Ray about to start must place the workers: say so before starting anything
+    if local:  # before anything starts; the local Ray then gets exactly these resources
         check_resources(cfg, [local_resources()])
     started, tracker = False, None
     try:
@@ -504,8 +504,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
                 finally:
                     if opening.exception() is None:
                         tracker = opening.result()
-            tracker = opening.result()  # its error, if starting Ray went well
-            check_resources(cfg)
+            tracker = opening.result()  # raises what opening the run met, if Ray started well
         else:
             connect_ray(address)
             check_resources(cfg)
@@ -639,10 +638,11 @@ def where_to_look(outcome: TrainOutcome) -> str:
     return "\n".join(lines)
 
 
-def process_start_time() -> float:
-    """When this process started (``time.time()`` scale); now where /proc is not available."""
+def process_start_time(pid: int | str = "self") -> float:
+    """When process ``pid`` (default: this one) started (``time.time()`` scale); now where /proc
+    is not available."""
     try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
