@@ -55,10 +55,14 @@ class ResidualAttentionNet(nn.Module):
 
     ``forward(x, return_masks=True)`` returns ``(logits, masks)``: one soft mask per attention
     module, in network order, each of shape (N, C, H, W) like the trunk it gates.
+
+    Every argument is a keyword: ``stages`` and ``unit`` (the residual unit class) are required;
+    ``p``, ``t``, ``r`` and the mask options act only on stages with attention modules.
     """
 
     def __init__(
         self,
+        *,
         stages: list[StageSpec],
         unit: type[_PreActUnit],
         stem: Stem = "imagenet",

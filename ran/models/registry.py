@@ -1,26 +1,32 @@
-"""Model registry: ``create_model(name, stem=..., num_classes=..., **overrides)``.
+"""Model registry: one small public function per variant, found by name by :func:`create_model`.
 
-Layouts (PAPER.md, Table 2 and Section 4):
+As torchvision's ``resnet50()``: each variant is a function (``attention92(**options)``) that
+:func:`register_model` files under its own name together with what travels with it
+(:class:`ModelDefaults`) and the options it takes (:func:`model_options`). An attention variant's
+body states its stage layout: the attention modules in stages 1, 2 and 3 on each stem.
 
 ImageNet stem (224 input), stage widths 256/512/1024/2048, masks pool 3/2/1 times so the smallest
-mask map is 7x7. Modules per stage: Attention-56 (1, 1, 1) and Attention-92 (1, 2, 3) as in the
-official prototxts; other depths split their modules evenly, (k, k, k).
+mask map is 7x7. Attention-56 (1, 1, 1) and Attention-92 (1, 2, 3) are Table 2's and the official
+prototxts'; the deeper variants split their modules evenly.
 
 CIFAR stem (32 input): conv 3x3, 16 -> stages of widths 64/128/256 at 32/16/8 (like
 pre-activation ResNet-164) -> a last stage of three 256-wide units at 8x8. Masks pool 2/1/1 times:
 stages 1 and 2 bottom out at 8x8, the resolution of the last stage (as 7x7 is on ImageNet); stage 3,
-already at 8x8, pools once to 4x4. Modules per stage (k, k, k). Parameter counts against the paper:
+already at 8x8, pools once to 4x4. Modules split evenly. Parameter counts against the paper:
 Attention-92 1.83M (paper 1.9M, -3.9%), Attention-236 4.80M (5.1M, -5.9%), Attention-452 9.36M
 (8.6M, +8.9%). Of the layouts tried (last stage 256/512/1024 wide, 1-3 poolings per stage), this one
 keeps all three within 10%.
 
-Depth counts trunk layers: 20 + 3 * (2p + t) * (number of modules).
+Depth counts trunk layers: 20 + 3 (2p + t) per module. A ``depth``, ``p`` or ``t`` other than the
+variant's own keeps the variant's units and takes the layout of the registered Attention-<depth>
+built with that p and t (``create_model("attention56", depth=92)`` has Attention-92's (1, 2, 3) on
+ImageNet); with none registered, the modules that depth implies, split evenly over the stages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -33,156 +39,271 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
+Layout = tuple[int, int, int]  # attention modules in stages 1, 2 and 3
+
+ATTENTION_OPTIONS = frozenset({
+    "depth", "p", "t", "r", "unit", "mask_activation", "combination", "mask_structure",
+    "in_channels",
+})
+BASELINE_OPTIONS = frozenset({"in_channels"})
+
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """What travels with a model besides its weights (timm's default_cfg, reduced)."""
+    """What travels with a model besides its weights (timm's default_cfg, reduced).
 
-    depth: int | None
-    stem: str
+    The attention fields (``p`` to ``mask_structure``) are ``None`` for a model without attention
+    modules: it takes no such option.
+    """
+
+    depth: int | None  # layers, counted as the paper does
+    stem: str  # the stem it is built with unless told otherwise
     description: str
-    p: int = 1
-    t: int = 2
-    r: int = 1
-    unit: str = "bottleneck"
+    p: int | None = 1
+    t: int | None = 2
+    r: int | None = 1
+    unit: str | None = "bottleneck"
     eval_crop: dict[str, int] = field(default_factory=lambda: {"imagenet": 224, "cifar": 32})
+    mask_activation: str | None = "mixed"
+    combination: str | None = "arl"
+    mask_structure: str | None = "encoder_decoder"
 
 
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], ModelDefaults]] = {}
+def _baseline(depth: int, stem: str, description: str) -> ModelDefaults:
+    return ModelDefaults(depth, stem, description, p=None, t=None, r=None, unit=None,
+                         mask_activation=None, combination=None, mask_structure=None)
 
 
-def _register(name: str, defaults: ModelDefaults):
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise KeyError(f"model {name!r} registered twice")
-        _REGISTRY[name] = (builder, defaults)
-        return builder
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[..., nn.Module]
+    defaults: ModelDefaults
+    options: frozenset[str]
+
+
+_MODELS: dict[str, _Entry] = {}
+
+
+def register_model(
+    defaults: ModelDefaults, options: Iterable[str] = ATTENTION_OPTIONS
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator filing a model function under its own name; a name is registered only once.
+
+    ``options``: the keyword options the function takes besides ``stem`` and ``num_classes``.
+    """
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if fn.__name__ in _MODELS:
+            raise ValueError(f"model {fn.__name__!r} is registered twice")
+        _MODELS[fn.__name__] = _Entry(fn, defaults, frozenset(options))
+        return fn
 
     return wrap
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_MODELS)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return _MODELS[name]
 
 
 def model_defaults(name: str) -> ModelDefaults:
-    _check_name(name)
-    return _REGISTRY[name][1]
+    """Depth, stem, p/t/r, unit, mask design and eval crop per stem of a registered model."""
+    return _entry(name).defaults
 
 
-def _check_name(name: str) -> None:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+def model_options(name: str) -> frozenset[str]:
+    """The ``create_model`` overrides this model takes (``stem`` and ``num_classes`` aside)."""
+    return _entry(name).options
 
 
-def valid_depths(p: int, t: int, limit: int = 500) -> list[int]:
-    """Depths reachable with modules split evenly over three stages."""
+def _stem_and_classes(stem: str | None, num_classes: int | None, own_stem: str) -> tuple[str, int]:
+    stem = stem or own_stem
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
+    if num_classes is None:
+        num_classes = 1000 if stem == "imagenet" else 10
+    return stem, num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention networks
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _attention_stages(modules: Layout, stem: str) -> tuple[list[StageSpec], int]:
+    """Stages and stem width: Table 2 on ImageNet, the narrow ResNet-164 widths on CIFAR."""
+    m1, m2, m3 = modules
+    if stem == "imagenet":
+        return [
+            StageSpec(256, stride=1, units=1, modules=m1, pools=3),  # 56x56
+            StageSpec(512, stride=2, units=1, modules=m2, pools=2),  # 28x28
+            StageSpec(1024, stride=2, units=1, modules=m3, pools=1),  # 14x14
+            StageSpec(2048, stride=2, units=3),  # 7x7
+        ], 64
+    return [
+        StageSpec(64, stride=1, units=1, modules=m1, pools=2),  # 32x32
+        StageSpec(128, stride=2, units=1, modules=m2, pools=1),  # 16x16
+        StageSpec(256, stride=2, units=1, modules=m3, pools=1),  # 8x8
+        StageSpec(256, stride=1, units=3),  # 8x8
+    ], 16
+
+
+def _valid_depths(p: int, t: int, limit: int = 500) -> list[int]:
     per_module = 3 * (2 * p + t)
-    return [20 + per_module * 3 * k for k in range(1, limit) if 20 + per_module * 3 * k <= limit]
+    return list(range(20 + 3 * per_module, limit + 1, 3 * per_module))
 
 
-def modules_per_stage(depth: int, p: int, t: int, stem: str) -> tuple[int, int, int]:
-    """Attention modules in stages 1-3 for a depth; ValueError listing valid depths otherwise."""
+def _even_layout(depth: int, p: int, t: int) -> Layout:
+    """The modules a depth implies, split evenly; ValueError listing the valid depths otherwise."""
     per_module = 3 * (2 * p + t)
     total, rest = divmod(depth - 20, per_module)
     if depth <= 20 or rest or total % 3:
         raise ValueError(
             f"impossible depth {depth} for p={p}, t={t}: depth must be 20 + {per_module} x "
-            f"(modules, a multiple of 3); valid depths: {', '.join(map(str, valid_depths(p, t)))}"
+            f"(modules, a multiple of 3); valid depths: {', '.join(map(str, _valid_depths(p, t)))}"
         )
-    if stem == "imagenet" and total == 6 and (p, t) == (1, 2):
-        return (1, 2, 3)  # Attention-92 of the official release
     return (total // 3,) * 3
 
 
-def _attention_stages(mods: tuple[int, int, int], stem: str) -> tuple[list[StageSpec], int]:
-    if stem == "imagenet":
-        return [
-            StageSpec(256, 1, 1, mods[0], pools=3),
-            StageSpec(512, 2, 1, mods[1], pools=2),
-            StageSpec(1024, 2, 1, mods[2], pools=1),
-            StageSpec(2048, 2, 3),
-        ], 64
-    return [
-        StageSpec(64, 1, 1, mods[0], pools=2),
-        StageSpec(128, 2, 1, mods[1], pools=1),
-        StageSpec(256, 2, 1, mods[2], pools=1),
-        StageSpec(256, 1, 3),
-    ], 16
+def _attention_variant(depth: int, p: int, t: int) -> str | None:
+    """The registered Attention-<depth> (bottleneck units) built with these p and t, if any."""
+    for name, entry in _MODELS.items():
+        d = entry.defaults
+        plain = entry.options == ATTENTION_OPTIONS and d.unit == "bottleneck"
+        if plain and (d.depth, d.p, d.t) == (depth, p, t):
+            return name
+    return None
 
 
-def _build_attention(
-    defaults: ModelDefaults,
-    stem: str,
-    num_classes: int,
+def _attention_net(
+    name: str,
+    *,
+    imagenet: Layout,
+    cifar: Layout,
+    stem: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int = 3,
     depth: int | None = None,
     p: int | None = None,
     t: int | None = None,
     r: int | None = None,
     unit: str | None = None,
-    mask_activation: str = "mixed",
-    combination: str = "arl",
-    mask_structure: str = "encoder_decoder",
-    in_channels: int = 3,
-) -> nn.Module:
-    p = defaults.p if p is None else p
-    t = defaults.t if t is None else t
-    r = defaults.r if r is None else r
-    depth = defaults.depth if depth is None else depth
-    assert depth is not None
-    mods = modules_per_stage(depth, p, t, stem)
-    stages, stem_width = _attention_stages(mods, stem)
+    mask_activation: str | None = None,
+    combination: str | None = None,
+    mask_structure: str | None = None,
+) -> ResidualAttentionNet:
+    """Build the attention variant ``name`` with its layout per stem; ``None`` means its own."""
+    own = _MODELS[name].defaults
+    stem, num_classes = _stem_and_classes(stem, num_classes, own.stem)
+    depth, p, t = _given(depth, own.depth), _given(p, own.p), _given(t, own.t)
+    kept = dict(
+        stem=stem, num_classes=num_classes, in_channels=in_channels, r=_given(r, own.r),
+        unit=_given(unit, own.unit), mask_activation=_given(mask_activation, own.mask_activation),
+        combination=_given(combination, own.combination),
+        mask_structure=_given(mask_structure, own.mask_structure),
+    )
+    if (depth, p, t) == (own.depth, own.p, own.t):
+        modules = imagenet if stem == "imagenet" else cifar
+    else:
+        other = _attention_variant(depth, p, t)
+        if other is not None:
+            return _MODELS[other].build(**kept)  # type: ignore[return-value]
+        modules = _even_layout(depth, p, t)
+    stages, stem_width = _attention_stages(modules, stem)
     return ResidualAttentionNet(
-        stages, get_unit(unit or defaults.unit), stem, stem_width, num_classes, in_channels,
-        p, t, r, mask_activation, combination, mask_structure,
+        stages=stages, unit=get_unit(kept.pop("unit")), stem_width=stem_width, p=p, t=t, **kept
     )
 
 
-def _attention_builder(defaults: ModelDefaults) -> Callable[..., nn.Module]:
-    def build(stem: str, num_classes: int, **overrides: Any) -> nn.Module:
-        return _build_attention(defaults, stem, num_classes, **overrides)
-
-    return build
-
-
-for _depth in (56, 92, 128, 164, 236):
-    _defaults = ModelDefaults(
-        _depth, "imagenet", f"Attention-{_depth}, pre-activation bottleneck units",
-        # The paper evaluates Attention-92 at a 320 crop (Table 7).
-        eval_crop={"imagenet": 320 if _depth == 92 else 224, "cifar": 32},
-    )
-    _register(f"attention{_depth}", _defaults)(_attention_builder(_defaults))
-
-for _name, _defaults in {
-    "attention452": ModelDefaults(452, "cifar", "Attention-452 (p=2, t=4, r=3)", p=2, t=4, r=3),
-    "attentionnext56": ModelDefaults(56, "imagenet", "AttentionNeXt-56, ResNeXt units", unit="resnext"),
-    "attentioninception56": ModelDefaults(
-        56, "imagenet", "AttentionInception-56, Inception-ResNet-A units", unit="inception",
-        eval_crop={"imagenet": 299, "cifar": 32},
-    ),
-}.items():
-    _register(_name, _defaults)(_attention_builder(_defaults))
+@register_model(ModelDefaults(56, "imagenet", "Attention-56, pre-activation bottleneck units"))
+def attention56(**options: Any) -> ResidualAttentionNet:
+    """Attention-56 (Table 2): one attention module in each of stages 1-3. Options: see
+    :func:`create_model`."""
+    return _attention_net("attention56", imagenet=(1, 1, 1), cifar=(1, 1, 1), **options)
 
 
-def _no_attention_overrides(name: str, overrides: dict[str, Any]) -> None:
-    if overrides:
-        raise ValueError(
-            f"{name} has no attention modules; it takes no {', '.join(sorted(overrides))} "
-            "(valid options: stem, num_classes, in_channels)"
-        )
+@register_model(ModelDefaults(
+    92, "imagenet", "Attention-92, pre-activation bottleneck units",
+    eval_crop={"imagenet": 320, "cifar": 32},  # Table 7 evaluates Attention-92 at 320
+))
+def attention92(**options: Any) -> ResidualAttentionNet:
+    """Attention-92 (Table 2): modules (1, 2, 3) on ImageNet, as in the official prototxt, and
+    (2, 2, 2) on CIFAR, where the paper gives no layout. Options: see :func:`create_model`."""
+    return _attention_net("attention92", imagenet=(1, 2, 3), cifar=(2, 2, 2), **options)
 
 
-@_register(
-    "preact_resnet164",
-    ModelDefaults(164, "cifar", "Pre-activation ResNet-164 (He et al. 2016), CIFAR baseline"),
+@register_model(ModelDefaults(128, "imagenet", "Attention-128, pre-activation bottleneck units"))
+def attention128(**options: Any) -> ResidualAttentionNet:
+    """Attention-128 (Table 3): three modules in each of stages 1-3. Options: see
+    :func:`create_model`."""
+    return _attention_net("attention128", imagenet=(3, 3, 3), cifar=(3, 3, 3), **options)
+
+
+@register_model(ModelDefaults(164, "imagenet", "Attention-164, pre-activation bottleneck units"))
+def attention164(**options: Any) -> ResidualAttentionNet:
+    """Attention-164 (Table 3): four modules in each of stages 1-3. Options: see
+    :func:`create_model`."""
+    return _attention_net("attention164", imagenet=(4, 4, 4), cifar=(4, 4, 4), **options)
+
+
+@register_model(ModelDefaults(236, "imagenet", "Attention-236, pre-activation bottleneck units"))
+def attention236(**options: Any) -> ResidualAttentionNet:
+    """Attention-236: six modules in each of stages 1-3. Options: see :func:`create_model`."""
+    return _attention_net("attention236", imagenet=(6, 6, 6), cifar=(6, 6, 6), **options)
+
+
+@register_model(ModelDefaults(452, "cifar", "Attention-452 (p=2, t=4, r=3)", p=2, t=4, r=3))
+def attention452(**options: Any) -> ResidualAttentionNet:
+    """Attention-452: p=2, t=4, r=3 and six modules in each of stages 1-3, 18 x 24 + 20 = 452
+    layers. Options: see :func:`create_model`."""
+    return _attention_net("attention452", imagenet=(6, 6, 6), cifar=(6, 6, 6), **options)
+
+
+@register_model(ModelDefaults(56, "imagenet", "AttentionNeXt-56, ResNeXt units", unit="resnext"))
+def attentionnext56(**options: Any) -> ResidualAttentionNet:
+    """AttentionNeXt-56 (Table 7): Attention-56's layout, one module in each of stages 1-3, of
+    ResNeXt units. Options: see :func:`create_model`."""
+    return _attention_net("attentionnext56", imagenet=(1, 1, 1), cifar=(1, 1, 1), **options)
+
+
+@register_model(ModelDefaults(
+    56, "imagenet", "AttentionInception-56, Inception-ResNet-A units", unit="inception",
+    eval_crop={"imagenet": 299, "cifar": 32},  # Table 7 evaluates it at 299
+))
+def attentioninception56(**options: Any) -> ResidualAttentionNet:
+    """AttentionInception-56 (Table 7): Attention-56's layout, one module in each of stages 1-3,
+    of Inception-ResNet-A units. Options: see :func:`create_model`."""
+    return _attention_net("attentioninception56", imagenet=(1, 1, 1), cifar=(1, 1, 1), **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines without attention modules
+
+
+@register_model(
+    _baseline(164, "cifar", "Pre-activation ResNet-164 (He et al. 2016), CIFAR baseline"),
+    options=BASELINE_OPTIONS,
 )
-def _preact_resnet164(stem: str, num_classes: int, in_channels: int = 3, **overrides: Any):
-    _no_attention_overrides("preact_resnet164", overrides)
+def preact_resnet164(
+    *, stem: str | None = None, num_classes: int | None = None, in_channels: int = 3
+) -> ResidualAttentionNet:
+    """Pre-activation ResNet-164 (He et al. 2016), the paper's CIFAR baseline: 18 bottleneck
+    units in each of three stages (64/128/256 wide), 18 x 3 x 3 + 2 = 164 layers."""
+    stem, num_classes = _stem_and_classes(stem, num_classes, "cifar")
     stages = [StageSpec(64, 1, 18), StageSpec(128, 2, 18), StageSpec(256, 2, 18)]
-    width = 64 if stem == "imagenet" else 16
     return ResidualAttentionNet(
-        stages, get_unit("bottleneck"), stem, width, num_classes, in_channels  # type: ignore[arg-type]
+        stages=stages, unit=get_unit("bottleneck"), stem=stem,
+        stem_width=64 if stem == "imagenet" else 16, num_classes=num_classes,
+        in_channels=in_channels,
     )
 
 
@@ -211,10 +332,37 @@ class _TorchvisionResNet(nn.Module):
         return (logits, []) if return_masks else logits
 
 
-@_register("resnet152", ModelDefaults(152, "imagenet", "ResNet-152 (torchvision), ImageNet baseline"))
-def _resnet152(stem: str, num_classes: int, in_channels: int = 3, **overrides: Any):
-    _no_attention_overrides("resnet152", overrides)
+@register_model(
+    _baseline(152, "imagenet", "ResNet-152 (torchvision), ImageNet baseline"),
+    options=BASELINE_OPTIONS,
+)
+def resnet152(
+    *, stem: str | None = None, num_classes: int | None = None, in_channels: int = 3
+) -> nn.Module:
+    """torchvision's ResNet-152, the paper's ImageNet baseline; on the CIFAR stem its first
+    conv is 3x3/1 and its max-pool is dropped."""
+    stem, num_classes = _stem_and_classes(stem, num_classes, "imagenet")
     return _TorchvisionResNet(stem, num_classes, in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# By name
+
+
+def _check_options(name: str, given: Iterable[str]) -> None:
+    takes = model_options(name)
+    unknown = sorted(set(given) - frozenset().union(*(e.options for e in _MODELS.values())))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for model {name}; "
+            f"valid options: {', '.join(sorted(takes))}"
+        )
+    refused = sorted(set(given) - takes)
+    if refused:
+        why = "has no attention modules" if "mask_activation" not in takes else (
+            f"takes only {', '.join(sorted(takes))}")
+        it = "it" if len(refused) == 1 else "them"
+        raise ValueError(f"model {name} {why}: it takes no {', '.join(refused)}; leave {it} unset")
 
 
 def create_model(
@@ -226,33 +374,24 @@ def create_model(
         name: one of :func:`list_models`.
         stem: ``imagenet`` (224 input) or ``cifar`` (32 input); default: the model's own.
         num_classes: classifier outputs; default 1000 (ImageNet stem) or 10 (CIFAR stem).
-        overrides: ``depth``, ``p``, ``t``, ``r``, ``unit`` (bottleneck|resnext|inception),
-            ``mask_activation`` (mixed|channel|spatial), ``combination`` (arl|nal),
-            ``mask_structure`` (encoder_decoder|local), ``in_channels``. ``None`` values are ignored.
+        overrides: those of :func:`model_options`: ``depth``, ``p``, ``t``, ``r``, ``unit``
+            (bottleneck|resnext|inception), ``mask_activation`` (mixed|channel|spatial),
+            ``combination`` (arl|nal), ``mask_structure`` (encoder_decoder|local) for attention
+            models, and ``in_channels``. A ``None`` value means the model's own.
 
     Raises:
-        ValueError: unknown name, stem, option value or impossible depth, naming the valid choices.
+        ValueError: unknown name, stem, option or option value, an option the model cannot use,
+            or an impossible depth; the message names the valid choices.
     """
-    _check_name(name)
-    builder, defaults = _REGISTRY[name]
-    stem = stem or defaults.stem
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
-    if num_classes is None:
-        num_classes = 1000 if stem == "imagenet" else 10
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    valid = {"depth", "p", "t", "r", "unit", "mask_activation", "combination",
-             "mask_structure", "in_channels"}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for {name}; "
-            f"valid options: {', '.join(sorted(valid))}"
-        )
-    return builder(stem=stem, num_classes=num_classes, **overrides)
+    entry = _entry(name)
+    stem, num_classes = _stem_and_classes(stem, num_classes, entry.defaults.stem)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _check_options(name, given)
+    return entry.build(stem=stem, num_classes=num_classes, **given)
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters (BN scale and shift included, buffers not)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -271,6 +410,8 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """Size of one model as built: parameters and MACs at ``input_size``."""
+
     name: str
     stem: str
     depth: int | None
