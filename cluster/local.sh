@@ -10,8 +10,10 @@
 # RAN_RAY_ARGS (more `ray start` flags, e.g. other ports).
 #
 # `stop` ends only the processes of this head: each carries RAN_LOCAL_HEAD=<temp dir> in its
-# environment. (`ray stop` would also end every other Ray on the machine, e.g. a `ran train`
-# that runs its own.)
+# environment, and the head's descendants go with them. Ray 2.60 has no public way to stop one of
+# several Ray instances on a machine: `ray stop` takes no address or temp dir and ends every Ray
+# process it finds (e.g. a `ran train` that runs its own), so this head's processes are found and
+# signalled with psutil.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,22 +29,70 @@ fi
 
 die() { echo "local.sh: $*" >&2; exit 2; }
 
-# PIDs of this user's processes whose environment holds RAN_LOCAL_HEAD=$temp (one grep over all),
-# and all their descendants: the dashboard's module processes retitle themselves over their
-# environment (setproctitle), so only their parentage ties them to this head.
-head_pids() {
-  local roots
-  roots="$(grep -lzxF "RAN_LOCAL_HEAD=${temp}" /proc/[0-9]*/environ 2>/dev/null \
-    | sed -e 's#^/proc/##' -e 's#/environ$##' | grep -vxF -e "$$" -e "$BASHPID" || true)"
-  [[ -n "$roots" ]] || return 0
-  # /proc/PID/stat: "PID (COMM) STATE PPID ..."; COMM may hold spaces and parentheses.
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v roots="$roots" '
-    { pid = $1; rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " "); parent[pid] = f[2] }
-    END {
-      n = split(roots, r, "\n"); for (i = 1; i <= n; i++) keep[r[i]] = 1
-      do { grown = 0; for (p in parent) if (!(p in keep) && (parent[p] in keep)) { keep[p] = 1; grown = 1 } } while (grown)
-      for (p in keep) print p
-    }' | grep -vxF -e "$$" -e "$BASHPID" || true
+py="${bin}/python"
+[[ -x "$py" ]] || py="$(command -v python3 || echo python3)"
+
+# `procs list`: the PIDs of this head, one a line: the processes whose environment holds
+# RAN_LOCAL_HEAD=$temp and all their descendants (the dashboard's module processes retitle
+# themselves over their environment with setproctitle, so only their parentage ties them to this
+# head). `procs stop`: SIGTERM them (the raylet and GCS shut down in order), SIGKILL whatever is
+# left after 10 s, and fail naming any survivor. This script and its shells are never counted.
+procs() {
+  "$py" - "$1" "$temp" <<'EOF'
+import contextlib
+import sys
+import time
+
+try:
+    import psutil
+except ImportError:
+    print(f"local.sh: psutil is not installed for {sys.executable}; run `make setup` first",
+          file=sys.stderr)
+    sys.exit(2)
+
+action, temp = sys.argv[1], sys.argv[2]
+me = psutil.Process()
+ours = {me.pid, *(p.pid for p in me.parents())}
+
+
+def running(proc):
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def head():
+    found = {}
+    for proc in psutil.process_iter():
+        if proc.pid in ours:
+            continue
+        with contextlib.suppress(psutil.Error):  # gone meanwhile, or another user's
+            if proc.environ().get("RAN_LOCAL_HEAD") == temp:
+                found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+    return {pid: p for pid, p in found.items() if pid not in ours and running(p)}
+
+
+def signal_and_wait(procs, send, seconds):
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            send(proc)
+    deadline = time.monotonic() + seconds
+    while (procs := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return procs
+
+
+if action == "list":
+    print("\n".join(str(pid) for pid in sorted(head())))
+else:
+    left = signal_and_wait(list(head().values()), psutil.Process.terminate, 10.0)
+    # Those seen at first too: orphans of a killed parent no longer descend from the head.
+    left = signal_and_wait(list(({p.pid: p for p in left} | head()).values()), psutil.Process.kill, 5.0)
+    left = sorted({p.pid for p in left} | set(head()))
+    if left:
+        sys.exit(f"local.sh: some processes survived: {' '.join(map(str, left))}")
+EOF
 }
 
 # Bearer token header for the dashboard, where Ray keeps it.
@@ -62,7 +112,9 @@ dashboard_up() {
 
 start() {
   [[ -x "${bin}/ray" ]] || die "ray not found: run \`make setup\` (or activate the venv) first"
-  [[ -z "$(head_pids)" ]] || die "a head is already running (temp dir ${temp}); \`$0 stop\` first"
+  local pids
+  pids="$(procs list)"
+  [[ -z "$pids" ]] || die "a head is already running (temp dir ${temp}); \`$0 stop\` first"
   mkdir -p "$temp"
   local cpus=() gpus=()
   [[ -n "${RAN_RAY_CPUS:-}" ]] && cpus=(--num-cpus "$RAN_RAY_CPUS")
@@ -87,31 +139,18 @@ start() {
 
 stop() {
   local pids
-  pids="$(head_pids)"
+  pids="$(procs list)"
   if [[ -z "$pids" ]]; then
     echo "no head running (temp dir ${temp})"
     return 0
   fi
-  # SIGTERM lets the raylet and GCS shut down in order; whatever is left after 10 s is killed.
-  local first="$pids"
-  # shellcheck disable=SC2086
-  kill -TERM $pids 2>/dev/null || true
-  local deadline=$((SECONDS + 10))
-  while [[ -n "$(head_pids)" && $SECONDS -lt $deadline ]]; do
-    sleep 0.5
-  done
-  # The processes seen at first too: orphans of a killed parent no longer descend from the head.
-  pids="$(printf '%s\n' $first $(head_pids) | sort -u)"
-  # shellcheck disable=SC2086
-  [[ -n "$pids" ]] && { kill -KILL $pids 2>/dev/null || true; }
-  sleep 0.5
-  [[ -z "$(head_pids)" ]] || die "some processes survived: $(head_pids | tr '\n' ' ')"
+  procs stop || exit 2
   echo "stopped the head (temp dir ${temp})"
 }
 
 status() {
   local pids
-  pids="$(head_pids)"
+  pids="$(procs list)"
   if [[ -z "$pids" ]]; then
     echo "not running (temp dir ${temp})"
     return 1

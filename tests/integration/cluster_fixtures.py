@@ -2,8 +2,11 @@
 
 Each node is started with its own ports and a marker in its environment, which every process it
 spawns inherits (raylet, GCS, dashboard, agents, workers, job drivers). Stopping a node signals
-exactly the processes carrying its marker: ``ray stop`` would stop every Ray on the machine,
-including other people's. Token authentication is on, with a token of the cluster's own.
+exactly the processes carrying its marker and their descendants, found with psutil (the dashboard's
+module processes write their title over their environment, so only their parentage ties them to
+the node). Ray 2.60 has no public way to stop one of several Ray instances on a machine: ``ray
+stop`` ends every Ray process it finds, including other people's. Token authentication is on, with
+a token of the cluster's own.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,36 +48,45 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def marked_pids(prefix: str) -> list[int]:
-    """Processes of this user whose environment carries a MARK value starting with ``prefix``."""
-    needle = f"{MARK}={prefix}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        if any(item.startswith(needle) for item in environ.split(b"\0")):
-            pids.append(int(entry))
-    return pids
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (an exited process nobody reaped is gone for our purposes)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
-def signal_marked(prefix: str, grace: float = 10.0) -> None:
+def marked(cluster_id: str, node: str | None = None) -> list[psutil.Process]:
+    """Running processes whose environment marks them as the cluster's (as ``node``'s, if given),
+    with all their descendants; never this process or its parents."""
+    me = psutil.Process()
+    skip = {me.pid, *(p.pid for p in me.parents())}
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter():
+        if proc.pid in skip:
+            continue
+        with contextlib.suppress(psutil.Error):  # gone meanwhile, or another user's
+            value = proc.environ().get(MARK, "")
+            if (value == f"{cluster_id}/{node}") if node else value.startswith(f"{cluster_id}/"):
+                found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+    return [p for pid, p in found.items() if pid not in skip and _running(p)]
+
+
+def stop_marked(cluster_id: str, node: str | None = None, grace: float = 10.0) -> None:
     """SIGTERM the marked processes, SIGKILL those left after ``grace`` seconds (at once when
-    ``grace`` is 0)."""
-    steps = [(signal.SIGTERM, grace)] if grace > 0 else []
-    for sig, wait in steps + [(signal.SIGKILL, 5.0)]:
-        for pid in marked_pids(prefix):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    ``grace`` is 0), and the ones found since."""
+    procs: list[psutil.Process] = []
+    steps = [(psutil.Process.terminate, grace)] if grace > 0 else []
+    for send, wait in steps + [(psutil.Process.kill, 5.0)]:
+        # Those seen before too: orphans of a killed parent no longer descend from a marked one.
+        procs = list({p.pid: p for p in [*procs, *marked(cluster_id, node)]}.values())
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                send(proc)
         deadline = time.monotonic() + wait
-        while marked_pids(prefix) and time.monotonic() < deadline:
+        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not marked_pids(prefix):
+        if not procs and not marked(cluster_id, node):
             return
 
 
@@ -147,10 +159,11 @@ class LocalCluster:
 
     def kill_node(self, name: str) -> None:
         """Kill a node as a machine failure would: SIGKILL, no goodbye to the GCS."""
-        signal_marked(f"{self.cluster_id}/{name}", grace=0)
+        stop_marked(self.cluster_id, name, grace=0)
 
-    def pids(self, name: str = "") -> list[int]:
-        return marked_pids(f"{self.cluster_id}/{name}")
+    def pids(self, name: str | None = None) -> list[int]:
+        """PIDs of the node's processes (all nodes' without a name)."""
+        return sorted(p.pid for p in marked(self.cluster_id, name))
 
     def stop(self) -> None:
         """``local.sh stop`` for the head, then every process left of any node."""
@@ -161,7 +174,7 @@ class LocalCluster:
             if out.returncode != 0 or self.pids("head") or status.returncode != 1:
                 problem = (f"local.sh stop -> {out.returncode}, left {self.pids('head')}: "
                            f"{out.stderr}; status after stop -> {status.returncode}: {status.stdout}")
-        signal_marked(f"{self.cluster_id}/", grace=3.0)
+        stop_marked(self.cluster_id, grace=3.0)
         if problem:
             raise AssertionError(problem)
 

@@ -5,25 +5,36 @@
   find it among other developers' Ray instances); shut down at the end.
 - ``mlflow_sqlite``: ``MLFLOW_TRACKING_URI`` pointing at a fresh sqlite file in ``tmp_path`` (and the
   working directory moved there, so nothing lands in the checkout).
-- ``mlflow_server``: an ``mlflow server`` subprocess on a free 127.0.0.1 port for the session.
+- ``mlflow_server``: an ``mlflow server`` subprocess (fresh sqlite store, proxied artifacts) for the
+  session; yields its URL.
+- ``serve_mlflow``: ``serve_mlflow(store_uri, root) -> URL``, an ``mlflow server`` over a store a
+  test already has, stopped when the test ends.
+- ``moto_server``: an S3 endpoint (``moto_server`` subprocess) for the session; yields its URL, with
+  AWS_ENDPOINT_URL and dummy credentials (``fixtures_s3.S3_ENV``) set for the session.
 - ``synth_data``: a tiny synthetic shard set (4 classes, 16x16 px) written once per session.
+
+Every server goes through ``local_server``: a subprocess on a free 127.0.0.1 port, waited for
+until it answers, stopped with its descendants (found with psutil) at the end. The job factory
+``tiny_job`` is in tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_s3 import S3_ENV  # noqa: E402
 
 
 def free_port() -> int:
@@ -33,47 +44,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group started for ``proc``, SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (an exited process nobody reaped is gone for our purposes)."""
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM ``pid`` and all its descendants, SIGKILL those left after ``grace`` seconds; raises
+    if any is still running after that."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for step, wait in ((psutil.Process.terminate, grace), (psutil.Process.kill, 5.0)):
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                step(proc)
+        deadline = time.monotonic() + wait
+        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not procs:
+            return
+    raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in procs]}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(argv: list[str], *, port: int, ready: str, log: Path, cwd: Path | None = None,
+                 timeout: float = 120.0) -> Iterator[str]:
+    """Run ``argv`` (a server told to listen on 127.0.0.1:``port``) for the block; yields
+    ``http://127.0.0.1:PORT`` once GET ``ready`` (a path) answers 200. Its output goes to ``log``;
+    a server that exits or does not answer in ``timeout`` seconds fails with the log's tail. At the
+    end it and its descendants are stopped."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        # A session of its own: Ctrl-C in the terminal reaches pytest, which then stops the server.
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{url}{ready}"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                what = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                    f"did not answer at {url}{ready} within {timeout:.0f}s"
+                raise RuntimeError(f"{Path(argv[0]).name} {what}; {log}:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop_tree(proc.pid)
         proc.wait(5)
+
+
+def mlflow_server_argv(store_uri: str, port: int, artifacts: Path | None = None) -> list[str]:
+    """``mlflow server`` on 127.0.0.1:``port`` over ``store_uri``, one worker; artifacts proxied
+    to ``artifacts`` when given."""
+    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", store_uri, "--workers", "1"]
+    return argv + (["--artifacts-destination", str(artifacts)] if artifacts else [])
 
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[str]:
     """A local Ray (2 CPUs) for the whole session; yields its address for subprocesses."""
-    from ran.train.launch import start_local_ray, stop_local_ray
+    from ran.train.localray import LocalRay
 
-    saved = os.environ.get("RAY_ADDRESS")
-    address = start_local_ray(num_cpus=2, include_dashboard=True, dashboard_port=free_port())
-    try:
-        yield address
-    finally:
-        stop_local_ray()
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
+    with LocalRay(num_cpus=2, include_dashboard=True, dashboard_port=free_port()) as local:
+        yield local.address
 
 
 @pytest.fixture
@@ -87,21 +135,40 @@ def mlflow_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts); yields its URL."""
+    """An ``mlflow server`` on 127.0.0.1 (fresh sqlite store, proxied artifacts); yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
+    argv = mlflow_server_argv(f"sqlite:///{root}/mlflow.db", port, artifacts=root / "artifacts")
+    with local_server(argv, port=port, ready="/health", log=root / "server.log", cwd=root) as url:
         yield url
-    finally:
-        stop_process(proc)
+
+
+@pytest.fixture
+def serve_mlflow() -> Iterator[Callable[[str, Path], str]]:
+    """``serve_mlflow(store_uri, root) -> URL``: an ``mlflow server`` over an existing store,
+    running in ``root`` (its log there too) until the test ends."""
+    with contextlib.ExitStack() as stack:
+        def serve(store_uri: str, root: Path) -> str:
+            port = free_port()
+            return stack.enter_context(local_server(
+                mlflow_server_argv(store_uri, port), port=port, ready="/health",
+                log=Path(root) / f"mlflow-server-{port}.log", cwd=Path(root)))
+
+        yield serve
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3 endpoint (``moto_server``) on 127.0.0.1 for the session; yields its URL and sets
+    AWS_ENDPOINT_URL and the dummy credentials of ``S3_ENV`` until the session ends."""
+    root = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    argv = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with local_server(argv, port=port, ready="/moto-api/", log=root / "moto.log") as url, \
+            pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ENDPOINT_URL": url, **S3_ENV}.items():
+            mp.setenv(key, value)
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -113,28 +180,3 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     write_synthetic(str(out), classes=4, train=384, val=128, size=16, seed=0,
                     samples_per_shard=128, progress=False)
     return str(out)
-
-
-@pytest.fixture(scope="session")
-def tiny_job():
-    """Factory of tiny training jobs: ``tiny_job(data, storage, **{"dotted.key": value})``."""
-    from ran.config import load_config
-
-    def make(data: str, storage: str | Path, **overrides):
-        base = {
-            "name": "tiny", "model.name": "attention56", "model.stem": "cifar",
-            "data.path": data, "data.batch_size": 16, "data.workers": 1, "data.crop": 16,
-            "optim.lr": 0.1, "optim.reference_batch_size": 32, "schedule.kind": "cosine",
-            "train.epochs": 2, "train.log_every": 4, "scaling.num_workers": 2,
-            "scaling.max_failures": 1, "storage.path": str(storage),
-            "tracking.registered_model": None, "tracking.log_model": False,
-        }
-        return load_config(None, {**base, **overrides})
-
-    return make
-
-
-# The S3 endpoint (`moto_server`, session-scoped: yields its URL, sets AWS_* for the session) is
-# shared by all integration tests; it lives in tests/fixtures_s3.py.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_s3 import moto_server  # noqa: E402,F401

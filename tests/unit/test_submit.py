@@ -3,12 +3,18 @@ commands say when there is nothing to talk to."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
+from ray.util import get_node_ip_address
 
 from ran import cluster
 from ran.cli import main
@@ -18,13 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory with a job file; no MLflow/AWS/Ray settings in the environment."""
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_job) -> Path:
+    """A working directory with jobs/tiny.yaml (shards in ./shards, runs in ./runs: relative
+    paths); no MLflow/AWS/Ray settings in the environment."""
     for key in list(os.environ):
         if key.startswith(("MLFLOW_", "AWS_", "RAY_")):
             monkeypatch.delenv(key)
     (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "tiny.yaml").write_text("model: {name: attention56}\ntrain: {epochs: 1}\n")
+    (tmp_path / "jobs" / "tiny.yaml").write_text(tiny_job("shards", "runs").to_yaml())
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -69,7 +76,7 @@ def test_local_submission_makes_paths_and_sqlite_store_absolute(project, monkeyp
     assert "UNRELATED_SECRET" not in env
     assert sub.runtime_env["working_dir"] == str(project)
     assert sub.metadata["ran.job"] == "jobs/tiny.yaml" and sub.metadata["ran.kind"] == "train"
-    assert sub.submission_id.startswith("ran-tiny-")
+    assert re.fullmatch(r"ran-tiny-\d{8}-\d{6}-[0-9a-f]{4}", sub.submission_id), sub.submission_id
     assert env["RAY_JOB_SUBMISSION_ID"] == sub.submission_id  # MLflow tags the run with it
 
 
@@ -94,7 +101,8 @@ def test_remote_submission_warns_that_a_local_mlflow_file_stays_behind(project):
 
 
 def test_excludes_skip_data_and_stores_but_not_the_ran_data_package():
-    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray's upload uses
+    # Ray 2.60 has no public matcher for runtime_env excludes; this is the one its upload uses.
+    from ray._private.thirdparty.pathspec import PathSpec
 
     spec = PathSpec.from_lines("gitwildmatch", cluster.EXCLUDES)
     for skipped in (".venv/bin/python", "data/synth/train-000000.tar", "runs/job/ckpt.pt",
@@ -150,8 +158,55 @@ def test_auth_token_from_env_then_file_then_default(project, monkeypatch, tmp_pa
     assert cluster.auth_headers() == {}
 
 
-def test_this_machine_is_local_to_itself():
-    assert "127.0.0.1" in cluster.this_machine_ips()
+@pytest.fixture
+def state_api() -> Iterator[tuple[list[dict], str]]:
+    """A stand-in for a dashboard's State API node list on 127.0.0.1: the test fills the list;
+    yields it and the dashboard address."""
+    nodes: list[dict] = []
+
+    class NodeList(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if not self.path.startswith("/api/v0/nodes?"):
+                self.send_error(404)
+                return
+            body = json.dumps({"data": {"result": {"result": nodes}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NodeList)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield nodes, f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_cluster_is_local_when_every_alive_node_is_this_machine(state_api):
+    nodes, address = state_api
+    assert cluster.cluster_is_local(address) is False  # no node: nothing to run the job
+    nodes += [{"node_ip": "127.0.0.1", "state": "ALIVE"},
+              {"node_ip": get_node_ip_address(), "state": "ALIVE"},  # the address Ray picks here
+              {"node_ip": "192.0.2.7", "state": "DEAD"}]  # TEST-NET-1: never this machine
+    assert cluster.cluster_is_local(address) is True
+    nodes.append({"node_ip": "192.0.2.8", "state": "ALIVE"})
+    assert cluster.cluster_is_local(address) is False
+
+
+def test_an_unreachable_cluster_counts_as_remote():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cluster.cluster_is_local(f"127.0.0.1:{port}") is False
 
 
 def test_an_unreachable_dashboard_is_a_one_line_error(project, capsys):
