@@ -64,6 +64,64 @@ def _readonly_tensor(make: Callable[[], torch.Tensor], kind: str) -> torch.Tenso
     return tensor
 
 
+class PixelRangeError(ValueError):
+    """Pixels outside the range the 8-bit conversion defines (32-bit int or float images)."""
+
+
+_HIGH_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_BACKGROUND = (255, 255, 255, 255)  # transparent pixels are shown over white, as on a page
+
+
+def _to_uint8(array: np.ndarray, mode: str, strict: bool) -> np.ndarray:
+    """16-bit and 32-bit greyscale -> uint8: integers keep their top 8 of 16 bits (``v >> 8``),
+    floats map 0.0..1.0 to 0..255. Outside those ranges: PixelRangeError if ``strict``, else clipped."""
+    if mode == "F":
+        low, high = 0.0, 1.0
+        bad = not np.isfinite(array).all()
+    else:
+        low, high = 0, 65535
+        bad = False
+    if strict and (bad or array.min(initial=low) < low or array.max(initial=high) > high):
+        finite = array[np.isfinite(array)] if mode == "F" else array
+        lo, hi = (finite.min(), finite.max()) if finite.size else (float("nan"),) * 2
+        raise PixelRangeError(f"{mode} pixels span {lo:g}..{hi:g}, outside {low:g}..{high:g}: no defined "
+                              "8-bit form; save the image as 8- or 16-bit")
+    if mode == "F":
+        return np.rint(np.clip(np.nan_to_num(array, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return (np.clip(array.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, strict: bool = False) -> Image.Image:
+    """Any Pillow image -> 8-bit ``RGB``: the one conversion every decode path (and the build) uses.
+
+    - ``RGB``: as it is. ``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``:
+      Pillow's conversion (CMYK: ``(255 - C)(255 - K) / 255``, as libjpeg and torchvision).
+    - 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and 32-bit ``I``: the value
+      shifted to 8 bits (``v >> 8``; Pillow opens 16-bit PGMs as ``I``). ``F``: 0.0..1.0 -> 0..255.
+      Values outside those ranges raise :class:`PixelRangeError` if ``strict`` (the build refuses
+      such files), else they are clipped.
+    - Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, and ``P``/``L``/``RGB``
+      with a transparent colour): composited over white, so hidden pixels never show.
+
+    Raises ValueError for a mode Pillow cannot convert. The image is loaded (decoded) if it was not.
+    """
+    mode = image.mode
+    transparency = image.info.get("transparency")
+    if mode == "RGB" and transparency is None:
+        return image
+    if mode in _HIGH_DEPTH:
+        array = np.asarray(image)
+        grey = Image.fromarray(_to_uint8(array, mode, strict), "L")
+        if transparency is not None and mode != "F":  # a 16-bit tRNS grey level
+            grey.paste(255, mask=Image.fromarray((array == transparency).astype(np.uint8) * 255, "L"))
+        return grey.convert("RGB")
+    if mode in _ALPHA or transparency is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, _BACKGROUND), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _pixels(image: Image.Image) -> torch.Tensor:
     """CHW uint8 view of a decoded RGB image (HWC memory)."""
     array = np.asarray(image)  # a read-only array over a fresh copy of the pixels; we only read it
@@ -134,6 +192,13 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, or None if ``data`` is not a parsable JPEG."""
+    frame = jpeg_frame(data)
+    return None if frame is None else frame[:2]
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's frame header (components: 1 grey, 3 YCbCr or
+    RGB, 4 CMYK or YCCK), or None if ``data`` is not a parsable JPEG."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     pos, end = 2, len(data)
@@ -146,7 +211,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             continue
         if marker in _SOF_MARKERS:
             height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
-            return (width, height) if width and height else None
+            components = data[pos + 9]
+            return (width, height, components) if width and height else None
         if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
             continue
@@ -162,14 +228,15 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
 
     Returns a uint8 ``(3, size[0], size[1])`` tensor. JPEGs whose box is at least twice the output
     size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling), which is much cheaper than a
-    full decode followed by a downscale.
+    full decode followed by a downscale. Every mode becomes RGB through :func:`to_rgb`; full-size
+    grey and YCbCr JPEGs are decoded by libjpeg straight to RGB (the same values, one copy less).
     """
-    jpeg = jpeg_size(data)
+    jpeg = jpeg_frame(data)
     if jpeg is not None:
-        width, height = jpeg
+        width, height, components = jpeg
         left, top, w, h = region(width, height)
         scale = _draft_scale(w, h, size[1], size[0])
-    if jpeg is not None and scale == 1:
+    if jpeg is not None and scale == 1 and components in (1, 3):
         pixels = _decode_jpeg(data)
     else:
         image = Image.open(io.BytesIO(data))  # reads the header only
@@ -183,9 +250,7 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
             left, top = int(left / sx), int(top / sy)
             w, h = max(1, round(w / sx)), max(1, round(h / sy))
             w, h = min(w, image.size[0] - left), min(h, image.size[1] - top)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixels = _pixels(image)
+        pixels = _pixels(to_rgb(image))
     pixels = pixels[:, top:top + h, left:left + w]
     if (h, w) == tuple(size):
         return pixels.contiguous()
@@ -194,11 +259,30 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
 
 
 def decode_full(data: bytes) -> torch.Tensor:
-    """Decode ``data`` to a uint8 ``(3, H, W)`` tensor."""
+    """Decode ``data`` (any format and mode Pillow opens) to a uint8 ``(3, H, W)`` RGB tensor.
+
+    The first frame of animated or multi-page files; modes become RGB through :func:`to_rgb`.
+    Raises PIL.UnidentifiedImageError for data that is not an image, OSError for a broken one.
+    """
+    return _pixels(to_rgb(Image.open(io.BytesIO(data)))).contiguous()
+
+
+def check_image(data: bytes, strict: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode all of ``data`` as the readers will, cheaply: (loaded image, (width, height)).
+
+    JPEGs are decoded at 1/8 scale (every entropy-coded byte is still read, so truncation shows),
+    other formats at full size; the size returned is the source's. The pixels go through
+    :func:`to_rgb` (``strict``: pixels without a defined 8-bit form raise PixelRangeError); the
+    image returned keeps its own mode and ``format``. Raises PIL.UnidentifiedImageError, OSError
+    or ValueError with the reason.
+    """
     image = Image.open(io.BytesIO(data))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return _pixels(image).contiguous()
+    size = image.size
+    if image.format in ("JPEG", "MPO"):
+        image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+    image.load()
+    to_rgb(image, strict=strict)
+    return image, size
 
 
 def random_resized_box(width: int, height: int, rng: random.Random,
