@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import ran.models
 from ran.models import (
     AttentionModule,
     MaskActivationFn,
+    ModelDefaults,
     count_macs,
     count_params,
     create_model,
     list_models,
     model_defaults,
+    model_options,
+    register_model,
 )
+from ran.models.attention import HourglassMask
 
 ALL_MODELS = list_models()
+STEMS = ("imagenet", "cifar")
+BASELINES = ("preact_resnet164", "resnet152")
+ATTENTION_MODELS = [n for n in ALL_MODELS if n not in BASELINES]
+# Every option a job can leave unset (None: "the model's own").
+JOB_OPTIONS = ("depth", "p", "t", "r", "unit", "mask_activation", "combination", "mask_structure")
 
 
 def test_registry_holds_every_variant_of_the_paper():
@@ -47,38 +60,192 @@ def test_cifar_sizes_within_ten_percent_of_paper(name, params_m):
     assert count_params(model) / 1e6 == pytest.approx(params_m, rel=0.10)
 
 
-def test_module_counts_follow_table_2():
-    counts = {
-        ("attention56", "imagenet"): 3,
-        ("attention92", "imagenet"): 6,
-        ("attention92", "cifar"): 6,
-        ("attention236", "cifar"): 18,
-        ("attention452", "cifar"): 18,
-    }
-    for (name, stem), n in counts.items():
-        assert len(create_model(name, stem=stem).attention_modules) == n, (name, stem)
-    a92 = create_model("attention92", stem="imagenet")
-    widths = [m.trunk[0].out_channels for m in a92.attention_modules]
-    assert widths == [256, 512, 512, 1024, 1024, 1024]  # m = (1, 2, 3)
+# Attention modules in stages 1, 2, 3 (Table 2 for Attention-56/92 on ImageNet; the layouts
+# documented in ran/models/registry.py elsewhere).
+TABLE_2_LAYOUTS = {
+    ("attention56", "imagenet"): (1, 1, 1), ("attention56", "cifar"): (1, 1, 1),
+    ("attention92", "imagenet"): (1, 2, 3), ("attention92", "cifar"): (2, 2, 2),
+    ("attention128", "imagenet"): (3, 3, 3), ("attention128", "cifar"): (3, 3, 3),
+    ("attention164", "imagenet"): (4, 4, 4), ("attention164", "cifar"): (4, 4, 4),
+    ("attention236", "imagenet"): (6, 6, 6), ("attention236", "cifar"): (6, 6, 6),
+    ("attention452", "imagenet"): (6, 6, 6), ("attention452", "cifar"): (6, 6, 6),
+    ("attentionnext56", "imagenet"): (1, 1, 1), ("attentionnext56", "cifar"): (1, 1, 1),
+    ("attentioninception56", "imagenet"): (1, 1, 1),
+    ("attentioninception56", "cifar"): (1, 1, 1),
+}
+STAGE_WIDTHS = {"imagenet": (256, 512, 1024), "cifar": (64, 128, 256)}
 
 
-def _small_input(name: str, stem: str) -> torch.Tensor:
-    # 64 px keeps the ImageNet-stem models cheap: 64 -> 16 at stage 1, the masks still pool 3x.
-    return torch.randn(2, 3, 64 if stem == "imagenet" else 32, 64 if stem == "imagenet" else 32)
+def _layout(model: torch.nn.Module, stem: str) -> tuple[int, ...]:
+    """Attention modules per stage, told apart by their width."""
+    widths = [m.trunk[0].out_channels for m in model.attention_modules]
+    assert set(widths) <= set(STAGE_WIDTHS[stem])
+    return tuple(widths.count(w) for w in STAGE_WIDTHS[stem])
+
+
+def _meta(build, *args, **kwargs) -> torch.nn.Module:
+    """Build without allocating weights: structure tests need no numbers."""
+    with torch.device("meta"):
+        return build(*args, **kwargs)
+
+
+def test_every_attention_variant_has_a_layout_in_the_table():
+    assert {name for name, _ in TABLE_2_LAYOUTS} == set(ATTENTION_MODELS)
+
+
+@pytest.mark.parametrize("name, stem", sorted(TABLE_2_LAYOUTS))
+def test_variant_function_builds_its_table_2_layout(name, stem):
+    variant = getattr(ran.models, name)  # attention92(stem=...), as torchvision's resnet50()
+    assert _layout(_meta(variant, stem=stem), stem) == TABLE_2_LAYOUTS[(name, stem)]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_forward_backward_every_model(name):
+def test_create_model_builds_the_variant_function(name):
+    by_name = _meta(create_model, name)
+    direct = _meta(getattr(ran.models, name))
+    assert repr(by_name) == repr(direct)
+
+
+def test_attention92_imagenet_modules_sit_at_table_2_widths():
+    a92 = _meta(create_model, "attention92", stem="imagenet")
+    widths = [m.trunk[0].out_channels for m in a92.attention_modules]
+    assert widths == [256, 512, 512, 1024, 1024, 1024]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_have_no_attention_modules(name):
+    model = _meta(create_model, name)
+    assert not any(isinstance(m, AttentionModule) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "name, stem, overrides, layout",
+    [
+        # depth=92 gives Attention-92's layout, with the model's own units
+        ("attention56", "imagenet", {"depth": 92}, (1, 2, 3)),
+        ("attention56", "cifar", {"depth": 92}, (2, 2, 2)),
+        ("attentionnext56", "imagenet", {"depth": 92}, (1, 2, 3)),
+        ("attention92", "imagenet", {"depth": 56}, (1, 1, 1)),
+        ("attention56", "imagenet", {"depth": 164}, (4, 4, 4)),
+        ("attention56", "cifar", {"depth": 452, "p": 2, "t": 4, "r": 3}, (6, 6, 6)),
+        # p and t keep the depth: 92 = 20 + 3 x (2 x 2 + 4) x 3 modules
+        ("attention92", "imagenet", {"p": 2, "t": 4}, (1, 1, 1)),
+        ("attention56", "cifar", {"depth": 92, "p": 2, "t": 4}, (1, 1, 1)),
+        # no registered variant: the depth's modules split evenly, 20 + 12 x 21 = 272
+        ("attention56", "cifar", {"depth": 272}, (7, 7, 7)),
+        ("attention452", "cifar", {"p": 1, "t": 2, "r": 1}, (12, 12, 12)),
+    ],
+)
+def test_depth_override_picks_the_modules_per_stage(name, stem, overrides, layout):
+    model = _meta(create_model, name, stem=stem, **overrides)
+    assert _layout(model, stem) == layout
+
+
+def test_depth_override_keeps_the_models_units():
+    model = _meta(create_model, "attentionnext56", stem="imagenet", depth=92)
+    assert {type(u).__name__ for u in model.attention_modules[0].trunk} == {"ResNeXtBottleneck"}
+
+
+def test_registry_refuses_a_name_twice():
+    before = list_models()
+    with pytest.raises(ValueError, match="'attention56' is registered twice"):
+        register_model(ModelDefaults(56, "imagenet", "again"))(ran.models.attention56)
+    assert list_models() == before
+
+
+def _small_input(stem: str) -> torch.Tensor:
+    # Small enough to be cheap, large enough that every mask still pools as often as at full size:
+    # ImageNet stem 32 -> 8 at stage 1 (pools 3x), CIFAR stem 16 at stage 1 (pools 2x).
+    size = 32 if stem == "imagenet" else 16
+    return torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_trains_with_every_job_option_unset(name, stem):
+    # What a job that sets only model.name passes: every option None, the model's own.
     torch.manual_seed(0)
-    stem = "cifar" if name in ("attention236", "attention452") else model_defaults(name).stem
-    model = create_model(name, stem=stem, num_classes=7)
-    x = _small_input(name, stem)
-    logits = model(x)
+    model = create_model(name, stem=stem, num_classes=7, **dict.fromkeys(JOB_OPTIONS))
+    logits = model(_small_input(stem))
     assert logits.shape == (2, 7)
     assert torch.isfinite(logits).all()
     logits.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:5]}"
+    for module in model.modules():  # the attention models' own mask design
+        if isinstance(module, AttentionModule):
+            assert module.combination == "arl"
+            assert isinstance(module.mask[0], HourglassMask)
+        if isinstance(module, MaskActivationFn):
+            assert module.kind == "mixed"
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_defaults_give_the_models_stem_and_classes(name):
+    stem = model_defaults(name).stem
+    logits = _meta(create_model, name)(torch.empty(2, 3, 32, 32, device="meta"))
+    assert logits.shape == (2, 1000 if stem == "imagenet" else 10)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_options_given_as_the_models_own_values_change_nothing(name):
+    d = model_defaults(name)
+    own = {"depth": d.depth, "p": d.p, "t": d.t, "r": d.r, "unit": d.unit, "in_channels": 3,
+           "mask_activation": d.mask_activation, "combination": d.combination,
+           "mask_structure": d.mask_structure}
+    explicit = {k: v for k, v in own.items() if k in model_options(name)}
+    assert set(explicit) == model_options(name)
+    assert repr(_meta(create_model, name, **explicit)) == repr(_meta(create_model, name))
+
+
+def test_model_options_of_attention_models_and_baselines():
+    for name in ATTENTION_MODELS:
+        assert model_options(name) == frozenset({
+            "depth", "p", "t", "r", "unit", "mask_activation", "combination", "mask_structure",
+            "in_channels",
+        }), name
+    for name in BASELINES:
+        assert model_options(name) == frozenset({"in_channels"}), name
+        d = model_defaults(name)
+        assert (d.p, d.t, d.r, d.unit, d.mask_activation, d.combination, d.mask_structure) == (
+            None,) * 7
+
+
+def test_model_options_of_an_unknown_model_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown model 'attention57'; valid models: attention128"):
+        model_options("attention57")
+
+
+def test_a_baseline_refuses_an_attention_option_in_one_line():
+    with pytest.raises(ValueError) as err:
+        create_model("resnet152", mask_activation="channel")
+    assert str(err.value) == (
+        "model resnet152 has no attention modules: it takes no mask_activation; leave it unset"
+    )
+
+
+def test_a_baseline_names_every_refused_option():
+    with pytest.raises(ValueError) as err:
+        create_model("preact_resnet164", combination="arl", mask_structure="local",
+                     mask_activation=None)
+    assert str(err.value) == ("model preact_resnet164 has no attention modules: it takes no "
+                              "combination, mask_structure; leave them unset")
+
+
+@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("option, value", [
+    ("depth", 56), ("p", 1), ("t", 2), ("r", 1), ("unit", "bottleneck"),
+    ("mask_activation", "mixed"), ("combination", "nal"), ("mask_structure", "encoder_decoder"),
+])
+def test_baselines_refuse_every_attention_option_that_is_set(name, option, value):
+    with pytest.raises(ValueError, match=f"^model {name} has no attention modules: it takes no "
+                                         f"{option}; leave it unset$"):
+        create_model(name, stem="cifar", **{option: value})
+
+
+def test_a_baseline_takes_in_channels():
+    model = create_model("resnet152", stem="cifar", num_classes=3, in_channels=1)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3)
 
 
 @pytest.mark.parametrize("activation", ["mixed", "spatial", "channel"])
@@ -181,7 +348,7 @@ def test_unknown_model_names_the_valid_choices():
 
 
 def test_impossible_depth_names_the_valid_depths():
-    with pytest.raises(ValueError, match=r"valid depths: 56, 92, 128, 164"):
+    with pytest.raises(ValueError, match=r"impossible depth 60 for p=1, t=2: .*depths: 56, 92, 128,"):
         create_model("attention56", depth=60)
 
 
@@ -193,7 +360,7 @@ def test_impossible_depth_names_the_valid_depths():
         ({"mask_structure": "unet"}, "valid choices: encoder_decoder, local"),
         ({"unit": "dense"}, "valid units: bottleneck, inception, resnext"),
         ({"stem": "mnist"}, "valid stems: imagenet, cifar"),
-        ({"dropout": 0.1}, "valid options:"),
+        ({"dropout": 0.1}, "unknown option.s. dropout for model attention56; valid options: comb"),
     ],
 )
 def test_bad_options_name_the_valid_choices(kwargs, pattern):
@@ -249,3 +416,10 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_models_import_neither_ray_nor_mlflow():
+    code = ("import sys, ran.models; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
