@@ -203,16 +203,15 @@ def _loose_files(root: str, split: str) -> list[dict[str, str]]:
 
 
 class _Keys:
-    """Unique WebDataset keys from relative paths (no dots in the basename; webdataset splits there)."""
+    """Unique WebDataset keys from relative paths: printable UTF-8 (see :func:`printable`), no dots
+    or white space (readers split the key from the extension at the first dot), ``/``-separated."""
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
 
     def __call__(self, rel_path: str) -> str:
         stem = os.path.splitext(printable(rel_path))[0].replace(os.sep, "/")
-        head, _, base = stem.rpartition("/")
-        base = re.sub(r"[.\s]", "_", base) or "_"
-        key = f"{head}/{base}" if head else base
+        key = "/".join(re.sub(r"[.\s]", "_", part) or "_" for part in stem.split("/"))
         unique, n = key, 1
         while unique in self.seen:
             unique, n = f"{key}_{n}", n + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -110,3 +111,35 @@ def test_the_data_layer_imports_neither_ray_nor_mlflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_build_and_verify_a_folder_of_every_kind_of_file(tmp_path, capsys):
+    import numpy as np
+
+    src = tmp_path / "src"
+    for folder in ("a", "b"):
+        (src / folder).mkdir(parents=True)
+    ramp = np.round(np.arange(64) * 65535 / 63).astype(np.uint16)
+    Image.fromarray(np.repeat(ramp[None], 8, axis=0)).save(src / "a" / "ramp16.png")
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.save(src / "a" / "palette.png", transparency=1)
+    Image.new("CMYK", (16, 16), (0, 100, 200, 30)).save(src / "a" / "cmyk.jpg")
+    Image.new("1", (16, 16), 1).save(src / "b" / "bits.png")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(src / "b" / "page.tif")
+    palette.save(src / "b" / "anim.gif")
+    fd = os.open(os.fsencode(src / "b") + b"/Mu\xf1oz.jpg", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, (src / "a" / "cmyk.jpg").read_bytes())
+    os.close(fd)
+    (src / "b" / "letter.jpg").write_text("Dear reader, this is not a JPEG.")
+    (src / "b" / "zero.png").write_bytes(b"")
+
+    assert ran("data", "build", "--source", "imagefolder", "--input", str(src), "--output", str(tmp_path / "out"),
+               "--workers", "2", "--samples-per-shard", "3") == 0
+    err = capsys.readouterr().err
+    assert "wrote " + str(tmp_path / "out") + ": train 7 samples in 3 shards" in err
+    assert "skipped 2 files (listed in manifest.json 'skipped'): 1 cannot decode, 1 empty file" in err
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert sorted(os.path.basename(s["path"]) for s in manifest["skipped"]) == ["letter.jpg", "zero.png"]
+    assert ran("data", "verify", str(tmp_path / "out"), "--workers", "1", "--quiet") == 0
+    assert "train: 3 shards, 7 samples, 2 classes: ok" in capsys.readouterr().out
