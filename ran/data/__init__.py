@@ -1,7 +1,7 @@
 """WebDataset shards: build them from image datasets, stream them as uint8 batches (no Ray, no MLflow).
 
-``ran.data.write`` turns ImageNet folders, image folders and CIFAR pickles into shards plus a
-``manifest.json``; ``ran.data.synth`` writes a small learnable dataset; ``ran.data.read`` streams
+``ran.data.write`` turns ImageNet (extracted folders or the official archives), image folders and
+CIFAR pickles into shards plus a ``manifest.json``; ``ran.data.synth`` writes a small learnable dataset; ``ran.data.read`` streams
 shards from a directory, ``s3://`` or ``http(s)://`` as batches split by rank and loader worker;
 ``ran.data.transforms`` holds the per-recipe augmentations and the on-device normaliser.
 

@@ -69,8 +69,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="shards + manifest from ImageNet, an image folder or CIFAR")
     build.add_argument("--source", required=True, choices=SOURCES, help="layout of --input")
     build.add_argument("--input", required=True, metavar="PATH",
-                       help="imagenet: train/<wnid>/, val/; imagefolder: <class>/ or train/ + val/; "
-                            "cifar: the python pickle folder")
+                       help="imagenet: train/<wnid>/ + val/, or the folder holding ILSVRC2012_img_train.tar, "
+                            "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (read in place); "
+                            "imagefolder: <class>/ or train/ + val/; cifar: the python pickle folder")
     build.add_argument("--output", required=True, metavar="DIR_OR_S3", help="directory or s3://bucket/prefix")
     build.add_argument("--samples-per-shard", type=int, default=2000, metavar="N")
     build.add_argument("--shard-size-mb", type=float, default=None, metavar="MB",

@@ -3,7 +3,8 @@
 A transform has two steps: ``sample(data, rng)`` decodes one encoded image straight to a uint8
 ``(3, crop, crop)`` tensor (cropping before resizing, and decoding JPEGs at a reduced DCT scale when
 the crop allows), and ``batch(images, rng)`` applies what is cheaper on a whole uint8 batch (the
-CIFAR pad-and-crop). The
+CIFAR pad-and-crop). Whatever the file's mode (16-bit, float, palette, alpha, CMYK, 1-bit...), every
+decode path turns it into 8-bit RGB through the one function :func:`to_rgb`. The
 float conversion and mean/std normalisation happen last, on the training device, with
 :func:`normalizer`.
 

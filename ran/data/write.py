@@ -1,15 +1,21 @@
-"""Sources -> WebDataset shards + ``manifest.json`` (ImageNet folders, image folders, CIFAR pickles).
+"""Sources -> WebDataset shards + ``manifest.json`` (ImageNet folders or archives, image folders, CIFAR).
 
 Layout of an output directory or ``s3://`` prefix::
 
-    train-000000.tar ... train-00NNNN.tar   samples: <key>.jpg|.png (source bytes), <key>.cls
+    train-000000.tar ... train-00NNNN.tar   samples: <key>.<ext> (image), <key>.cls (class index)
     val-000000.tar ...
     manifest.json                            written last, atomically
     .build/<shard>.json                      per-shard record, lets a re-run skip finished shards
 
 Samples are shuffled across shards with a seed; shards are written in parallel processes, each
-one atomically (a reader never sees half a shard). Images that cannot be read or decoded are left
-out and listed in the manifest with the reason.
+one atomically (a reader never sees half a shard). No single file can stop a build: every file
+under a class folder (or in an archive) becomes a sample or is listed in the manifest's
+``skipped`` with its path and reason (unsupported format, empty, unreadable, not an image, cannot
+be decoded, pixels without an 8-bit form), and the build prints both counts.
+
+Images are stored as the source bytes where the readers decode them as they are (JPEG, PNG, WebP,
+BMP, PPM/PGM: ``STORED_AS_IS``); other formats (TIFF, GIF, ...) are re-encoded losslessly as PNG.
+Keys and manifest paths are valid UTF-8 whatever the file names (:func:`printable`).
 """
 
 from __future__ import annotations
@@ -97,10 +103,11 @@ class Item:
 
     @classmethod
     def member(cls, key: str, label: int, archive: str, offset: int, size: int, mtime_ns: int,
-               name: str) -> "Item":
-        """The member ``name`` of the archive at path ``archive``: ``size`` bytes from ``offset``."""
+               where: str) -> "Item":
+        """A member of the archive file ``archive``: ``size`` bytes from ``offset``; ``where``
+        names it for people (``archive:member``, ``archive:nested.tar:member``)."""
         return cls(key, label, path=archive, nbytes=size, mtime_ns=mtime_ns, offset=offset,
-                   source=printable(f"{archive}:{name}"))
+                   source=printable(where))
 
     def read(self) -> bytes:
         """The encoded image: the whole file, or the member's byte range of its archive.

@@ -190,7 +190,8 @@ def test_bad_members_are_listed_and_the_rest_builds(tmp_path):
     src.mkdir()
     images = train_images()
     class_tars = {f"{w}.tar": tar_bytes(images[w]) for w in WNIDS}
-    class_tars[f"{WNIDS[1]}.tar"] = tar_bytes({**images[WNIDS[1]], "notes.txt": b"hello", "empty.JPEG": b""})
+    class_tars[f"{WNIDS[1]}.tar"] = tar_bytes({**images[WNIDS[1]], "notes.txt": b"hello", "empty.JPEG": b"",
+                                              "cut.JPEG": jpeg((1, 2, 3))[:200]})
     class_tars[f"{WNIDS[2]}.tar"] = b"this is not a tar archive" * 40
     class_tars["README"] = b"readme"
     (src / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(class_tars))
@@ -203,6 +204,7 @@ def test_bad_members_are_listed_and_the_rest_builds(tmp_path):
         (f"{archive}:README", "not a per-class <wnid>.tar"),
         (f"{archive}:{WNIDS[1]}.tar:notes.txt", "unsupported format (.txt)"),
         (f"{archive}:{WNIDS[1]}.tar:empty.JPEG", "empty file"),
+        (f"{archive}:{WNIDS[1]}.tar:cut.JPEG", "cannot decode"),
         (f"{archive}:{WNIDS[2]}.tar", "unreadable class archive"),
     ])
 
