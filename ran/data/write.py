@@ -205,8 +205,8 @@ def _image_files(root: str, split: str) -> tuple[list[tuple[str, os.stat_result]
 
 def _loose_files(root: str, split: str) -> list[dict[str, str]]:
     """``skipped`` entries for the images lying beside the class folders instead of in one."""
-    return [_skip(e.path, "not in a class folder", split) for e in sorted(os.scandir(root), key=lambda e: e.name)
-            if _is_image(e.name) and not e.is_dir()]
+    return [_skip(e.path, "not in a class folder", split)
+            for e in sorted(os.scandir(root), key=lambda e: e.name) if _is_image(e.name) and not e.is_dir()]
 
 
 class _Keys:
@@ -251,7 +251,8 @@ def _class_items(root: str, classes: list[str], split: str,
         files, class_skipped = _image_files(class_dir, split)
         skipped += class_skipped
         for rel, st in files:
-            items.append(Item.file(keys(os.path.join(name, rel)), index[name], os.path.join(class_dir, rel), st))
+            path = os.path.join(class_dir, rel)
+            items.append(Item.file(keys(os.path.join(name, rel)), index[name], path, st))
     return items, skipped
 
 
@@ -492,9 +493,9 @@ def scan_imagenet(root: str) -> Source:
     elif os.path.isfile(archive):
         classes, items, skipped = _train_archive(archive)
     else:
-        raise DataError(f"{root}: unknown layout: expected train/<wnid>/*.JPEG (and val/<wnid>/, or val/ with "
-                        f"{DEVKIT}.tar.gz or {VAL_SOLUTION}), or the downloaded {TRAIN_ARCHIVE}, "
-                        f"{VAL_ARCHIVE} and {DEVKIT}.tar.gz in this folder")
+        raise DataError(f"{root}: unknown layout: expected train/<wnid>/*.JPEG (and val/<wnid>/, or "
+                        f"val/ with {DEVKIT}.tar.gz or {VAL_SOLUTION}), or the downloaded "
+                        f"{TRAIN_ARCHIVE}, {VAL_ARCHIVE} and {DEVKIT}.tar.gz in this folder")
     source = Source("imagenet", [printable(c) for c in classes], {"train": items}, skipped)
     val_dir, val_archive = os.path.join(data_root, "val"), os.path.join(root, VAL_ARCHIVE)
     if os.path.isdir(val_dir) and _subdirs(val_dir):
@@ -518,7 +519,8 @@ def scan_imagenet(root: str) -> Source:
             except (OSError, tarfile.TarError) as exc:
                 raise DataError(f"{val_archive}: cannot read as an uncompressed tar ({exc}); re-download "
                                 "it, or decompress a .tar.gz") from None
-            val_items, val_skipped = _member_items(val_archive, members, val_archive, label_of, _Keys(), "val")
+            val_items, val_skipped = _member_items(val_archive, members, val_archive, label_of, _Keys(),
+                                                   "val")
         else:
             return source
     source.splits["val"] = val_items
@@ -862,7 +864,8 @@ def write_dataset(scanned: Source, output: str, *, source: str, samples_per_shar
     }
     storage.write_bytes_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
     if progress:
-        counts = ", ".join(f"{s} {v['total']} samples in {len(v['shards'])} shards" for s, v in splits.items())
+        counts = ", ".join(f"{s} {v['total']} samples in {len(v['shards'])} shards"
+                           for s, v in splits.items())
         print(f"wrote {output}: {counts}", file=sys.stderr)
         print(skipped_summary(skipped), file=sys.stderr)
     return manifest
@@ -875,4 +878,5 @@ def skipped_summary(skipped: list[dict[str, str]]) -> str:
         kind = entry["reason"].split(":", 1)[0].split(" (", 1)[0]
         kinds[kind] = kinds.get(kind, 0) + 1
     detail = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"skipped {len(skipped)} files" + (f" (listed in {MANIFEST} 'skipped'): {detail}" if skipped else "")
+    listed = f" (listed in {MANIFEST} 'skipped'): {detail}" if skipped else ""
+    return f"skipped {len(skipped)} files{listed}"

@@ -134,8 +134,8 @@ def test_build_and_verify_a_folder_of_every_kind_of_file(tmp_path, capsys):
     (src / "b" / "letter.jpg").write_text("Dear reader, this is not a JPEG.")
     (src / "b" / "zero.png").write_bytes(b"")
 
-    assert ran("data", "build", "--source", "imagefolder", "--input", str(src), "--output", str(tmp_path / "out"),
-               "--workers", "2", "--samples-per-shard", "3") == 0
+    assert ran("data", "build", "--source", "imagefolder", "--input", str(src),
+               "--output", str(tmp_path / "out"), "--workers", "2", "--samples-per-shard", "3") == 0
     err = capsys.readouterr().err
     assert "wrote " + str(tmp_path / "out") + ": train 7 samples in 3 shards" in err
     assert "skipped 2 files (listed in manifest.json 'skipped'): 1 cannot decode, 1 empty file" in err
