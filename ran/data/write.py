@@ -428,7 +428,7 @@ def devkit_val_labels(path: str) -> dict[str, str]:
     """
     meta, truth = _devkit_files(path)
     try:
-        from scipy.io import loadmat  # only this layout needs SciPy (a second of import time)
+        from scipy.io import loadmat  # only the devkit needs SciPy: other layouts build without it
     except ImportError:
         raise DataError(f"{path}: reading the devkit's meta.mat needs SciPy: pip install scipy") from None
     try:
