@@ -790,6 +790,9 @@ def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[dic
                     for future in futures:  # fail fast: do not write the rest first
                         future.cancel()
                     raise
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError(f"a shard writer process died (out of memory?): run the same build again with "
+                        f"fewer --workers than {workers}; finished shards are kept") from None
     finally:
         bar.close()
     return [records[task.name] for task in tasks]

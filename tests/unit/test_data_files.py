@@ -9,6 +9,7 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ran.data.read import verify_shards
@@ -118,3 +119,18 @@ def test_a_file_name_that_is_not_utf8_builds_under_an_escaped_key(tmp_path):
     text = (tmp_path / "out" / "manifest.json").read_bytes().decode("utf-8")  # strict UTF-8
     assert "\\udc" not in text and json.loads(text) == manifest
     assert verify_shards(str(tmp_path / "out"), workers=1, progress=False, out=io.StringIO())
+
+
+def die(task):
+    os._exit(9)  # as the kernel's out-of-memory killer would end a writer process
+
+
+def test_a_writer_process_that_dies_is_an_error_saying_what_to_change(tmp_path, monkeypatch):
+    from ran.data import DataError, write
+
+    for i in range(4):
+        save(tmp_path / "src" / "a" / f"{i}.png", noise(seed=i))
+    monkeypatch.setattr(write, "write_shard", die)
+    with pytest.raises(DataError, match="shard writer process died .* fewer --workers than 2"):
+        build_shards("imagefolder", str(tmp_path / "src"), str(tmp_path / "out"), samples_per_shard=2,
+                     workers=2, progress=False)
