@@ -9,14 +9,14 @@ import os
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 from ran.data import DataError
 from ran.data.read import verify_shards
 from ran.data.write import build_shards
-
-scipy_io = pytest.importorskip("scipy.io")
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]  # sorted: class index = position
 # meta.mat's ILSVRC2012_IDs follow WordNet, not sorted wnids: ID 1 is the last wnid here.
@@ -54,8 +54,6 @@ def tar_bytes(files, gz=False):
 
 def meta_mat():
     """The devkit's meta.mat: a synsets struct array with the leaves (num_children 0) and a parent."""
-    import numpy as np
-
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
               "num_train_images"]
     rows = [(ID_OF[w], w, f"words {w}", "gloss", 0, np.zeros((1, 0)), 0, PER_CLASS)
@@ -63,7 +61,7 @@ def meta_mat():
     rows.append((5, "n01440000", "fish", "gloss", 4, np.array([1, 2, 3, 4]), 1, 0))  # not a leaf
     synsets = np.array(rows, dtype=[(f, "O") for f in fields]).reshape(-1, 1)
     out = io.BytesIO()
-    scipy_io.savemat(out, {"synsets": synsets})
+    scipy.io.savemat(out, {"synsets": synsets})
     return out.getvalue()
 
 
