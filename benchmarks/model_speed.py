@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # the parent process needs it only here; the measuring happens in children
 
-    from ran.train.worker import native_bf16
+    from ran.runtime import native_bf16
 
     report = {
         "benchmark": "model_speed",

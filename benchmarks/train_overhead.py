@@ -56,7 +56,7 @@ def plain_loop(data: str, args: argparse.Namespace) -> dict[str, float]:
     from ran.data.read import make_loader
     from ran.data.transforms import normalizer
     from ran.models import create_model
-    from ran.train.worker import resolve_precision
+    from ran.runtime import resolve_precision
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

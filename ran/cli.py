@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard directory or s3:// prefix")
     p.add_argument("--split", default="val")
     p.add_argument("--crop", type=int, help="eval crop (default: the model's, e.g. 320 for A-92)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="default: the model's data.batch_size")
+    p.add_argument("--workers", type=int, help="loader processes (default: the model's data.workers)")
     p.set_defaults(func=_lazy("ran.evaluate:cli_eval"))
 
     p = sub.add_parser("promote", help="move a registry alias to a version if it beats the holder")

@@ -24,12 +24,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
+import requests
+from ray.job_submission import JobSubmissionClient
+
+from ran import tracking
 from ran.config import JobConfig, load_config
-
-if TYPE_CHECKING:
-    from ray.job_submission import JobSubmissionClient
+from ran.train.localray import auth_token
+from ran.tune.space import check_space, load_space
 
 # Environment passed to the job: MLflow (where runs go, S3 artifacts, server credentials) and every
 # AWS_* setting (S3 shards and storage). Sent in the runtime env, so visible in the dashboard:
@@ -110,9 +113,7 @@ def job_env(local: bool, notes: list[str], extra: list[str] | None = None) -> di
                 raise ValueError(f"--env {key}: not set here; pass --env {key}=VALUE")
             value = os.environ[key]
         env[key] = value
-    from ran.tracking import tracking_uri
-
-    uri = tracking_uri()  # MLFLOW_TRACKING_URI or the embedded sqlite store, made absolute
+    uri = tracking.tracking_uri()  # MLFLOW_TRACKING_URI or the embedded sqlite store, made absolute
     file_store = uri.startswith(("sqlite:", "file:", "/"))
     if local:
         if uri != env.get("MLFLOW_TRACKING_URI"):
@@ -156,7 +157,6 @@ def validate(job: str, overrides: list[str], tune: str | None = None) -> JobConf
     """The job config (and the Tune space over it) as ``ran train`` / ``ran tune`` will check them."""
     cfg = load_config(job, overrides)
     if tune:
-        from ran.tune.space import check_space, load_space
 
         check_space(load_space(tune), cfg.model_dump())
     return cfg
@@ -192,21 +192,6 @@ def build_submission(job: str, overrides: list[str], *, local: bool, tune: str |
 # Talking to the cluster
 
 
-def auth_token() -> str | None:
-    """The Ray auth token where Ray looks for one (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
-    ``~/.ray/auth_token``); None if there is none or ``RAY_AUTH_MODE=disabled``."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        try:
-            token = path.read_text().strip()
-        except OSError:
-            return None
-    return token or None
-
-
 def auth_headers() -> dict[str, str]:
     """The Ray auth token as a bearer header, where Ray would find one.
 
@@ -219,10 +204,8 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: str | None) -> "JobSubmissionClient":
+def connect(address: str | None) -> JobSubmissionClient:
     """A JobSubmissionClient for ``address`` (else RAY_API_SERVER_ADDRESS or an http RAY_ADDRESS)."""
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
@@ -261,8 +244,6 @@ def cluster_is_local(address: str) -> bool:
     The dashboard address alone cannot tell: ``http://127.0.0.1:8265`` is just as often a port
     forward (``ray dashboard``, ``kubectl port-forward``) to a remote cluster.
     """
-    import requests
-
     url = f"{normalize_address(address)}/api/v0/nodes?limit=1000"
     try:
         response = requests.get(url, headers=auth_headers(), timeout=30)

@@ -30,9 +30,11 @@ class ModelConfig(_Section):
     t: int | None = Field(None, ge=1)  # trunk units per module
     r: int | None = Field(None, ge=1)  # mask units between poolings
     unit: Literal["bottleneck", "resnext", "inception"] | None = None  # None: the model's own
-    mask_activation: Literal["mixed", "channel", "spatial"] = "mixed"  # f1 / f2 / f3
-    combination: Literal["arl", "nal"] = "arl"  # (1 + M) * T or M * T
-    mask_structure: Literal["encoder_decoder", "local"] = "encoder_decoder"  # Table 4 ablation
+    # The attention options: None is the model's own (mixed, arl, encoder_decoder); a model
+    # without attention modules (resnet152, preact_resnet164) refuses any other value.
+    mask_activation: Literal["mixed", "channel", "spatial"] | None = None  # f1 / f2 / f3
+    combination: Literal["arl", "nal"] | None = None  # (1 + M) * T or M * T
+    mask_structure: Literal["encoder_decoder", "local"] | None = None  # Table 4 ablation
 
 
 class DataConfig(_Section):
@@ -126,7 +128,44 @@ class JobConfig(_Section):
             raise ValueError("set train.epochs or schedule.total_steps: the run needs a length")
         if self.schedule.total_steps and any(m > self.schedule.total_steps for m in self.schedule.milestones):
             raise ValueError("schedule.milestones must not exceed schedule.total_steps")
+        if self.train.sync_batchnorm and not self.scaling.use_gpu:
+            raise ValueError("train.sync_batchnorm needs scaling.use_gpu=true (PyTorch's "
+                             "SyncBatchNorm is GPU-only)")
         return self
+
+    def with_values(self, changes: dict[str, Any]) -> "JobConfig":
+        """A copy with dotted keys set (``{"data.path": "/abs"}``); each value is validated as its
+        field is, without dumping and re-validating the whole config.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value.
+        """
+        copy = self.model_copy(deep=True)
+        for dotted, value in changes.items():
+            section, _, key = dotted.partition(".")
+            target = getattr(copy, section, None) if key else copy
+            name = key or section
+            if target is None or name not in type(target).model_fields:
+                raise ConfigError(_unknown_key_message(dotted))
+            try:
+                setattr(target, name, value)
+            except ValidationError as err:
+                raise ConfigError(_format_validation_error(err, dotted)) from None
+        return copy
+
+    def resolve(self, *, data_path: str, num_classes: int, storage_path: str) -> "JobConfig":
+        """The config a run uses: absolute data and storage paths, ``model.num_classes`` from the
+        data (pre-flight reads them; workers, checkpoints and logged models get this config).
+
+        Raises:
+            ConfigError: ``model.num_classes`` was set and differs from the data's.
+        """
+        if self.model.num_classes not in (None, num_classes):
+            raise ConfigError(f"model.num_classes={self.model.num_classes} but {data_path} has "
+                              f"{num_classes} classes; leave model.num_classes unset to take it "
+                              "from the manifest")
+        return self.with_values({"data.path": data_path, "model.num_classes": num_classes,
+                                 "storage.path": storage_path})
 
     @property
     def run_name(self) -> str:

@@ -22,9 +22,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+
+from ran import runtime, tracking
+from ran.data.transforms import make_transform, normalizer
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from torch import nn
 
     from ran.config import JobConfig
@@ -64,10 +69,6 @@ class Explanation:
 
 def read_image(path: str | Path, recipe: str, crop: int) -> torch.Tensor:
     """The eval transform of ``recipe`` applied to the image file: uint8 ``(3, crop, crop)``."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ran.data.transforms import make_transform
-
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path}: no such file")
@@ -103,8 +104,6 @@ def mask_panels(masks: Sequence[torch.Tensor], size: tuple[int, int]) -> list[Ma
 @torch.inference_mode()
 def explain(model: "nn.Module", image: torch.Tensor, recipe: str) -> Explanation:
     """Run ``model`` on one uint8 ``(3, H, W)`` image and collect its prediction and masks."""
-    from ran.data.transforms import normalizer
-
     model.eval()
     device = next(model.parameters()).device
     x = normalizer(recipe)(image[None].to(device))
@@ -121,11 +120,8 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
     return math.ceil(num_panels / columns), columns
 
 
-def draw(explanation: Explanation, title: str) -> "Figure":
+def draw(explanation: Explanation, title: str) -> Figure:
     """The figure: the input, then one heat-map panel per attention module."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows, columns = grid_shape(1 + len(explanation.panels))
     height = rows * PANEL_INCHES + TITLE_INCHES
     fig = Figure(figsize=(columns * PANEL_INCHES, height), dpi=DPI)
@@ -170,9 +166,7 @@ def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[s
 
     Every image is read first, so an unreadable one fails the call before anything is written.
     """
-    from ran.evaluate import eval_crop
-
-    crop = crop or eval_crop(cfg)
+    crop = crop or runtime.eval_crop(cfg)
     recipe = cfg.data.recipe
     pictures = [read_image(path, recipe, crop) for path in images]
     if not model_has_masks(model):
@@ -203,25 +197,22 @@ def model_has_masks(model: "nn.Module") -> bool:
 
 
 def cli_explain(args: argparse.Namespace) -> int:
-    from ran.evaluate import load_model, resolve_model
-
-    source = resolve_model(args.model)
-    model, cfg, class_names = load_model(source)
-    written = explain_images(model, cfg, class_names, args.images, args.out,
+    """``ran explain MODEL IMAGE... --out DIR [--crop N] [--log-mlflow]``."""
+    loaded = runtime.load_model(args.model)
+    written = explain_images(loaded.model, loaded.config, loaded.class_names, args.images, args.out,
                              crop=getattr(args, "crop", None))
     for path in written:
         print(path)
     if args.log_mlflow:
-        run_id = log_explanations(written, source, cfg)
+        run_id = log_explanations(written, loaded.source, loaded.config)
         print(f"logged {len(written)} picture(s) to MLflow run {run_id}")
     return 0
 
 
-def log_explanations(paths: Sequence[Path], source: object, cfg: "JobConfig") -> str:
+def log_explanations(paths: Sequence[Path], source: tracking.ModelSource, cfg: "JobConfig") -> str:
     """Log the PNGs under ``attention/`` of a new run tagged with the model; returns its id."""
-    from ran.evaluate import start_linked_run
-
-    with start_linked_run(source, cfg, kind="explain") as (client, run_id):
+    with tracking.linked_run(cfg.tracking.experiment, kind="explain",
+                             run_name=f"explain {source.label}", tags=source.tags()) as run:
         for path in paths:
-            client.log_artifact(run_id, str(path), "attention")
-    return run_id
+            run.log_artifact(path, "attention")
+    return run.run_id

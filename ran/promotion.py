@@ -26,16 +26,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-METRIC_TAGS = ("val_top1", "val_top5", "val_loss")  # set by RunTracker.log_final_model
-DATA_PARAMS = ("data.path", "data.val_split")  # what the recorded metrics were measured on
-
-
-def _client() -> Any:
-    from mlflow.tracking import MlflowClient
-
-    from ran.tracking import tracking_uri
-
-    return MlflowClient(tracking_uri=tracking_uri())
+from ran import runtime, tracking
+from ran.tracking import DATA_PARAMS
 
 
 class PromotionError(ValueError):
@@ -72,45 +64,13 @@ class Decision:
 # Reading the registry
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _version(client: Any, name: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException:
-        known = ", ".join(sorted((str(v.version) for v in _versions(client, name)), key=int)) or "none"
-        raise PromotionError(f"registered model {name!r} has no version {version} "
-                             f"(versions: {known})") from None
-
-
-def _versions(client: Any, name: str) -> list[Any]:
-    found = client.search_model_versions(f"name = {_quote(name)}")
-    return sorted(found, key=lambda v: int(v.version), reverse=True)
-
-
-def alias_holder(client: Any, name: str, alias: str) -> Any | None:
-    """The version ``alias`` points at, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        raise PromotionError(f"no registered model {name!r} (see `ran registry`)") from None
-    version = model.aliases.get(alias)
-    return None if version is None else client.get_model_version(name, str(version))
-
-
-def recorded_standing(client: Any, mv: Any) -> Standing:
+def recorded_standing(mv: Any) -> Standing:
     """The validation metrics recorded with a version, and the data they were measured on."""
     tags = mv.tags or {}
     if "val_top1" not in tags:
         raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded val_top1 tag; "
                              "pass --eval-data PATH to evaluate it")
-    params = client.get_run(mv.run_id).data.params if mv.run_id else {}
+    params = tracking.run_params(mv.run_id)
     path, split = (params.get(k, "?") for k in DATA_PARAMS)
     return Standing(str(mv.version), float(tags["val_top1"]), _float(tags.get("val_top5")),
                     _float(tags.get("val_loss")), basis=f"{path} [{split}] (recorded)")
@@ -122,9 +82,7 @@ def _float(text: str | None) -> float | None:
 
 def evaluated_standing(name: str, version: str, data: str) -> Standing:
     """A fresh evaluation of ``models:/name/version`` on the ``val`` split of ``data``."""
-    from ran.evaluate import evaluate_ref
-
-    _, _, m = evaluate_ref(f"models:/{name}/{version}", data, "val")
+    _, m = runtime.evaluate_ref(f"models:/{name}/{version}", data, "val")
     return Standing(str(version), m["top1"], m["top5"], m["loss"], basis=f"{data} [val] (evaluated)")
 
 
@@ -181,21 +139,18 @@ def promotion_tags(decision: Decision, alias: str, user: str, reason: str,
 def promote(name: str, version: str, alias: str = "champion", *, min_top1: float | None = None,
             eval_data: str | None = None, reason: str = "", user: str | None = None) -> Decision:
     """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring."""
-    from mlflow.exceptions import MlflowException
-
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise PromotionError(f"--min-top1 {min_top1}: give top-1 as a fraction, e.g. 0.75 for 75%")
-    client = _client()
-    mv = _version(client, name, version)
-    holder_mv = alias_holder(client, name, alias)
+    mv = tracking.model_version(name, version)
+    holder_mv = tracking.alias_holder(name, alias)
     if holder_mv is not None and str(holder_mv.version) == str(mv.version):
         return Decision("unchanged", f"version {mv.version} already holds {alias!r}")
     if eval_data:
         candidate = evaluated_standing(name, str(mv.version), eval_data)
         holder = evaluated_standing(name, str(holder_mv.version), eval_data) if holder_mv else None
     else:
-        candidate = recorded_standing(client, mv)
-        holder = recorded_standing(client, holder_mv) if holder_mv else None
+        candidate = recorded_standing(mv)
+        holder = recorded_standing(holder_mv) if holder_mv else None
         if holder is not None and holder.basis != candidate.basis:
             raise PromotionError(
                 f"recorded metrics are not comparable: version {candidate.version} validated on "
@@ -205,19 +160,11 @@ def promote(name: str, version: str, alias: str = "champion", *, min_top1: float
     if not decision.promoted:
         return decision
     when = dt.datetime.now(dt.timezone.utc)
-    who = user or current_user()
-    try:
-        client.set_registered_model_alias(name, alias, str(mv.version))
-    except MlflowException as err:
-        raise PromotionError(f"cannot set alias {alias!r} on {name}/{mv.version}: {err.message}") from None
-    decision.tags = promotion_tags(decision, alias, who, reason, when)
-    for key, value in decision.tags.items():
-        client.set_model_version_tag(name, str(mv.version), key, value)
-    if holder_mv is not None:
-        client.set_model_version_tag(name, str(holder_mv.version), f"promotion.{alias}.replaced_by",
-                                     str(mv.version))
-        client.set_model_version_tag(name, str(holder_mv.version), f"promotion.{alias}.replaced_at",
-                                     decision.tags[f"promotion.{alias}.at"])
+    decision.tags = promotion_tags(decision, alias, user or current_user(), reason, when)
+    replaced = str(holder_mv.version) if holder_mv is not None else None
+    tracking.move_alias(name, alias, str(mv.version), decision.tags, replaced, {
+        f"promotion.{alias}.replaced_by": str(mv.version),
+        f"promotion.{alias}.replaced_at": decision.tags[f"promotion.{alias}.at"]})
     return decision
 
 
@@ -240,23 +187,13 @@ def cli_promote(args: argparse.Namespace) -> int:
 
 def registry_rows(name: str | None = None) -> list[dict[str, str]]:
     """One row per registered version: model, version, aliases, recorded metrics, run, created."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    if name:
-        try:
-            models = [client.get_registered_model(name)]
-        except MlflowException:
-            known = ", ".join(m.name for m in _registered_models(client)) or "none"
-            raise PromotionError(f"no registered model {name!r} (registered: {known})") from None
-    else:
-        models = _registered_models(client)
+    models = [tracking.registered_model(name)] if name else tracking.registered_models()
     rows = []
     for model in models:
         aliases: dict[str, list[str]] = {}
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        for mv in _versions(client, model.name):
+        for mv in tracking.model_versions(model.name):
             tags = mv.tags or {}
             rows.append({
                 "model": model.name, "version": str(mv.version),
@@ -268,16 +205,6 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
                     "%Y-%m-%d %H:%M"),
             })
     return rows
-
-
-def _registered_models(client: Any) -> list[Any]:
-    models, token = [], None
-    while True:
-        page = client.search_registered_models(max_results=100, page_token=token)
-        models.extend(page)
-        token = page.token
-        if not token:
-            return sorted(models, key=lambda m: m.name)
 
 
 def _metric(text: str | None) -> str:
@@ -297,11 +224,9 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 
 def cli_registry(args: argparse.Namespace) -> int:
-    from ran.tracking import tracking_uri
-
     rows = registry_rows(args.name)
     if not rows:
-        print(f"no registered model versions in {tracking_uri()}")
+        print(f"no registered model versions in {tracking.tracking_uri()}")
         return 0
     print(format_table(rows))
     return 0

@@ -1,8 +1,12 @@
 """One training run on Ray Train.
 
 - :mod:`ran.train.schedule` — the run plan and lr schedules (imports no Ray).
-- :mod:`ran.train.worker` — the per-worker :class:`~ran.train.worker.Trainer`.
-- :mod:`ran.train.launch` — config -> ``TorchTrainer``: :func:`~ran.train.launch.run_training`.
+- :mod:`ran.train.trainer` — the per-worker :class:`~ran.train.trainer.Trainer`.
+- :mod:`ran.train.launch` — config -> pre-flight -> ``TorchTrainer``:
+  :func:`~ran.train.launch.run_training`.
+- :mod:`ran.train.rundir` — run directories and ``--resume``.
+- :mod:`ran.train.localray` — an address, or a local Ray for one job.
+- :mod:`ran.train.faults` — kill a worker from outside (tests and drills).
 
 Nothing is imported here eagerly, so ``import ran.train.schedule`` does not import Ray.
 """
@@ -14,8 +18,7 @@ from typing import Any
 _LAZY = {
     "run_training": "ran.train.launch",
     "TrainOutcome": "ran.train.launch",
-    "Trainer": "ran.train.worker",
-    "load_checkpoint": "ran.train.worker",
+    "Trainer": "ran.train.trainer",
     "plan_run": "ran.train.schedule",
     "RunPlan": "ran.train.schedule",
 }

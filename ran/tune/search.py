@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import csv
 import math
 import os
 import tempfile
@@ -35,23 +36,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import ray
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+from ray import tune
+from ray.train import Result
+from ray.tune import CLIReporter, ExperimentAnalysis
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
-from ran.config import ConfigError, JobConfig, apply_overrides, load_config, parse_config
+from ran import tracking
+from ran.config import ConfigError, JobConfig, apply_overrides, flatten, load_config, parse_config
+from ran.data.read import split_shards
+from ran.tracking import (
+    BASE_CONFIG, BEST_CONFIG, PLOT_PNG, RESULTS_CSV, SPACE_ARTIFACT, TAG_BEST_RUN, TAG_ERROR,
+    TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_TRIAL, TAG_TRIAL_STATUS,
+)
+from ran.train import localray
+from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
+from ran.train.rundir import storage_for
+from ran.train.schedule import plan_run
 from ran.tune.space import SearchSpace, check_space, load_space
-
-RESULTS_CSV = "results.csv"
-PLOT_PNG = "metric_vs_params.png"
-BEST_CONFIG = "best_config.yaml"
-SPACE_ARTIFACT = "space.yaml"
-
-TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
-TAG_KIND = "ran.kind"  # "search" on the parent run
-TAG_SEARCH = "ran.search"  # the search name, on the parent and every trial run
-TAG_TRIAL = "ran.trial_id"  # the Tune trial id, on trial runs
-TAG_TRIAL_STATUS = "ran.trial_status"  # completed | stopped | failed
-TAG_ERROR = "ran.error"  # first line of a failed trial's error
-TAG_BEST_RUN = "ran.best_run_id"  # on the parent
 
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", UNFINISHED: "KILLED"}
@@ -110,13 +120,11 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
 
     Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
     """
-    from ran.train.launch import check_model_and_options, check_shards, resolve_config
-
     base = check_space(space, job_raw)
     base, manifest = resolve_config(base)
     check_shards(base, manifest)
     if not any(k.startswith("model.") for k in space.searched_keys):
-        check_model_and_options(base)  # searched models are checked per trial
+        check_model(base)  # searched models are checked per trial
     s = space.settings
     if s.metric.startswith("val_") and s.metric != "val_top1" and base.train.eval_every > 1:
         raise ConfigError(f"search.metric {s.metric} is reported only on validation epochs; with "
@@ -133,9 +141,6 @@ def planned_epochs(cfg: JobConfig, manifest: dict[str, Any]) -> int:
     """Epochs a run of ``cfg`` trains: ``train.epochs``, else ``schedule.total_steps`` rescaled
     (:func:`ran.train.schedule.plan_run`, with the training loader's ``total // (batch x workers)``
     batches per epoch)."""
-    from ran.data.read import split_shards
-    from ran.train.schedule import plan_run
-
     if cfg.train.epochs is not None:
         return cfg.train.epochs
     total = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.train_split))
@@ -154,25 +159,18 @@ def build_searcher(space: SearchSpace, limit: int = 0) -> Any:
     s = space.settings
     if s.search_alg == "optuna":
         try:
-            import optuna  # noqa: F401
+            import optuna  # noqa: F401 - optional (the optuna extra): needed only by such spaces
         except ImportError:
             raise ConfigError("search_alg optuna needs Optuna: pip install 'ran[optuna]' "
                               "(or use search_alg: random)") from None
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed)
         return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # Tune ignores TuneConfig.max_concurrent_trials for this generator: it limits itself.
     return BasicVariantGenerator(max_concurrent=limit, random_state=s.seed)
 
 
 def build_scheduler(space: SearchSpace, max_t: int) -> Any:
     """ASHA on the per-epoch metric (time axis: the reported ``epoch``), or FIFO."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = space.settings
     if s.scheduler == "fifo":
         return FIFOScheduler()
@@ -231,11 +229,6 @@ def trial_config(job_raw: dict[str, Any], overrides: dict[str, Any], name: str,
 def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[str, Any],
                   ctx: SearchContext) -> None:
     """Tune's trainable: build and fit one Ray Train run, reporting every epoch to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ran.train.launch import run_training
-
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri  # this actor runs in the trial directory
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(job_raw, space.trial_overrides(params), ctx.name, trial_id)
@@ -245,8 +238,6 @@ def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[s
 
 def _started_before(cfg: JobConfig) -> bool:
     """Whether this trial's Ray Train directory exists (a restored search continues it)."""
-    from ran.train.launch import storage_for
-
     try:
         storage_for(cfg, resume=True)
     except ConfigError:  # "nothing to resume"
@@ -259,44 +250,31 @@ def _started_before(cfg: JobConfig) -> bool:
 
 
 def open_parent_run(space: SearchSpace, base: JobConfig, name: str, storage_uri: str,
-                    uri: str, resume: bool) -> Any:
+                    uri: str, resume: bool) -> tracking.RunTracker:
     """The search's MLflow run: found by its storage tag on resume, else created."""
-    from ran import tracking
-
     if resume:
         found = tracking.RunTracker.find(base.tracking.experiment, storage_uri, uri)
         if found is not None:
             found.reopen()
             return found
-    client = _client(uri)
-    experiment_id = tracking.ensure_experiment(base.tracking.experiment, uri)
     tags = {TAG_KIND: "search", TAG_SEARCH: name, tracking.TAG_STORAGE: storage_uri,
             "mlflow.note.content": space.description or f"ran tune {space.name}",
             tracking.TAG_JOB: base.name, tracking.TAG_MODEL: base.model.name,
-            **tracking.ray_job_tags()}
+            **tracking.ray_job_tags(ray.get_runtime_context().get_job_id())}
     commit = tracking.git_commit()
     if commit:
         tags[tracking.TAG_GIT] = commit
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    parent = tracking.RunTracker(run.info.run_id, uri)
+    parent = tracking.RunTracker.create(base.tracking.experiment, run_name=name, tags=tags, uri=uri)
     searched = set(space.searched_keys)
     parent.log_params({k: v for k, v in base.flat().items() if k not in searched})
     parent.log_params({f"search.{k}": v for k, v in _flat_settings(space).items()})
     parent.log_params({"search.space": space.name, "search.keys": ",".join(space.searched_keys)})
-    parent.log_text(base.to_yaml(), "base_config.yaml")
+    parent.log_text(base.to_yaml(), BASE_CONFIG)
     parent.log_text(_space_yaml(space), SPACE_ARTIFACT)
     return parent
 
 
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _flat_settings(space: SearchSpace) -> dict[str, Any]:
-    from ran.config import flatten
-
     return flatten(space.settings.model_dump())
 
 
@@ -306,39 +284,22 @@ def _space_yaml(space: SearchSpace) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def trial_runs(parent_run_id: str, experiment: str, uri: str) -> dict[str, str]:
-    """Trial id -> MLflow run id, for the child runs of a search run."""
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return {}
-    runs = client.search_runs([found.experiment_id], f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
-                              max_results=10_000)
-    return {r.data.tags[TAG_TRIAL]: r.info.run_id for r in runs if TAG_TRIAL in r.data.tags}
-
-
 def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str,
                  params: dict[str, Any] | None = None) -> None:
     """Give the trial's child run its final status (creating one, with ``params``, for a trial
     that failed before its run started, so that every trial of the search is in MLflow)."""
-    from ran import tracking
-
-    client = _client(ctx.tracking_uri)
     if trial.run_id is None and trial.status != FAILED:
         return  # never started (an interrupted search): --resume starts its run
     if trial.run_id is None:
-        experiment_id = tracking.ensure_experiment(experiment, ctx.tracking_uri)
-        run = client.create_run(experiment_id, run_name=f"{ctx.name}/{trial.trial_id}", tags={
-            TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial.trial_id})
-        trial.run_id = run.info.run_id
-        tracking.RunTracker(trial.run_id, ctx.tracking_uri).log_params(params or trial.overrides)
-    client.set_tag(trial.run_id, TAG_TRIAL_STATUS, trial.status)
-    if trial.error:
-        client.set_tag(trial.run_id, TAG_ERROR, trial.error[:5000])
-    info = client.get_run(trial.run_id).info
-    wanted = _RUN_STATUS[trial.status]
-    if info.status != wanted and not (info.status == "FINISHED" and trial.status == COMPLETED):
-        client.set_terminated(trial.run_id, status=wanted)
+        run = tracking.trial_run(experiment, ctx.parent_run_id, ctx.name, trial.trial_id,
+                                 ctx.tracking_uri)
+        trial.run_id = run.run_id
+        run.log_params(params or trial.overrides)
+    run = tracking.RunTracker(trial.run_id, ctx.tracking_uri)
+    run.set_tags({TAG_TRIAL_STATUS: trial.status, **({TAG_ERROR: trial.error[:5000]} if trial.error else {})})
+    status, wanted = run.status, _RUN_STATUS[trial.status]
+    if status != wanted and not (status == "FINISHED" and trial.status == COMPLETED):
+        run.finish(wanted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,12 +319,11 @@ def collect(grid: Any, space: SearchSpace, job_raw: dict[str, Any], manifest: di
     ASHA stops every trial that reaches ``max_t`` too (its driver is killed right after the last
     report), so a trial counts as completed when it reported all its epochs, or its run finished.
     """
-    from ray.tune import ExperimentAnalysis
-
     analysis = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
     tune_status = {t.trial_id: t.status for t in analysis.trials}
-    runs = trial_runs(ctx.parent_run_id, experiment, ctx.tracking_uri)
-    finished = _finished_runs(list(runs.values()), ctx.tracking_uri)
+    runs = tracking.child_runs(ctx.parent_run_id, experiment, ctx.tracking_uri)
+    finished = {r for r in runs.values()
+                if tracking.RunTracker(r, ctx.tracking_uri).status == "FINISHED"}
     metric = space.settings.metric
     trials = []
     for result in grid:
@@ -387,11 +347,6 @@ def collect(grid: Any, space: SearchSpace, job_raw: dict[str, Any], manifest: di
             epochs=epochs, run_id=run_id, error=_first_line(result.error),
         ))
     return trials
-
-
-def _finished_runs(run_ids: list[str], uri: str) -> set[str]:
-    client = _client(uri)
-    return {r for r in run_ids if client.get_run(r).info.status == "FINISHED"}
 
 
 def _history(frame: Any, metric: str) -> list[float]:
@@ -446,8 +401,6 @@ def results_rows(trials: list[TrialOutcome], keys: list[str], metric: str, mode:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """``rows`` as CSV (columns from the first row)."""
-    import csv
-
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
         writer.writeheader()
@@ -461,15 +414,12 @@ def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: 
     Colours tell completed, stopped (by ASHA) and failed trials apart; failed ones sit at the
     bottom of the axis with an ``x``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = space.searched_keys
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     log_keys = {d.keys[0] for d in space.params.values() if d.kind == "loguniform"}
     for ax, key in zip(axes.flat, keys):
         _panel(ax, trials, key, space.settings.metric, key in log_keys)
@@ -478,7 +428,6 @@ def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: 
     fig.suptitle(f"{space.name}: {space.settings.metric} ({space.settings.mode}) per trial")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 _COLOURS = {COMPLETED: "tab:blue", STOPPED: "tab:orange", UNFINISHED: "tab:gray", FAILED: "tab:red"}
@@ -501,8 +450,6 @@ def _panel(ax: Any, trials: list[TrialOutcome], key: str, metric: str, log: bool
         ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0)
         ax.set_xlim(-0.5, len(labels) - 0.5)
     if log:
-        from matplotlib.ticker import NullFormatter
-
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
     ax.set_xlabel(key)
@@ -553,11 +500,6 @@ def best_config(job_raw: dict[str, Any], best: TrialOutcome, base: JobConfig, na
 def register_best(cfg: JobConfig, manifest: dict[str, Any], best: TrialOutcome, storage: Any,
                   uri: str) -> str | None:
     """Log the best trial's final model into its run and register it; ``name/version`` or None."""
-    from ray.train import Result
-
-    from ran import tracking
-    from ran.train.launch import finalize
-
     if best.run_id is None:
         return None
     result = Result.from_path(f"{storage.ray_path.rstrip('/')}/{cfg.storage.name}",
@@ -576,7 +518,7 @@ def log_results(parent: Any, outcome: SearchOutcome, space: SearchSpace) -> None
         write_csv(rows, files[RESULTS_CSV])
         plot_metric_vs_params(outcome.trials, space, files[PLOT_PNG])
         for path in files.values():
-            parent.client.log_artifact(parent.run_id, str(path))
+            parent.log_artifact(path)
     if outcome.best_config is not None:
         parent.log_text(outcome.best_config.to_yaml(), BEST_CONFIG)
     counts = {s: sum(t.status == s for t in outcome.trials) for s in _COLOURS}
@@ -585,8 +527,6 @@ def log_results(parent: Any, outcome: SearchOutcome, space: SearchSpace) -> None
         parent.log_metrics({f"best_{metric}": outcome.best.metric}, step=0)
         parent.set_tags({TAG_BEST_RUN: outcome.best.run_id or "", TAG_TRIAL: outcome.best.trial_id})
     if outcome.registered:
-        from ran import tracking
-
         parent.set_tags({tracking.TAG_VERSION: outcome.registered})
 
 
@@ -609,8 +549,6 @@ def _cli_reporter_output() -> Iterator[None]:
 
 
 def _reporter(space: SearchSpace) -> Any:
-    from ray.tune import CLIReporter
-
     s = space.settings
     params = {name: name.split(",")[0].split(".")[-1] if len(d.keys) == 1 else
               "/".join(k.split(".")[-1] for k in d.keys) for name, d in space.params.items()}
@@ -622,8 +560,6 @@ def _reporter(space: SearchSpace) -> Any:
 def build_tuner(space: SearchSpace, job_raw: dict[str, Any], ctx: SearchContext, storage: Any,
                 limit: int, max_t: int, resume: bool) -> Any:
     """The ``Tuner`` of a search, or the restored one (``resume``)."""
-    from ray import tune
-
     s = space.settings
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, space=space, job_raw=job_raw, ctx=ctx),
@@ -664,20 +600,14 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     Raises:
         ConfigError, DataError: a problem found before Ray started.
     """
-    from ran import tracking
-    from ran.train.launch import connect_ray, storage_for
-
     base, manifest = prepare(space, job_raw)
     build_searcher(space)  # Optuna missing: say so before Ray starts
     name = search_name(space, base)
-    search_cfg = parse_config(apply_overrides(base.model_dump(), {"storage.name": name}))
-    storage = storage_for(search_cfg, resume=resume)
+    storage = storage_for(base.with_values({"storage.name": name}), resume=resume)
     job_raw = base.model_dump()  # resolved: absolute paths, num_classes (trials run elsewhere)
     uri = tracking.tracking_uri()
-    started = connect_ray(address)
+    started = localray.connect(address)
     try:
-        import ray
-
         limit = concurrency_limit(space, base, ray.cluster_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
@@ -693,10 +623,8 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
             raise
         return _finish(grid, space, base, job_raw, manifest, ctx, storage, parent)
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        if started is not None:
+            started.stop()
 
 
 def _finish(grid: Any, space: SearchSpace, base: JobConfig, job_raw: dict[str, Any],
@@ -722,8 +650,6 @@ def _finish(grid: Any, space: SearchSpace, base: JobConfig, job_raw: dict[str, A
 
 def _registered_before(parent: Any, best: TrialOutcome) -> str | None:
     """The version registered by an earlier pass over the same finished search (``--resume``)."""
-    from ran import tracking
-
     if parent.tag(TAG_BEST_RUN) == best.run_id:
         return parent.tag(tracking.TAG_VERSION)
     return None

@@ -73,7 +73,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
 def test_registered_version_loads_and_runs(trained):
     import mlflow.pytorch
 
-    from ran.tracking import load_ran_model
+    from ran.runtime import load_model
 
     name, version = trained.registered.split("/")
     assert name == "tiny-ran"
@@ -87,7 +87,7 @@ def test_registered_version_loads_and_runs(trained):
     logits = exported(x)
     assert logits.shape == (3, 4)
 
-    rebuilt = load_ran_model(f"models:/{name}/{version}")
+    rebuilt = load_model(f"models:/{name}/{version}")
     assert type(rebuilt.model).__name__ == "ResidualAttentionNet"
     assert rebuilt.class_names[0] == "00-disc-solid"
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_registered_version_loads_and_runs(trained):
 
 
 def test_checkpoint_is_weights_only_and_complete(trained):
-    from ran.train.worker import load_checkpoint
+    from ran.runtime import load_checkpoint
 
     state = load_checkpoint(trained.checkpoint)  # torch.load(weights_only=True)
     assert {"model", "optimizer", "scheduler", "step", "epoch", "rng", "run_id", "config"} <= set(state)
@@ -107,7 +107,7 @@ def test_checkpoint_is_weights_only_and_complete(trained):
 def _validate_on_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: restore a checkpoint, validate, rank 0 writes the metrics to a file."""
     from ran.config import parse_config
-    from ran.train.worker import Trainer
+    from ran.train.trainer import Trainer
 
     trainer = Trainer(parse_config(config["job"]))
     trainer.restore(config["checkpoint"])
@@ -121,7 +121,7 @@ def test_distributed_validation_equals_single_process(trained, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ran.train.worker import Trainer
+    from ran.train.trainer import Trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = trained.config.model_copy(deep=True)

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     import boto3
     from mlflow.tracking import MlflowClient
 
+    from ran.train.faults import Fault
     from ran.train.launch import run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -50,13 +50,14 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     s3 = boto3.client("s3", endpoint_url=moto_server)
     s3.create_bucket(Bucket="ckpt")
     marker = tmp_path / "died"
-    # Inside epoch 3. (`ray.train.report` returns once the result is queued, before the controller
-    # has registered its checkpoint; failing a whole epoch later leaves it time to.)
-    fail_at = 2 * STEPS_PER_EPOCH + 3
+    # Killed from the controller right after it registered epoch 1's checkpoint. A worker holds
+    # at most one unread report (Ray Train's result queue has size 1) and blocks on the next, so
+    # with two epochs to go no later checkpoint can be registered: the restart is from epoch 1.
     cfg = tiny_job(synth_data, "s3://ckpt/runs", **{"train.epochs": 3})
-    outcome = run_training(cfg, fault={"step": fail_at, "rank": 1, "marker": str(marker)})
+    outcome = run_training(cfg, fault=Fault(after_epoch=1, rank=1, marker=str(marker)))
 
-    assert marker.read_text().startswith(f"rank 1 exited at step {fail_at}")
+    assert marker.read_text().startswith("rank 1 (pid ")
+    assert marker.read_text().endswith("killed after epoch 1\n")
     assert outcome.metrics["epoch"] == 3 and outcome.metrics["step"] == 3 * STEPS_PER_EPOCH
     assert outcome.checkpoint.startswith("s3://ckpt/runs/tiny-")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/")["Contents"]]
@@ -67,8 +68,7 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     client = MlflowClient(mlflow_server)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["ran.resumed_from"] in (f"epoch=2 step={2 * STEPS_PER_EPOCH}",
-                                                  f"epoch=1 step={STEPS_PER_EPOCH}")
+    assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
     assert "training_curves.png" in {a.path for a in client.list_artifacts(outcome.run_id)}
     _assert_each_epoch_once(mlflow_server, outcome.run_id, 3)
 
@@ -76,16 +76,6 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
 def _ran(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ran.cli", "train", *args], cwd=cwd, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"ran train exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting; log:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, mlflow_sqlite,
@@ -96,21 +86,15 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
     job.write_text(tiny_job(synth_data, tmp_path / "runs").to_yaml())
     overrides = ["--set", "train.log_every=2", "--set", "train.epochs=4"]
     env = {**os.environ, "RAY_ADDRESS": ray_local, "MLFLOW_TRACKING_URI": mlflow_sqlite}
+    marker = tmp_path / "driver-killed"
+    # The driver is killed (SIGKILL, as a crash or a closed laptop would) right after epoch 1's
+    # checkpoint is registered; ran.train.faults holds the controller until Ray ends it.
     first_log = tmp_path / "first.log"
-    first = _ran(str(job), *overrides, env=env, cwd=tmp_path, log=first_log)
-    runs = tmp_path / "runs"
-
-    def first_checkpoint_committed() -> bool:
-        snapshots = list(runs.glob("tiny-*/checkpoint_manager_snapshot.json"))
-        return bool(snapshots) and "epoch=0001" in snapshots[0].read_text()
-
-    try:
-        _wait_for(first_checkpoint_committed, 240, first, first_log)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)  # the driver, as a crash or a closed laptop would
-        first.wait(10)
-    assert not list(runs.glob("tiny-*/epoch=0004*")), "killed too late to test anything"
+    first = _ran(str(job), *overrides, cwd=tmp_path, log=first_log,
+                 env={**env, "RAN_FAIL_AFTER_EPOCH": "1", "RAN_FAIL_TARGET": "driver",
+                      "RAN_FAIL_MARKER": str(marker)})
+    assert first.wait(300) == -signal.SIGKILL, first_log.read_text()[-3000:]
+    assert marker.read_text() == f"driver (pid {first.pid}) killed after epoch 1\n"
 
     second_log = tmp_path / "second.log"
     second = _ran(str(job), *overrides, "--resume", env=env, cwd=tmp_path, log=second_log)
@@ -118,8 +102,7 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
     out = second_log.read_text()
     resumed = re.search(r"resumed from \S+ at epoch (\d), step (\d+)", out)
     assert resumed, out[-3000:]
-    epoch = int(resumed.group(1))
-    assert 1 <= epoch <= 3 and int(resumed.group(2)) == epoch * STEPS_PER_EPOCH
+    assert (int(resumed.group(1)), int(resumed.group(2))) == (1, STEPS_PER_EPOCH)
     assert "registered model" not in out  # the tiny job registers nothing
 
     client = MlflowClient(mlflow_sqlite)
@@ -131,7 +114,7 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
 
 
 def test_fresh_run_never_resumes_an_old_one(synth_data, tiny_job, tmp_path):
-    from ran.train.launch import storage_for
+    from ran.train.rundir import storage_for
 
     cfg = tiny_job(synth_data, tmp_path / "runs", **{"storage.name": "fixed"})
     (tmp_path / "runs" / "fixed").mkdir(parents=True)

@@ -25,7 +25,7 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch)
 
 def test_replayed_steps_are_not_logged_twice(mlflow_sqlite, tiny_job, tmp_path):
     cfg = tiny_job("data", tmp_path / "runs")
-    first = tracking.RunTracker.create(cfg, run_name="r", tags={tracking.TAG_STORAGE: "runs/r"})
+    first = tracking.RunTracker.create_training(cfg, run_name="r", tags={tracking.TAG_STORAGE: "runs/r"})
     assert first.log_metrics({"val_top1": 0.3, "train_loss": 2.0}, step=1) == 2
     assert first.log_metrics({"val_top1": 0.5, "train_loss": 1.5}, step=2) == 2
 
@@ -39,7 +39,7 @@ def test_replayed_steps_are_not_logged_twice(mlflow_sqlite, tiny_job, tmp_path):
 
 def test_run_is_found_by_its_storage_tag_and_reopened(mlflow_sqlite, tiny_job, tmp_path):
     cfg = tiny_job("data", tmp_path / "runs")
-    run = tracking.RunTracker.create(cfg, run_name="r", tags={tracking.TAG_STORAGE: "s3://b/runs/x"})
+    run = tracking.RunTracker.create_training(cfg, run_name="r", tags={tracking.TAG_STORAGE: "s3://b/runs/x"})
     assert run.tag(tracking.TAG_STORAGE) == "s3://b/runs/x"
     assert run.client.get_run(run.run_id).data.params["model.name"] == "attention56"
     run.finish("FAILED")
@@ -52,7 +52,7 @@ def test_run_is_found_by_its_storage_tag_and_reopened(mlflow_sqlite, tiny_job, t
 
 def test_curves_png_is_drawn_from_the_history(mlflow_sqlite, tiny_job, tmp_path):
     cfg = tiny_job("data", tmp_path / "runs")
-    run = tracking.RunTracker.create(cfg, run_name="r", tags={})
+    run = tracking.RunTracker.create_training(cfg, run_name="r", tags={})
     for epoch in (1, 2):
         run.log_metrics({"train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "val_top1": 0.4 * epoch,
                          "val_top5": 0.9}, step=epoch)
@@ -61,3 +61,29 @@ def test_curves_png_is_drawn_from_the_history(mlflow_sqlite, tiny_job, tmp_path)
     path = Path(run.client.download_artifacts(run.run_id, tracking.CURVES_ARTIFACT, str(tmp_path)))
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert "config.yaml" in {a.path for a in run.client.list_artifacts(run.run_id)}
+
+
+def test_run_logger_writes_in_order_off_the_caller_thread(mlflow_sqlite, tiny_job, tmp_path):
+    cfg = tiny_job("data", tmp_path / "runs")
+    run = tracking.RunTracker.create_training(cfg, run_name="r", tags={})
+    logger = tracking.RunLogger(run.run_id)
+    for epoch in (1, 2, 3):
+        logger.log_metrics({"val_top1": epoch / 10}, epoch)
+    logger.log_metrics({"val_top1": 0.99}, 2)  # a replayed epoch: not logged twice
+    logger.set_tags({tracking.TAG_PRECISION: "fp32"})
+    logger.log_params({"plan.epochs": 3})
+    logger.close()
+    assert run.history("val_top1") == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert run.tag(tracking.TAG_PRECISION) == "fp32"
+    assert run.client.get_run(run.run_id).data.params["plan.epochs"] == "3"
+    assert logger.dropped == 0
+
+
+def test_run_logger_counts_what_an_unreachable_server_lost(capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = tracking.RunLogger("0" * 32, "http://127.0.0.1:9", retry_s=0.0)  # nothing listens
+    logger.log_metrics({"train_loss": 1.0, "lr": 0.1}, 1)
+    logger.close(timeout=120)
+    assert logger.dropped == 2
+    assert "2 metric values not logged so far" in capsys.readouterr().err

@@ -74,13 +74,14 @@ def _artifact(run_id: str, path: str, dest: Path) -> Path:
 
 
 def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import ran.train.launch
+    import ray
+
     from ran.cli import main
 
-    def no_ray(address):
-        raise AssertionError("Ray was contacted for a space that pre-flight should refuse")
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a space that pre-flight should refuse")
 
-    monkeypatch.setattr(ran.train.launch, "connect_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
 
     space = tmp_path / "bad.yaml"
     job = tmp_path / "job.yaml"
@@ -139,13 +140,13 @@ def test_search_run_holds_results_table_plot_and_best_config(grid_search, workdi
 def test_best_trial_model_is_registered_and_loads(grid_search):
     import torch
 
-    from ran.tracking import load_ran_model
+    from ran.runtime import load_model
 
     _, outcome = grid_search
     assert outcome.registered is not None
     name, version = outcome.registered.rsplit("/", 1)
     assert name == "grid-model"
-    loaded = load_ran_model(f"models:/{name}/{version}")
+    loaded = load_model(f"models:/{name}/{version}")
     assert loaded.config.model.depth == outcome.best.overrides["model.depth"]
     assert loaded.config.model.mask_activation == outcome.best.overrides["model.mask_activation"]
     with torch.no_grad():

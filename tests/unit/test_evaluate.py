@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from ran.config import parse_config
-from ran.evaluate import ModelRefError, check_classes, eval_crop, evaluate, load_model, resolve_model
+from ran.runtime import check_classes, eval_crop, evaluate, load_model, resolve_model
+from ran.tracking import ModelRefError
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     from ran.data.synth import write_synthetic
     from ran.train.launch import resolve_config
-    from ran.train.worker import Trainer
+    from ran.train.trainer import Trainer
 
     data = tmp_path_factory.mktemp("synth")
     write_synthetic(str(data), classes=4, train=16, val=24, size=32, samples_per_shard=10,
@@ -42,7 +43,8 @@ def test_evaluate_matches_the_trainers_validation(trainer):
 
 def test_a_checkpoint_directory_loads_as_our_model(trainer, tmp_path):
     trainer.save(tmp_path / "epoch=0001_step=0000002")
-    model, cfg, classes = load_model(str(tmp_path))  # a run directory: its latest checkpoint
+    loaded = load_model(str(tmp_path))  # a run directory: its latest checkpoint
+    model, cfg, classes = loaded.model, loaded.config, loaded.class_names
 
     assert cfg == trainer.cfg
     assert classes is not None and len(classes) == 4

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from ran.config import ConfigError, load_config
-from ran.train.launch import LEAN_SKIPPED_CALLBACKS, Storage, build_trainer, check_resources
+from ran.train.launch import LEAN_SKIPPED_CALLBACKS, build_trainer
+from ran.train.localray import auth_hint, check_reachable, check_resources
+from ran.train.rundir import Storage
 
 
 def _cfg(**overrides):
@@ -53,8 +55,6 @@ def test_lean_local_ray_drops_the_callbacks_it_has_no_use_for(monkeypatch, tmp_p
 def test_check_reachable_refuses_a_closed_port_at_once_and_passes_a_listening_one():
     import socket
 
-    from ran.train.launch import check_reachable
-
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
@@ -71,16 +71,14 @@ def test_check_reachable_refuses_a_closed_port_at_once_and_passes_a_listening_on
 
 
 def test_a_failed_connection_hints_at_token_auth_only_when_it_could_help(monkeypatch, tmp_path):
-    from ran.train.launch import _auth_hint
-
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
-    assert _auth_hint() == ""  # no token here: sending one cannot help
+    assert auth_hint() == ""  # no token here: sending one cannot help
     (tmp_path / "no-token").write_text("s3cret\n")
-    assert "set RAY_AUTH_MODE=token" in _auth_hint()
+    assert "set RAY_AUTH_MODE=token" in auth_hint()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # already sent: the failure is something else
-    assert _auth_hint() == ""
+    assert auth_hint() == ""
 
 
 def test_close_run_ends_open_runs_only(tmp_path: Path):
@@ -89,8 +87,8 @@ def test_close_run_ends_open_runs_only(tmp_path: Path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = _cfg(**{"tracking.experiment": "close"})
-    running = RunTracker.create(cfg, run_name="running", tags={}, uri=uri)
-    finished = RunTracker.create(cfg, run_name="finished", tags={}, uri=uri)
+    running = RunTracker.create(cfg.tracking.experiment, run_name="running", tags={}, uri=uri)
+    finished = RunTracker.create(cfg.tracking.experiment, run_name="finished", tags={}, uri=uri)
     finished.finish("FINISHED")
     close_run(running, "FAILED")
     close_run(finished, "FAILED")  # e.g. --resume of a finished run, then Ray failed to start

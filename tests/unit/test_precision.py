@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ran.config import load_config
-from ran.train.worker import autocast, native_bf16, resolve_precision
+from ran import runtime
+from ran.runtime import autocast, native_bf16, resolve_precision
 
 CPU = torch.device("cpu")
-JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def _cpu_flags() -> set[str]:
@@ -20,12 +20,10 @@ def _cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
 
 
-def test_auto_is_the_default_and_jobs_use_it():
+def test_auto_is_the_default_and_jobs_use_it(shipped_jobs):
     assert load_config(None, []).train.precision == "auto"
-    jobs = sorted(JOBS.glob("*.yaml"))
-    assert len(jobs) >= 6, JOBS  # demo, cifar10_* and imagenet_* recipes
-    for job in jobs:
-        assert load_config(str(job), []).train.precision == "auto", job
+    assert {job.stem: load_config(str(job), []).train.precision for job in shipped_jobs} == \
+        {job.stem: "auto" for job in shipped_jobs}
 
 
 def test_cpu_bf16_detection_matches_the_kernel_flags():
@@ -38,16 +36,19 @@ def test_explicit_precision_is_kept(explicit):
     assert resolve_precision(explicit, CPU) == explicit
 
 
-def test_auto_resolves_by_device():
-    assert resolve_precision("auto", CPU) == ("bf16" if native_bf16(CPU) else "fp32")
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_resolves_by_the_hardware(monkeypatch, native, expected):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    assert resolve_precision("auto", CPU) == expected
+
+
+def test_auto_on_a_device_without_bf16_is_fp32():
     assert resolve_precision("auto", torch.device("meta")) == "fp32"
 
 
-def test_autocast_follows_the_resolved_precision():
-    for precision in ("fp32", "bf16", "auto"):
-        with autocast(resolve_precision(precision, CPU), CPU):
-            enabled = torch.is_autocast_enabled("cpu")
-            dtype = torch.get_autocast_dtype("cpu")
-        assert enabled == (resolve_precision(precision, CPU) == "bf16"), precision
+@pytest.mark.parametrize(("precision", "enabled"), [("fp32", False), ("bf16", True)])
+def test_autocast_follows_the_resolved_precision(precision, enabled):
+    with autocast(precision, CPU):
+        assert torch.is_autocast_enabled("cpu") is enabled
         if enabled:
-            assert dtype == torch.bfloat16
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -1,22 +1,21 @@
 """The per-worker training loop: a :class:`Trainer` that Ray Train runs once per worker.
 
 A Trainer owns the model (DDP-wrapped when a process group is up), the optimizer, the lr
-scheduler, the loaders and the counters (``step``, ``epoch``). It knows nothing of Ray: Ray enters
-through a *reporter* (:class:`RayReporter`) that hands out the checkpoint to restore from and
-reports metrics and checkpoints, and through :func:`train_fn_per_worker`. The same class therefore
-runs in a plain process (``Trainer(cfg)``), which the tests and ``ran eval`` use.
+scheduler, the loaders and the counters (``step``, ``epoch``): ``train_step`` / ``train_epoch`` /
+``validate`` / ``state_dict`` / ``load_state_dict``. It knows nothing of Ray or MLflow. It is handed
+its components: a *reporter* (:class:`RayReporter`: the checkpoint to restore from, and where
+metrics and checkpoints go), a *console* (:class:`Console`: progress lines on rank 0) and, on rank
+0, a *run logger* (``ran.tracking.RunLogger``: MLflow, off the training path). The same class runs
+in a plain process (``Trainer(cfg)``), which the tests use.
 
-Loop: restore -> for each epoch: train -> validate (on cadence, always at the end) -> rank 0 logs
-to MLflow -> every worker reports (a barrier), rank 0 with a checkpoint on cadence.
+Loop: restore -> for each epoch: train -> validate (on cadence, always at the end) -> rank 0
+queues its metrics for MLflow -> every worker reports (a barrier), rank 0 with a checkpoint on
+cadence.
 
 A checkpoint (``checkpoint.pt`` in the checkpoint directory) holds only tensors, numbers, strings,
 lists and dicts, so it loads with ``torch.load(weights_only=True)``: model, optimizer, scheduler
 and grad-scaler state, ``step``, ``epoch``, the RNG states of every rank, the MLflow run id, the
 resolved config and the run plan.
-
-Fault injection (tests): ``fault={"step": N, "rank": R, "marker": PATH}`` in the worker config makes
-rank R exit abruptly (``os._exit(1)``) after optimizer step N, once: the marker file records that
-it happened. ``ran train`` fills it from ``RAN_FAIL_AT_STEP``, ``RAN_FAIL_RANK``, ``RAN_FAIL_MARKER``.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -32,47 +32,25 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ran import runtime, tracking
 from ran.config import JobConfig, parse_config
+from ran.data.read import make_loader
+from ran.data.transforms import normalizer
 from ran.train.schedule import RunPlan, build_scheduler, plan_run
 
 log = logging.getLogger("ran.train")
 
-CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_EVERY_S = 5.0  # console progress line period on rank 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def build_model(cfg: JobConfig) -> nn.Module:
-    """``create_model`` from the model section of a resolved config (``model.num_classes`` set)."""
-    from ran.models import create_model
-
-    m = cfg.model
-    return create_model(
-        m.name, stem=cfg.resolved_stem(), num_classes=m.num_classes, depth=m.depth, p=m.p, t=m.t,
-        r=m.r, unit=m.unit, mask_activation=m.mask_activation, combination=m.combination,
-        mask_structure=m.mask_structure,
-    )
-
-
-def eval_crop(cfg: JobConfig) -> int:
-    """``data.eval_crop``; else a non-default train crop (small images); else the model's own
-    for its stem (320 for Attention-92 on ImageNet, 32 on CIFAR)."""
-    from ran.data.transforms import default_crop
-    from ran.models import model_defaults
-
-    if cfg.data.eval_crop:
-        return cfg.data.eval_crop
-    if cfg.data.crop and cfg.data.crop != default_crop(cfg.data.recipe):
-        return cfg.data.crop
-    own = model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
-    return own or default_crop(cfg.data.recipe)
 
 
 def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.Optimizer:
@@ -86,63 +64,6 @@ def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware (not emulated, which is slower than fp32).
-
-    CPUs: AMX or AVX512-BF16 (on a CPU with neither, bf16 convolutions run ~2x slower than fp32);
-    GPUs: ``torch.cuda.is_bf16_supported`` (Ampere and newer).
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    get = getattr(torch.cpu, "get_capabilities", None)
-    if get is not None:
-        caps = get()
-        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
-    try:  # older torch: the kernel's own flags
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision`` as it runs on ``device``: ``auto`` becomes ``bf16`` or ``fp32``."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32.
-
-    ``precision`` is already resolved (:func:`resolve_precision`): callers resolve once, not per
-    batch.
-    """
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file or directory with ``torch.load(weights_only=True)`` on the CPU."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, JobConfig]:
-    """Rebuild the trained model (eval mode) and its resolved config from a checkpoint."""
-    state = load_checkpoint(path)
-    cfg = parse_config(state["config"], str(path))
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg
 
 
 def _rng_state() -> dict[str, Any]:
@@ -168,33 +89,53 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def say(message: str) -> None:
-    """A console line: through the ``ran.train`` logger in Ray Train workers, else print."""
-    if log.handlers:
-        log.info(message)
-    else:
-        print(message, flush=True)
-
-
-def _console_logger() -> None:
-    """Send ``ran.train`` lines straight to stdout, once each.
-
-    Ray Train patches ``print`` in workers to log *and* print (every line twice) and filters its
-    console handler at the run's log level, which ``ran train`` sets to WARNING to silence the
-    per-report chatter; our progress lines go around both.
-    """
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class Console:
+    """Progress lines of one worker: printed on rank 0 only, straight to stdout once each.
+
+    Inside Ray Train workers ``print`` is patched to log *and* print (every line twice) and the
+    console handler filters at the run's log level, which ``ran train`` sets to WARNING to silence
+    Ray Train's per-report chatter; a ``ran.train`` logger with its own stdout handler goes around
+    both.
+    """
+
+    def __init__(self, enabled: bool = True, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.enabled = enabled
+        self.every_s = every_s  # seconds between progress lines within an epoch
+
+    @staticmethod
+    def use_stdout_logger() -> None:
+        """Route ``ran.train`` lines to stdout (call once per Ray Train worker)."""
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+
+    def say(self, message: str) -> None:
+        """One line, on rank 0."""
+        if not self.enabled:
+            return
+        if log.handlers:
+            log.info(message)
+        else:
+            print(message, flush=True)
+
+
+class RunLog(Protocol):
+    """Where rank 0's metrics, params and tags go (``ran.tracking.RunLogger``, or a list)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
 class Reporter(Protocol):
@@ -222,8 +163,6 @@ class LocalReporter:
         yield str(found[-1]) if found else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        import shutil
-
         self.metrics.append(dict(metrics))
         if checkpoint_dir and self.directory:
             shutil.copytree(checkpoint_dir, self.directory / name, dirs_exist_ok=True)
@@ -239,9 +178,9 @@ class Trainer:
     Args:
         cfg: the resolved job config (absolute ``data.path``, ``model.num_classes`` set).
         device: where to train; default CPU.
-        run_id: MLflow run to log to from rank 0 (None: no MLflow).
-        tracking_uri: MLflow tracking URI for ``run_id``.
-        fault: fault injection, see the module docstring.
+        run_id: the MLflow run this training belongs to (kept in checkpoints).
+        run_log: where rank 0's metrics, params and tags go (None: nowhere).
+        console: progress lines (default: printed on rank 0).
         launched_at: the launcher's ``time.time()``; the first epoch then reports ``startup_s``,
             the seconds from launch to the first optimizer step.
 
@@ -250,11 +189,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: JobConfig, *, device: torch.device | None = None,
-                 run_id: str | None = None, tracking_uri: str | None = None,
-                 fault: dict[str, Any] | None = None, launched_at: float | None = None) -> None:
-        from ran.data.read import make_loader
-        from ran.data.transforms import normalizer
-
+                 run_id: str | None = None, run_log: RunLog | None = None,
+                 console: Console | None = None, launched_at: float | None = None) -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         group = dist.is_available() and dist.is_initialized()
@@ -263,14 +199,13 @@ class Trainer:
         self.distributed = self.world_size > 1  # one worker: no DDP, no collectives
         self.is_master = self.rank == 0
         self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.fault = fault or {}
+        self.run_log = run_log if self.is_master else None
+        self.console = console or Console(enabled=self.is_master)
         self.launched_at = launched_at  # driver's time.time() at launch, for startup_s
         self.startup_s: float | None = None  # seconds from launch to the first optimizer step
         self.step = 0  # optimizer steps done
         self.epoch = 0  # epochs done
         self.last_val: dict[str, float] = {}
-        self._tracker: Any = None
 
         _seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.raw_model = self._build_model()
@@ -281,6 +216,7 @@ class Trainer:
         common = dict(batch_size=d.batch_size, recipe=d.recipe, rank=self.rank,
                       world_size=self.world_size, workers=d.workers, seed=cfg.train.seed,
                       pin_memory=self.device.type == "cuda", max_bad_fraction=d.max_bad_fraction)
+        self.eval_crop = runtime.eval_crop(cfg)
         self.train_loader = make_loader(d.path, d.train_split, train=True, crop=d.crop, **common)
         self.val_loader = make_loader(d.path, d.val_split, train=False, crop=self.eval_crop, **common)
         self.normalize = normalizer(d.recipe)
@@ -288,19 +224,14 @@ class Trainer:
         self.plan: RunPlan = plan_run(cfg, len(self.train_loader), self.world_size)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, self.plan)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     # -- construction
 
-    @property
-    def eval_crop(self) -> int:
-        """The evaluation crop of this run (see :func:`eval_crop`)."""
-        return eval_crop(self.cfg)
-
     def _build_model(self) -> nn.Module:
-        model = build_model(self.cfg)
+        model = runtime.build_model(self.cfg)
         if self.cfg.train.sync_batchnorm and self.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -318,33 +249,18 @@ class Trainer:
             model = torch.compile(model)
         return model
 
-    @property
-    def tracker(self) -> Any:
-        """The MLflow RunTracker on rank 0 when a run id is known, else None."""
-        if self._tracker is None and self.is_master and self.run_id:
-            from ran.tracking import RunTracker
-
-            self._tracker = RunTracker(self.run_id, self.tracking_uri)
-        return self._tracker
-
     # -- one batch
-
-    def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch.images.to(self.device, non_blocking=True)
-        images = self.normalize(images)
-        if self.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, batch.labels.to(self.device, non_blocking=True)
 
     def train_step(self, micro_batches: list[Any]) -> tuple[float, int]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss sum, samples)."""
         loss_sum, samples = torch.zeros((), device=self.device), 0
         for i, batch in enumerate(micro_batches):
-            images, labels = self._inputs(batch)
+            images, labels = runtime.prepare_batch(batch, self.device, self.normalize,
+                                                   self.cfg.train.channels_last)
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                with autocast(self.precision, self.device):
+                with runtime.autocast(self.precision, self.device):
                     loss = self.criterion(self.model(images), labels)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float() * len(labels)
@@ -356,19 +272,7 @@ class Trainer:
         self.step += 1
         if self.launched_at is not None:
             self.startup_s, self.launched_at = time.time() - self.launched_at, None
-        self._maybe_fail()
         return float(loss_sum), samples
-
-    def _maybe_fail(self) -> None:
-        f = self.fault
-        if f.get("step") != self.step or int(f.get("rank", 0)) != self.rank:
-            return
-        marker = Path(f.get("marker") or Path(tempfile.gettempdir()) / "ran-fault-marker")
-        if marker.exists():
-            return
-        marker.write_text(f"rank {self.rank} exited at step {self.step}\n")
-        say(f"[fault injection] rank {self.rank} exits at step {self.step}")
-        os._exit(1)
 
     # -- one epoch
 
@@ -391,9 +295,12 @@ class Trainer:
             loss_sum, samples = loss_sum + step_loss, samples + n
             window_loss, window_n = window_loss + step_loss, window_n + n
             if self.step % self.cfg.train.log_every == 0:
-                self._log_step(window_loss / max(window_n, 1))
+                if self.run_log is not None:
+                    self.run_log.log_metrics({"step_loss": window_loss / max(window_n, 1),
+                                              "step_lr": self.optimizer.param_groups[0]["lr"]},
+                                             self.step)
                 window_loss, window_n = 0.0, 0
-            if self.is_master and time.perf_counter() - last_print >= PROGRESS_EVERY_S:
+            if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
                 self._progress(i + 1, start, loss_sum / max(samples, 1))
         if self.device.type == "cuda":
@@ -409,46 +316,23 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
-    def _log_step(self, loss: float) -> None:
-        if self.tracker is not None:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.tracker.log_metrics({"step_loss": loss, "step_lr": lr}, self.step)
-
     def _progress(self, done: int, start: float, loss: float) -> None:
         plan = self.plan
         rate = done / (time.perf_counter() - start)
         left = (plan.total_steps - self.step) / max(rate, 1e-9)
-        say(f"epoch {self.epoch + 1}/{plan.epochs} step {done}/{plan.steps_per_epoch} "
-            f"(global {self.step}/{plan.total_steps}) loss {loss:.4f} "
-            f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
-            f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
+        self.console.say(f"epoch {self.epoch + 1}/{plan.epochs} step {done}/{plan.steps_per_epoch} "
+                         f"(global {self.step}/{plan.total_steps}) loss {loss:.4f} "
+                         f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
+                         f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss, top-1 and top-5 over the whole split: counts summed across ranks, then divided."""
-        model = self.raw_model
-        was_training = model.training
+        """Loss, top-1 and top-5 over the whole split (:func:`ran.runtime.eval_counts`): counts
+        summed across ranks, then divided."""
         self._sync_buffers()
-        model.eval()
-        loss_sum = top1 = top5 = samples = skipped = 0.0
-        for batch in self.val_loader:
-            images, labels = self._inputs(batch)
-            with autocast(self.precision, self.device):
-                logits = model(images)
-            logits = logits.float()
-            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            k = min(5, logits.shape[1])
-            hits = logits.topk(k, dim=1).indices == labels[:, None]
-            top1 += float(hits[:, 0].sum())
-            top5 += float(hits.any(dim=1).sum())
-            samples += len(labels)
-            skipped += batch.skipped
-        model.train(was_training)
-        loss_sum, top1, top5, samples, skipped = self._all_reduce(
-            [loss_sum, top1, top5, samples, skipped])
-        n = max(samples, 1)
-        return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n,
-                "val_samples": samples, "val_skipped": skipped}
+        counts = runtime.eval_counts(self.raw_model, self.val_loader, device=self.device,
+                                     precision=self.precision, normalize=self.normalize,
+                                     channels_last=self.cfg.train.channels_last)
+        return runtime.EvalCounts.from_list(self._all_reduce(counts.as_list())).metrics("val_")
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm statistics (what the checkpoint holds).
@@ -515,13 +399,13 @@ class Trainer:
         """Write ``checkpoint.pt`` (and a readable ``config.yaml``) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(rng), directory / CHECKPOINT_FILE)
+        torch.save(self.state_dict(rng), directory / runtime.CHECKPOINT_FILE)
         (directory / "config.yaml").write_text(self.cfg.to_yaml())
         return directory
 
     def restore(self, directory: str | Path) -> None:
         """Load a checkpoint directory written by :meth:`save`."""
-        self.load_state_dict(load_checkpoint(directory))
+        self.load_state_dict(runtime.load_checkpoint(directory))
 
     # -- the loop
 
@@ -531,22 +415,22 @@ class Trainer:
             if ckpt:
                 self.restore(ckpt)
                 self.launched_at = None  # startup_s describes a fresh start only
-                if self.is_master:
-                    say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step}")
-        if self.is_master and self.cfg.train.precision == "auto":
-            say(f"train.precision=auto runs as {self.precision} on {self.device.type}")
-        if self.tracker is not None:
-            self.tracker.log_params({f"plan.{k}": v for k, v in self.plan.to_dict().items()})
-            self.tracker.set_tags({"ran.precision": self.precision})  # what train.precision ran as
+                self.console.say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step}")
+        if self.cfg.train.precision == "auto":
+            self.console.say(f"train.precision=auto runs as {self.precision} on {self.device.type}")
+        if self.run_log is not None:
+            self.run_log.log_params({f"plan.{k}": v for k, v in self.plan.to_dict().items()})
+            self.run_log.set_tags({tracking.TAG_PRECISION: self.precision})
             if self.step:  # a restart: say from where, for people reading the run later
-                self.tracker.set_tags({"ran.resumed_from": f"epoch={self.epoch} step={self.step}"})
+                self.run_log.set_tags({tracking.TAG_RESUMED_FROM: f"epoch={self.epoch} step={self.step}"})
         metrics: dict[str, float] = {}
         while self.epoch < self.plan.epochs:
             metrics = self.run_epoch(reporter)
         return metrics
 
     def run_epoch(self, reporter: Reporter) -> dict[str, float]:
-        """Train one epoch, validate on cadence, log (rank 0), report and checkpoint on cadence."""
+        """Train one epoch, validate on cadence, queue rank 0's metrics, report (every rank) and
+        checkpoint on cadence."""
         t = self.cfg.train
         metrics = self.train_epoch()
         self.epoch += 1
@@ -556,12 +440,10 @@ class Trainer:
             metrics.update(self.last_val)
         if self.startup_s is not None:
             metrics["startup_s"], self.startup_s = self.startup_s, None
-        if self.is_master:
-            self._print_epoch(metrics)
-            if self.tracker is not None:
-                logged = {k: v for k, v in metrics.items() if k != "val_samples"}
-                self.tracker.log_metrics(logged, self.epoch)
-                self.tracker.log_curves()
+        self._print_epoch(metrics)
+        if self.run_log is not None:
+            self.run_log.log_metrics({k: v for k, v in metrics.items() if k != "val_samples"},
+                                     self.epoch)
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
                   "epoch": self.epoch, "step": self.step}
@@ -577,9 +459,9 @@ class Trainer:
     def _print_epoch(self, m: dict[str, float]) -> None:
         val = (f" val_loss {m['val_loss']:.4f} top1 {m['val_top1']:.4f} top5 {m['val_top5']:.4f}"
                if "val_top1" in m else "")
-        say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
-            f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
-            f"skipped {int(m['skipped'])}")
+        self.console.say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
+                         f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
+                         f"skipped {int(m['skipped'])}")
 
 
 def _duration(seconds: float) -> str:
@@ -593,12 +475,17 @@ def _duration(seconds: float) -> str:
 
 
 class RayReporter:
-    """Checkpoints and metrics through Ray Train (``ray.train.get_checkpoint`` / ``report``)."""
+    """Checkpoints and metrics through Ray Train (``ray.train.get_checkpoint`` / ``report``).
+
+    Every report carries the worker's ``worker_pid``, so that a Ray Train callback on the
+    controller can find a worker's process (``ran.train.faults``).
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[str | None]:
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
@@ -607,28 +494,26 @@ class RayReporter:
             yield directory
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        import ray.train
-
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint,
+        ray.train.report({**metrics, "worker_pid": self.pid}, checkpoint=checkpoint,
                          checkpoint_dir_name=name if checkpoint else None)
 
 
-def trainer_from_worker_config(config: dict[str, Any]) -> Trainer:
-    """Build a Trainer inside a Ray Train worker from the launcher's ``train_loop_config``."""
-    import ray.train.torch
-
-    _console_logger()
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """What Ray Train runs on every worker: build a Trainer from the launcher's
+    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit."""
+    Console.use_stdout_logger()
     cfg = parse_config(config["job"], "<train_loop_config>")
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Trainer(cfg, device=device, run_id=config.get("run_id"),
-                   tracking_uri=config.get("tracking_uri"), fault=config.get("fault"),
-                   launched_at=config.get("launched_at"))
-
-
-def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """What Ray Train runs on every worker."""
-    trainer = trainer_from_worker_config(config)
-    trainer.fit(RayReporter())
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
+               if rank0 and config.get("run_id") else None)
+    try:
+        trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
+                          launched_at=config.get("launched_at"))
+        trainer.fit(RayReporter())
+    finally:
+        if run_log is not None:
+            run_log.close()

@@ -1,0 +1,352 @@
+"""The inference runtime: what training, ``ran eval``, ``ran explain``, model logging and promotion
+share, each defined once.
+
+- :func:`build_model`: a config's model (``ran.models.create_model`` with the model section).
+- :func:`eval_crop`: the crop a model is validated and served at.
+- :func:`resolve_precision` / :func:`autocast`: ``train.precision`` as it runs on a device.
+- :func:`load_checkpoint`, :func:`model_from_state`, :func:`load_model`: a checkpoint, a registered
+  version or a run back into our own ``nn.Module`` with its config and class names.
+- :func:`eval_counts` and :func:`evaluate`: the evaluation loop (summed counts, so ranks add up).
+
+Layers: this module sits above :mod:`ran.tracking` (a registered model is fetched through it) and
+below :mod:`ran.train`, :mod:`ran.evaluate`, :mod:`ran.explain` and :mod:`ran.promotion`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import yaml
+from torch import nn
+
+from ran import tracking
+from ran.config import JobConfig, parse_config
+from ran.data import DataError
+from ran.data.read import Batch, make_loader, read_manifest
+from ran.data.transforms import default_crop, normalizer
+from ran.models import create_model, model_defaults
+
+CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint directory ``ran train`` writes
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and preprocessing
+
+
+def build_model(cfg: JobConfig) -> nn.Module:
+    """The model of a resolved config (``model.num_classes`` set), freshly initialised.
+
+    Options left unset (None) are the model's own (``ran.models.create_model``).
+
+    Raises:
+        ValueError: an unknown model name or an option the model cannot use.
+    """
+    m = cfg.model
+    options = dict(depth=m.depth, p=m.p, t=m.t, r=m.r, unit=m.unit,
+                   mask_activation=m.mask_activation, combination=m.combination,
+                   mask_structure=m.mask_structure)
+    return create_model(m.name, stem=cfg.resolved_stem(), num_classes=m.num_classes,
+                        **{k: v for k, v in options.items() if v is not None})
+
+
+def eval_crop(cfg: JobConfig) -> int:
+    """The side in pixels of the centre crop a model is validated, evaluated and served at.
+
+    ``data.eval_crop`` when set; else the train crop when it is not the recipe's default (small
+    images); else the model's own for its stem (Attention-92 on ImageNet: 320, PAPER.md Table 3's
+    single-crop test size; AttentionInception-56: 299; CIFAR: 32).
+    """
+    if cfg.data.eval_crop:
+        return cfg.data.eval_crop
+    if cfg.data.crop and cfg.data.crop != default_crop(cfg.data.recipe):
+        return cfg.data.crop
+    own = model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
+    return own or default_crop(cfg.data.recipe)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (not emulated, which is slower than fp32).
+
+    CPUs: AMX or AVX512-BF16 (on a CPU with neither, bf16 convolutions ran 2.3x slower than fp32
+    here); GPUs: ``torch.cuda.is_bf16_supported`` (Ampere and newer).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        caps = get()
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    try:  # older torch: the kernel's own flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` as it runs on ``device``: ``auto`` becomes ``bf16`` or ``fp32``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32.
+
+    ``precision`` is already resolved (:func:`resolve_precision`): callers resolve once, not per
+    batch.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def prepare_batch(batch: Batch, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(N, 3, H, W)`` images -> normalised float on ``device`` (channels_last if asked),
+    and int64 ``(N,)`` labels on ``device``. Copies are non-blocking (pinned loaders)."""
+    images = normalize(batch.images.to(device, non_blocking=True))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch.labels.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and registered models back into models
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file or directory with ``torch.load(weights_only=True)`` on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_state(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                     source: str) -> tuple[nn.Module, JobConfig]:
+    """Rebuild a trained model (eval mode, CPU) from its resolved config and weights.
+
+    Raises:
+        ConfigError: ``config`` is not a valid job config (``source`` names it).
+    """
+    cfg = parse_config(config, source)
+    model = build_model(cfg)
+    model.load_state_dict(state_dict)
+    return model.eval(), cfg
+
+
+@dataclass
+class LoadedModel:
+    """A model back from a reference, with what it was trained with."""
+
+    model: nn.Module  # our ResidualAttentionNet (forward(x, return_masks=True) works), eval mode
+    config: JobConfig  # the resolved config it was trained with
+    class_names: list[str] | None  # index -> name; None when unknown (checkpoint, data gone)
+    source: tracking.ModelSource  # where it came from
+
+
+def resolve_model(ref: str) -> tracking.ModelSource:
+    """A reference -> where the model is: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an
+    MLflow run id (32 hex digits), or a checkpoint path (file, checkpoint directory, or a run
+    directory: its latest checkpoint).
+
+    Raises:
+        tracking.ModelRefError: the reference names nothing loadable (one line saying what was looked for).
+    """
+    if tracking.MODELS_URI.match(ref):
+        return tracking.registry_source(ref)
+    path = Path(ref)
+    if path.exists():
+        return tracking.ModelSource(ref, "checkpoint", path=str(_checkpoint_file(path)))
+    if tracking.RUN_ID.match(ref):
+        return tracking.run_source(ref)
+    raise tracking.ModelRefError(
+        f"model {ref!r}: not models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id (32 hex "
+        "digits) or an existing checkpoint path")
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """``checkpoint.pt`` itself, in a checkpoint directory, or the latest under a run directory."""
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    found = sorted(path.glob(f"*/{CHECKPOINT_FILE}"), key=lambda p: p.parent.name)
+    if not found:
+        raise tracking.ModelRefError(f"checkpoint {path}: no {CHECKPOINT_FILE} in it or in its subdirectories")
+    return found[-1]
+
+
+def load_model(ref: str | tracking.ModelSource) -> LoadedModel:
+    """The model a reference names (see :func:`resolve_model`), ours, on the CPU, in eval mode.
+
+    Class names come with a logged model; for a checkpoint they are read from the manifest of the
+    data it was trained on when that is still reachable (else None).
+
+    Raises:
+        tracking.ModelRefError: nothing loadable there, or a file that is not a ``ran`` checkpoint.
+    """
+    source = ref if isinstance(ref, tracking.ModelSource) else resolve_model(ref)
+    if source.kind != "checkpoint":
+        files = tracking.download_model_files(source)
+        state = torch.load(files.state_dict, weights_only=True, map_location="cpu")
+        model, cfg = model_from_state(yaml.safe_load(files.config.read_text()), state,
+                                      source.ref)
+        return LoadedModel(model, cfg, json.loads(files.classes.read_text()), source)
+    try:
+        state = load_checkpoint(source.path)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise tracking.ModelRefError(f"checkpoint {source.path}: cannot load it ({err})") from None
+    if "model" not in state or "config" not in state:
+        raise tracking.ModelRefError(f"checkpoint {source.path}: no model or config in it; "
+                            "was it written by `ran train`?")
+    model, cfg = model_from_state(state["config"], state["model"], str(source.path))
+    source.run_id = source.run_id or state.get("run_id")
+    return LoadedModel(model, cfg, _manifest_classes(cfg.data.path), source)
+
+
+def _manifest_classes(path: str) -> list[str] | None:
+    try:
+        return list(read_manifest(path)["classes"])
+    except (DataError, OSError):
+        return None
+
+
+def check_classes(model: nn.Module, class_names: list[str] | None, manifest: dict[str, Any],
+                  data_path: str) -> None:
+    """The data's labels must mean what the model's outputs mean.
+
+    Raises:
+        ValueError: a different number of classes, or different class names.
+    """
+    outputs = getattr(getattr(model, "fc", None), "out_features", None)
+    if outputs is not None and outputs != int(manifest["num_classes"]):
+        raise ValueError(f"data {data_path} has {manifest['num_classes']} classes but the model "
+                         f"has {outputs} outputs: evaluate it on the data it was trained for")
+    if class_names and list(manifest["classes"]) != list(class_names):
+        raise ValueError(f"data {data_path}: its class names differ from the model's "
+                         f"(first: {manifest['classes'][:3]} vs {class_names[:3]})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+@dataclass
+class EvalCounts:
+    """Sums over evaluated samples; counts of several ranks add up exactly (float64 sums)."""
+
+    loss_sum: float = 0.0  # summed cross-entropy (nats)
+    top1: float = 0.0  # samples whose top prediction is the label
+    top5: float = 0.0  # samples whose label is among the top 5 (top-k, k = min(5, classes))
+    samples: float = 0.0
+    skipped: float = 0.0  # samples that failed to decode
+
+    def as_list(self) -> list[float]:
+        return [self.loss_sum, self.top1, self.top5, self.samples, self.skipped]
+
+    @classmethod
+    def from_list(cls, values: Iterable[float]) -> "EvalCounts":
+        return cls(*values)
+
+    def metrics(self, prefix: str = "val_") -> dict[str, float]:
+        """``{prefix}loss``, ``top1``, ``top5`` (fractions), ``samples`` and ``skipped``."""
+        n = max(self.samples, 1)
+        return {f"{prefix}loss": self.loss_sum / n, f"{prefix}top1": self.top1 / n,
+                f"{prefix}top5": self.top5 / n, f"{prefix}samples": self.samples,
+                f"{prefix}skipped": self.skipped}
+
+
+@torch.no_grad()
+def eval_counts(model: nn.Module, batches: Iterable[Batch], *, device: torch.device,
+                precision: str, normalize: Callable[[torch.Tensor], torch.Tensor],
+                channels_last: bool) -> EvalCounts:
+    """Run ``model`` (set to eval mode, restored after) over ``batches`` and sum the counts.
+
+    ``precision`` is resolved (:func:`resolve_precision`); logits are compared in fp32.
+    """
+    was_training = model.training
+    model.eval()
+    counts = EvalCounts()
+    try:
+        for batch in batches:
+            images, labels = prepare_batch(batch, device, normalize, channels_last)
+            with autocast(precision, device):
+                logits = model(images)
+            logits = logits.float()
+            counts.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            counts.top1 += float(hits[:, 0].sum())
+            counts.top5 += float(hits.any(dim=1).sum())
+            counts.samples += len(labels)
+            counts.skipped += batch.skipped
+    finally:
+        model.train(was_training)
+    return counts
+
+
+def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val",
+             crop: int | None = None, batch_size: int | None = None,
+             workers: int | None = None, device: torch.device | None = None) -> dict[str, float]:
+    """Top-1, top-5 and mean loss of ``model`` over every sample of ``split`` of ``data_path``,
+    exactly as training validates (:func:`eval_counts` with the config's recipe, eval crop,
+    precision and memory format).
+
+    ``crop``, ``batch_size`` and ``workers`` default to the config's. Returns ``top1``, ``top5``
+    (fractions), ``loss`` (nats), ``images``, ``skipped`` and ``img_per_s`` (model and data time).
+
+    Raises:
+        DataError: the shards cannot be read.
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    channels_last = cfg.train.channels_last
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = make_loader(
+        data_path, split, train=False, batch_size=batch_size or cfg.data.batch_size,
+        recipe=cfg.data.recipe, crop=crop or eval_crop(cfg),
+        workers=cfg.data.workers if workers is None else workers,
+        max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=device.type == "cuda",
+    )
+    start = time.perf_counter()
+    try:
+        counts = eval_counts(model, loader, device=device,
+                             precision=resolve_precision(cfg.train.precision, device),
+                             normalize=normalizer(cfg.data.recipe), channels_last=channels_last)
+    finally:
+        loader.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    m = counts.metrics(prefix="")
+    return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "images": counts.samples,
+            "skipped": counts.skipped, "img_per_s": counts.samples / max(elapsed, 1e-9)}
+
+
+def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "val",
+                 crop: int | None = None, batch_size: int | None = None,
+                 workers: int | None = None) -> tuple[LoadedModel, dict[str, float]]:
+    """Resolve, load, check the classes against the data, and :func:`evaluate` one reference.
+
+    Raises:
+        tracking.ModelRefError, ValueError, DataError: see :func:`load_model`, :func:`check_classes`.
+    """
+    loaded = load_model(ref)
+    check_classes(loaded.model, loaded.class_names, read_manifest(data_path), data_path)
+    metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers)
+    return loaded, metrics

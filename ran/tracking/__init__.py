@@ -1,0 +1,35 @@
+"""The only package that talks to MLflow.
+
+- :mod:`~ran.tracking.names`: every tag, artifact and metric name, defined once.
+- :mod:`~ran.tracking.store`: the tracking URI, the one client helper, experiments.
+- :mod:`~ran.tracking.runs`: training runs (:class:`RunTracker`), metrics logged off the training
+  path (:class:`RunLogger`), curves, evaluation/explain/search runs.
+- :mod:`~ran.tracking.models`: logging and registering models, model references, the registry
+  (versions, aliases, the promotion gate's reads and writes).
+
+It imports nothing of ``ran`` but the config (for types) and never Ray; ``ran.runtime``,
+``ran.train`` and the verbs above them call it.
+"""
+
+from ran.tracking.models import (
+    MODELS_URI, RUN_ID, ModelFiles, ModelSource, ModelRefError, alias_holder,
+    download_model_files, log_final_model, model_version, model_versions, move_alias,
+    registered_model, registered_models, registry_source, run_params, run_source, version_source,
+)
+from ran.tracking.names import *  # noqa: F401,F403 - the names are this package's vocabulary
+from ran.tracking.runs import (
+    RunLogger, RunTracker, child_runs, linked_run, log_model_metrics, plot_curves, trial_run,
+)
+from ran.tracking.store import (
+    client, default_artifact_location, ensure_experiment, git_commit, ray_job_tags, tracking_uri,
+    use_uri,
+)
+
+__all__ = [
+    "MODELS_URI", "RUN_ID", "ModelFiles", "ModelSource", "ModelRefError", "alias_holder",
+    "download_model_files", "log_final_model", "model_version", "model_versions", "move_alias",
+    "registered_model", "registered_models", "registry_source", "run_params", "run_source",
+    "version_source", "RunLogger", "RunTracker", "child_runs", "linked_run",
+    "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
+    "ensure_experiment", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
+]

@@ -1,0 +1,52 @@
+"""Every MLflow name ``ran`` writes, defined once: run tags, artifact names, metric names.
+
+Tags are read back by ``--resume`` (``TAG_STORAGE``), ``ran eval`` of a run id (``TAG_VERSION``),
+``ran tune`` (its nesting tags) and the promotion gate (the version tags in ``METRIC_TAGS``).
+"""
+
+from __future__ import annotations
+
+# Artifacts
+CURVES_ARTIFACT = "training_curves.png"
+CONFIG_ARTIFACT = "config.yaml"
+MODEL_NAME = "model"  # artifact name of the logged model
+RESULTS_CSV = "results.csv"  # on a search run
+PLOT_PNG = "metric_vs_params.png"  # on a search run
+BEST_CONFIG = "best_config.yaml"  # on a search run
+SPACE_ARTIFACT = "space.yaml"  # on a search run
+BASE_CONFIG = "base_config.yaml"  # on a search run
+
+# Run tags
+TAG_MODEL = "ran.model"  # model name of a training or search run
+TAG_DATASET = "ran.dataset"  # dataset name and path of a training run
+TAG_GIT = "mlflow.source.git.commit"  # MLflow's own
+TAG_RAY_JOB = "ray.job_id"
+TAG_RAY_SUBMISSION = "ray.submission_id"
+TAG_STORAGE = "ran.storage"  # storage path/name of the Ray Train run: the key --resume looks up
+TAG_JOB = "ran.job"
+TAG_VERSION = "ran.registered_version"  # "name/version" registered from a run
+TAG_PRECISION = "ran.precision"  # what train.precision ran as
+TAG_RESUMED_FROM = "ran.resumed_from"  # epoch/step a restarted worker group continued from
+TAG_KIND = "ran.kind"  # "evaluation", "explain" or "search" on runs that are not training runs
+TAG_REF = "ran.model_ref"  # the model reference as given to ran eval / explain
+TAG_MODEL_NAME = "ran.registered_model"
+TAG_MODEL_VERSION = "ran.model_version"
+TAG_SOURCE_RUN = "ran.source_run_id"  # the training run of an evaluated model
+TAG_CHECKPOINT = "ran.checkpoint"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_SEARCH = "ran.search"  # the search name, on the parent and every trial run
+TAG_TRIAL = "ran.trial_id"  # the Tune trial id, on trial runs
+TAG_TRIAL_STATUS = "ran.trial_status"  # completed | stopped | failed
+TAG_ERROR = "ran.error"  # first line of a failed trial's error
+TAG_BEST_RUN = "ran.best_run_id"  # on a search run
+TAG_METRICS_GAP = "ran.metrics_gap"  # metric values that could not be logged (MLflow unreachable)
+
+# Model version tags: the validation metrics a version was registered with (the promotion gate's
+# recorded basis), and the data params they were measured on.
+METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
+DATA_PARAMS = ("data.path", "data.val_split")
+
+# Metrics: epoch metrics are logged at step = epoch, step metrics at the global optimizer step.
+EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
+                 "data_wait_frac", "skipped", "epoch_time_s")
+STEP_METRICS = ("step_loss", "step_lr")
