@@ -497,35 +497,41 @@ def scan_imagenet(root: str) -> Source:
                         f"val/ with {DEVKIT}.tar.gz or {VAL_SOLUTION}), or the downloaded "
                         f"{TRAIN_ARCHIVE}, {VAL_ARCHIVE} and {DEVKIT}.tar.gz in this folder")
     source = Source("imagenet", [printable(c) for c in classes], {"train": items}, skipped)
-    val_dir, val_archive = os.path.join(data_root, "val"), os.path.join(root, VAL_ARCHIVE)
-    if os.path.isdir(val_dir) and _subdirs(val_dir):
-        val_items, val_skipped = _class_items(val_dir, classes, "val")
-    else:
-        folders = [val_dir, data_root, root, os.path.dirname(os.path.normpath(root))]
-        files, val_skipped = _image_files(val_dir, "val") if os.path.isdir(val_dir) else ([], [])
-        if files:
-            label_of, keys, val_items = _val_labels(folders, classes, val_dir, root), _Keys(), []
-            for rel, st in files:
-                label = label_of(rel)
-                if isinstance(label, str):
-                    val_skipped.append(_skip(os.path.join(val_dir, rel), label, "val"))
-                else:
-                    val_items.append(Item.file(keys(rel), label, os.path.join(val_dir, rel), st))
-        elif os.path.isfile(val_archive):
-            label_of = _val_labels(folders, classes, val_archive, root)
-            try:
-                with open(val_archive, "rb") as f:
-                    members = _tar_members(f)
-            except (OSError, tarfile.TarError) as exc:
-                raise DataError(f"{val_archive}: cannot read as an uncompressed tar ({exc}); re-download "
-                                "it, or decompress a .tar.gz") from None
-            val_items, val_skipped = _member_items(val_archive, members, val_archive, label_of, _Keys(),
-                                                   "val")
-        else:
-            return source
-    source.splits["val"] = val_items
-    source.skipped += val_skipped
+    val = _imagenet_val(root, data_root, classes)
+    if val is not None:
+        source.splits["val"] = val[0]
+        source.skipped += val[1]
     return source
+
+
+def _imagenet_val(root: str, data_root: str,
+                  classes: list[str]) -> tuple[list[Item], list[dict[str, str]]] | None:
+    """(items, skipped) of the val split from ``val/<wnid>/``, a flat ``val/`` or the val archive;
+    None if there is none."""
+    val_dir, archive = os.path.join(data_root, "val"), os.path.join(root, VAL_ARCHIVE)
+    if os.path.isdir(val_dir) and _subdirs(val_dir):
+        return _class_items(val_dir, classes, "val")
+    folders = [val_dir, data_root, root, os.path.dirname(os.path.normpath(root))]
+    files, skipped = _image_files(val_dir, "val") if os.path.isdir(val_dir) else ([], [])
+    if files:
+        label_of, keys, items = _val_labels(folders, classes, val_dir, root), _Keys(), []
+        for rel, st in files:
+            label = label_of(rel)
+            if isinstance(label, str):
+                skipped.append(_skip(os.path.join(val_dir, rel), label, "val"))
+            else:
+                items.append(Item.file(keys(rel), label, os.path.join(val_dir, rel), st))
+        return items, skipped
+    if not os.path.isfile(archive):
+        return ([], skipped) if os.path.isdir(val_dir) else None
+    label_of = _val_labels(folders, classes, archive, root)
+    try:
+        with open(archive, "rb") as f:
+            members = _tar_members(f)
+    except (OSError, tarfile.TarError) as exc:
+        raise DataError(f"{archive}: cannot read as an uncompressed tar ({exc}); re-download it, or "
+                        "decompress a .tar.gz") from None
+    return _member_items(archive, members, archive, label_of, _Keys(), "val")
 
 
 def _class_tars(folder: str) -> dict[str, str]:
