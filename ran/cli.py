@@ -23,12 +23,22 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", help="job config YAML (see jobs/)")
+def _add_job_args(p: argparse.ArgumentParser, *, job_flag: bool = False) -> None:
+    """The job YAML (positional, or ``--job`` for ``ran tune``) and its ``--set`` overrides."""
+    if job_flag:
+        p.add_argument("--job", required=True, help="base job config YAML (see jobs/)")
+    else:
+        p.add_argument("job", help="job config YAML (see jobs/)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)",
+        help="override a config key, e.g. --set optim.lr=0.05 (repeatable; default: none)",
     )
+
+
+def _add_ray_args(p: argparse.ArgumentParser, resume: str) -> None:
+    """``--address`` (the same fallback everywhere) and ``--resume`` (``resume``: its help)."""
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true", help=resume)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -66,16 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a job on Ray Train, tracked in MLflow")
     _add_job_args(p)
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--resume", action="store_true", help="continue the job from its latest checkpoint")
+    _add_ray_args(p, "continue the job from its latest checkpoint")
     p.set_defaults(func=_lazy("ran.train.launch:cli_train"))
 
     p = sub.add_parser("tune", help="search a Tune space over a job")
     p.add_argument("space", help="search space YAML (see tune_spaces/)")
-    p.add_argument("--job", required=True, help="base job config YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--resume", action="store_true", help="restore an interrupted search")
+    _add_job_args(p, job_flag=True)
+    _add_ray_args(p, "restore an interrupted search")
     p.set_defaults(func=_lazy("ran.tune.search:cli_tune"))
 
     p = sub.add_parser("eval", help="evaluate a model on shards")

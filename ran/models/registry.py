@@ -139,22 +139,21 @@ def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+# Stage widths, strides and mask poolings per stem (PAPER.md Table 2 on ImageNet; the narrow
+# pre-activation ResNet-164 widths on CIFAR), then the last stage of three plain units.
+_STAGES = {  # stem: ((width, stride, pools) of the three attention stages, last width, stem width)
+    "imagenet": (((256, 1, 3), (512, 2, 2), (1024, 2, 1)), 2048, 64),  # 56, 28, 14 -> 7 px
+    "cifar": (((64, 1, 2), (128, 2, 1), (256, 2, 1)), 256, 16),  # 32, 16, 8 -> 8 px
+}
+
+
 def _attention_stages(modules: Layout, stem: str) -> tuple[list[StageSpec], int]:
-    """Stages and stem width: Table 2 on ImageNet, the narrow ResNet-164 widths on CIFAR."""
-    m1, m2, m3 = modules
-    if stem == "imagenet":
-        return [
-            StageSpec(256, stride=1, units=1, modules=m1, pools=3),  # 56x56
-            StageSpec(512, stride=2, units=1, modules=m2, pools=2),  # 28x28
-            StageSpec(1024, stride=2, units=1, modules=m3, pools=1),  # 14x14
-            StageSpec(2048, stride=2, units=3),  # 7x7
-        ], 64
-    return [
-        StageSpec(64, stride=1, units=1, modules=m1, pools=2),  # 32x32
-        StageSpec(128, stride=2, units=1, modules=m2, pools=1),  # 16x16
-        StageSpec(256, stride=2, units=1, modules=m3, pools=1),  # 8x8
-        StageSpec(256, stride=1, units=3),  # 8x8
-    ], 16
+    """Stages and stem width of an attention network with ``modules`` per stage on ``stem``."""
+    stages, last_width, stem_width = _STAGES[stem]
+    specs = [StageSpec(width, stride=stride, units=1, modules=m, pools=pools)
+             for (width, stride, pools), m in zip(stages, modules)]
+    last_stride = 2 if stem == "imagenet" else 1
+    return [*specs, StageSpec(last_width, stride=last_stride, units=3)], stem_width
 
 
 def _valid_depths(p: int, t: int, limit: int = 500) -> list[int]:
