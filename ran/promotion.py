@@ -28,6 +28,7 @@ from typing import Any
 
 from ran import runtime, tracking
 from ran.tracking import DATA_PARAMS
+from ran.tracking.validate import check_alias
 
 
 class PromotionError(ValueError):
@@ -139,6 +140,7 @@ def promotion_tags(decision: Decision, alias: str, user: str, reason: str,
 def promote(name: str, version: str, alias: str = "champion", *, min_top1: float | None = None,
             eval_data: str | None = None, reason: str = "", user: str | None = None) -> Decision:
     """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring."""
+    check_alias(alias, "--alias")
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise PromotionError(f"--min-top1 {min_top1}: give top-1 as a fraction, e.g. 0.75 for 75%")
     mv = tracking.model_version(name, version)

@@ -42,10 +42,15 @@ from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
 from ran.data.transforms import normalizer
+from ran.tracking.validate import check_names
 from ran.train import localray
 from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, storage_for
 from ran.train.trainer import train_fn_per_worker
+
+
+class FinalizeError(RuntimeError):
+    """Training finished and checkpointed, but logging or registering the model failed."""
 
 
 @dataclass
@@ -117,6 +122,7 @@ def check_model(cfg: JobConfig) -> None:
 def preflight(cfg: JobConfig, *, resume: bool) -> tuple[JobConfig, dict[str, Any], Storage]:
     """Everything checked before Ray starts; returns the resolved config (with its run directory
     name), the manifest and the run directory."""
+    check_names(cfg)
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
     check_model(cfg)
@@ -266,8 +272,16 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
     if result.checkpoint is not None:
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
-        outcome.registered = finalize(cfg, manifest, tracker, result.checkpoint)
-    tracker.log_curves()
+    try:
+        if result.checkpoint is not None:
+            outcome.registered = finalize(cfg, manifest, tracker, result.checkpoint)
+        tracker.log_curves()
+    except Exception as err:  # noqa: BLE001 - MLflow's many kinds: one line, the checkpoint kept
+        text = str(err).strip().splitlines()
+        raise FinalizeError(
+            f"training finished (checkpoint {outcome.checkpoint}) but logging the model to MLflow "
+            f"at {tracker.uri} failed: {text[0] if text else type(err).__name__}; fix that and run "
+            "the same command with --resume to log and register it") from err
     tracker.finish("FINISHED")
     return outcome
 
@@ -358,7 +372,11 @@ def cli_train(args: argparse.Namespace) -> int:
     except TrainingFailedError as err:  # Ray's failure after retries: one line, not a traceback
         text = str(err).strip()
         print(f"error: training failed after {cfg.scaling.max_failures} restart(s): "
-              f"{text.splitlines()[-1] if text else repr(err)}", file=sys.stderr)
+              f"{text.splitlines()[-1] if text else repr(err)}; the latest checkpoint is kept: "
+              "fix the cause and run the same command with --resume", file=sys.stderr)
+        return 1
+    except FinalizeError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     print(where_to_look(outcome), flush=True)
     return 0

@@ -59,6 +59,7 @@ from ran.tracking import (
 )
 from ran.train import localray
 from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
+from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train.schedule import plan_run
 from ran.tune.space import SearchSpace, check_space, load_space
@@ -121,6 +122,7 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
     Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
     """
     base = check_space(space, job_raw)
+    check_names(base)
     base, manifest = resolve_config(base)
     check_shards(base, manifest)
     if not any(k.startswith("model.") for k in space.searched_keys):

@@ -8,9 +8,6 @@ untrained model of the same config, logged and registered through the same
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,21 +15,10 @@ import pytest
 import torch
 
 from ran.cli import main
-from ran.config import load_config
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-ran"
-
-
-def _job(data: str, storage: Path) -> Any:
-    return load_config(None, {
-        "name": "ops", "model.name": "attention56", "model.stem": "cifar", "data.path": data,
-        "data.batch_size": 16, "data.workers": 1, "data.crop": 16, "optim.lr": 0.1,
-        "optim.reference_batch_size": 32, "schedule.kind": "cosine", "train.epochs": 2,
-        "train.log_every": 4, "scaling.num_workers": 2, "storage.path": str(storage),
-        "tracking.experiment": "ops", "tracking.registered_model": MODEL,
-    })
 
 
 def _register_untrained(cfg: Any, classes: list[str]) -> Any:
@@ -54,7 +40,7 @@ def _register_untrained(cfg: Any, classes: list[str]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def registry(ray_local: str, synth_data: str, tmp_path_factory: pytest.TempPathFactory):
+def registry(ray_local: str, synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
     """The sqlite store holding versions 1 (trained) and 2 (untrained) of ``tiny-ran``."""
     from ran.data.read import read_manifest
     from ran.train.launch import run_training
@@ -64,7 +50,9 @@ def registry(ray_local: str, synth_data: str, tmp_path_factory: pytest.TempPathF
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)
-        trained = run_training(_job(synth_data, root / "runs"))
+        trained = run_training(tiny_job(synth_data, root / "runs", **{
+            "name": "ops", "tracking.experiment": "ops", "tracking.registered_model": MODEL,
+            "tracking.log_model": True}))
         assert trained.registered == f"{MODEL}/1"
         untrained = _register_untrained(trained.config, read_manifest(synth_data)["classes"])
         assert untrained == f"{MODEL}/2"
@@ -182,49 +170,12 @@ def test_registry_lists_versions_aliases_and_metrics(store, capsys):
     assert f"no registered model 'nope' (registered: {MODEL})" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(store, monkeypatch):
+def server(store, serve_mlflow, monkeypatch):
     """``mlflow server`` on 127.0.0.1 over the same store; stopped after the test."""
-    import os
-    import signal
-    import time
-    import urllib.request
-
-    port = _free_port()
-    log = open(store["root"] / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-         str(port), "--backend-store-uri", store["uri"], "--workers", "1"],
-        cwd=store["root"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (store["root"] / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
-                time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+    url = serve_mlflow(store["uri"], store["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    return url
 
 
 def test_promotion_through_an_mlflow_server(server, store, capsys):

@@ -81,3 +81,41 @@ def test_more_workers_than_the_cluster_can_place(job, capsys, mlflow_sqlite, tmp
     assert "cannot place 3 workers x 1 CPU" in err and "2 CPUs" in err
     assert controllers() == before
     _nothing_started(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("tracking.registered_model", "team/tiny",
+     "error: tracking.registered_model 'team/tiny' is refused by MLflow (Invalid model name "
+     "'team/tiny'. Names cannot contain '/' or ':'); use any text without '/' or ':'"),
+    ("tracking.registered_model", "tiny:v1",
+     "error: tracking.registered_model 'tiny:v1' is refused by MLflow (Invalid model name "
+     "'tiny:v1'. Names cannot contain '/' or ':'); use any text without '/' or ':'"),
+    ("tracking.experiment", "''",
+     "error: tracking.experiment '' is refused by MLflow (Invalid experiment name: ''); use a "
+     "non-empty name of at most 500 characters"),
+    ("storage.name", "team/run1",
+     "error: storage.name 'team/run1' cannot name a run directory; use one directory name: no "
+     "'/', not '.' or '..', not empty"),
+    ("storage.name", "..",
+     "error: storage.name '..' cannot name a run directory; use one directory name: no '/', not "
+     "'.' or '..', not empty"),
+    ("name", "a/b",
+     "error: name (the job name) 'a/b' cannot name a run directory; use one directory name: no "
+     "'/', not '.' or '..', not empty"),
+])
+def test_names_mlflow_or_ray_refuse_fail_before_anything_starts(job, capsys, mlflow_sqlite,
+                                                                  tmp_path, key, value, expected):
+    code, err = _train(capsys, str(job), "--set", f"{key}={value}")
+    assert (code, err) == (2, expected)
+    _nothing_started(tmp_path)
+
+
+def test_an_alias_mlflow_refuses_is_one_line_before_the_registry_is_read(capsys, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for alias, reason in [("latest", "'latest' alias name (case insensitive) is reserved"),
+                          ("v2", "Version alias name 'v2' is reserved")]:
+        assert main(["promote", "tiny", "--version", "1", "--alias", alias]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --alias {alias!r} is refused by MLflow ({reason}); use letters, digits, _ "
+            "and - (not 'latest', not v<number>)\n")

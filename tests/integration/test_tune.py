@@ -38,22 +38,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, ray_local: str) -> Iterato
         mp.undo()
 
 
-def _job(root: Path, name: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    job: dict[str, Any] = {
-        "name": name,
-        "model": {"name": "attention56", "stem": "cifar"},
-        "data": {"path": str(root / "shards"), "recipe": "cifar", "crop": SIZE, "eval_crop": SIZE,
-                 "batch_size": 8, "workers": 0},
-        "optim": {"lr": 0.01, "reference_batch_size": 8},
-        "schedule": {"kind": "constant"},
-        "train": {"epochs": 1, "precision": "fp32", "channels_last": False},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.9, "max_failures": 0},
-        "storage": {"path": str(root / "runs")},
-        "tracking": {"experiment": f"tune-{name}", "registered_model": f"{name}-model"},
-    }
-    for section, values in sections.items():
-        job[section].update(values)
-    return job
+@pytest.fixture(scope="module")
+def job(workdir: Path, tiny_job):
+    """``job(name, **{"dotted.key": value})``: a raw tiny job for a search (1 worker of 0.9 CPU,
+    so two trials and their drivers fit on 2 CPUs; fp32, batch 8)."""
+    def make(name: str, **overrides: Any) -> dict[str, Any]:
+        return tiny_job(workdir / "shards", workdir / "runs", **{
+            "name": name, "data.crop": SIZE, "data.eval_crop": SIZE, "data.batch_size": 8,
+            "data.workers": 0, "optim.lr": 0.01, "optim.reference_batch_size": 8,
+            "schedule.kind": "constant", "train.epochs": 1, "train.precision": "fp32",
+            "train.channels_last": False, "scaling.num_workers": 1,
+            "scaling.cpus_per_worker": 0.9, "scaling.max_failures": 0,
+            "tracking.experiment": f"tune-{name}", "tracking.registered_model": f"{name}-model",
+            "tracking.log_model": True, **overrides}).model_dump()
+
+    return make
 
 
 def _runs(experiment: str) -> list[Any]:
@@ -95,7 +94,7 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def grid_search(workdir: Path) -> tuple[Any, Any]:
+def grid_search(workdir: Path, job) -> tuple[Any, Any]:
     """depth {56, 92} x mask activation {mixed, spatial}: 4 trials, 2 at a time, 1 epoch each."""
     from ran.tune.search import run_search
     from ran.tune.space import parse_space
@@ -105,7 +104,7 @@ def grid_search(workdir: Path) -> tuple[Any, Any]:
                   "model.mask_activation": {"grid": ["mixed", "spatial"]}},
         "search": {"scheduler": "fifo", "max_concurrent_trials": 2},
     }, name="depth_mask")
-    return space, run_search(space, _job(workdir, "grid"))
+    return space, run_search(space, job("grid"))
 
 
 def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search, workdir):
@@ -155,7 +154,7 @@ def test_best_trial_model_is_registered_and_loads(grid_search):
 
 
 @pytest.fixture(scope="module")
-def asha_search(workdir: Path) -> tuple[Any, Any]:
+def asha_search(workdir: Path, job) -> tuple[Any, Any]:
     """Three trials, one at a time and in this order: a learning arm (lr 0.01), a dead arm
     (lr 1e-9: its output never changes, so validation stays at chance), and an arm whose depth
     no Attention network has (57), which fails when its model is built. ASHA compares the dead
@@ -168,7 +167,7 @@ def asha_search(workdir: Path) -> tuple[Any, Any]:
         "search": {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
                    "max_concurrent_trials": 1},
     }, name="asha")
-    return space, run_search(space, _job(workdir, "asha", train={"epochs": 2}))
+    return space, run_search(space, job("asha", **{"train.epochs": 2}))
 
 
 def test_asha_stops_the_dead_arm_early(asha_search):
@@ -194,7 +193,7 @@ def test_failed_trial_is_recorded_and_the_best_still_chosen(asha_search):
     assert outcome.registered == "asha-model/1"
 
 
-def test_interrupted_search_resumes_where_it_stopped(workdir):
+def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     """Interrupt (SIGUSR1, as Ctrl-C) once the trial has checkpointed epoch 1 of 3, then --resume:
     the same search run and the same trial run continue, and the trial ends after epoch 3.
     (Three epochs, so the stopping run cannot finish the trial before Tune's stop lands.)"""
@@ -208,7 +207,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir):
 
     space = parse_space({"space": {"model.mask_activation": {"grid": ["mixed"]}},
                          "search": {"scheduler": "fifo"}}, name="resume")
-    job = _job(workdir, "resume", train={"epochs": 3})
+    resume_job = job("resume", **{"train.epochs": 3})
     runs_dir = workdir / "runs"
     done = threading.Event()
 
@@ -223,7 +222,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir):
     watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
     watcher.start()
     try:
-        first = run_search(space, job)
+        first = run_search(space, resume_job)
     finally:
         done.set()
         watcher.join()
@@ -231,7 +230,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir):
     (trial,) = first.trials
     assert trial.status == "unfinished" and trial.epochs <= 1
 
-    second = run_search(space, job, resume=True)
+    second = run_search(space, resume_job, resume=True)
     assert not second.interrupted and second.parent_run_id == first.parent_run_id
     (resumed,) = second.trials
     assert resumed.trial_id == trial.trial_id and resumed.run_id == trial.run_id
