@@ -3,9 +3,14 @@
 ``ran submit JOB.yaml --address http://HEAD:8265`` is ``ray job submit --address ... --working-dir .
 -- ran train JOB.yaml`` with the chores done: the job is validated here first (a bad key fails in a
 second, not after the upload), the project is uploaded without data, runs and the MLflow store, the
-MLflow and AWS settings travel with the job, and local paths are made absolute when the cluster runs
-on this machine, so that the job reads the same shards and writes the same MLflow store as
-``ran train`` would here.
+MLflow and S3 *settings* travel with the job (never a credential: see PASS_ENV), and local paths are
+made absolute when the cluster runs on this machine, so that the job reads the same shards and
+writes the same MLflow store as ``ran train`` would here.
+
+Credentials stay where they belong. A job's runtime env is stored with the job, readable by anyone
+who can list the cluster's jobs, so no secret goes into it unless the user names it (``--env``, with
+a warning); the cluster's nodes hold their own (cluster/README.md). The Ray token goes only where
+:func:`token_for` says, and a dashboard runs any code it is sent.
 
 Jobs are addressed by their submission id (``ran-<job>-<time>-<hex>``); the Ray dashboard and
 ``ray job ...`` show the same ids.
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import getpass
+import ipaddress
 import os
 import secrets
 import shlex
@@ -25,8 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlparse
 
 import requests
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
@@ -34,12 +43,17 @@ from ran.config import JobConfig, load_config
 from ran.train.localray import auth_token
 from ran.tune.space import check_space, load_space
 
-# Environment passed to the job: MLflow (where runs go, S3 artifacts, server credentials) and every
-# AWS_* setting (S3 shards and storage). Sent in the runtime env, so visible in the dashboard:
-# prefer instance profiles or IRSA to access keys on shared clusters.
-PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
-            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS")
-PASS_ENV_PREFIXES = ("AWS_",)
+# Environment passed to the job: where runs and artifacts go and which S3 endpoint and region to
+# use, never a credential. The runtime env is stored with the job and shown to anyone who can list
+# the cluster's jobs; the nodes get keys and passwords the way clusters do (instance profiles,
+# IRSA, Kubernetes secrets, ~/.mlflow/credentials: cluster/README.md). AWS_ACCESS_KEY_ID and
+# AWS_PROFILE stay behind too: without their secret (or this machine's ~/.aws) they would only
+# hide the node's own role from boto3.
+PASS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_INSECURE_TLS",
+            "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+# Names that look like credentials: `--env NAME` still passes them, with a warning.
+SECRET_NAMES = ("*SECRET*", "*TOKEN*", "*PASSWORD*", "*KEY*")
 
 # Not uploaded with the working directory (gitignore syntax, relative to it; a leading / anchors
 # at the top, so /data/ skips the shards but not the ran/data/ package).
@@ -68,6 +82,7 @@ class Submission:
     config: JobConfig
     local: bool  # the cluster runs on this machine
     notes: list[str] = field(default_factory=list)  # what was resolved or should be checked
+    warnings: list[str] = field(default_factory=list)  # what the user should reconsider
 
 
 def normalize_address(address: str) -> str:
@@ -102,10 +117,16 @@ def relative_to_working_dir(path: str | Path, working_dir: Path, what: str) -> s
                          f"--working-dir") from None
 
 
-def job_env(local: bool, notes: list[str], extra: list[str] | None = None) -> dict[str, str]:
-    """The environment passed to the job: PASS_ENV, AWS_*, and ``--env`` items."""
-    env = {k: v for k, v in os.environ.items()
-           if k in PASS_ENV or k.startswith(PASS_ENV_PREFIXES)}
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name looks like a credential (SECRET_NAMES)."""
+    return any(fnmatch.fnmatchcase(name.upper(), pattern) for pattern in SECRET_NAMES)
+
+
+def job_env(local: bool, notes: list[str], extra: list[str] | None = None,
+            warnings: list[str] | None = None) -> dict[str, str]:
+    """The environment passed to the job: PASS_ENV, and ``--env`` items (a warning in
+    ``warnings`` for each name that looks like a secret)."""
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV}
     for item in extra or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -113,7 +134,15 @@ def job_env(local: bool, notes: list[str], extra: list[str] | None = None) -> di
                 raise ValueError(f"--env {key}: not set here; pass --env {key}=VALUE")
             value = os.environ[key]
         env[key] = value
+        if looks_secret(key) and warnings is not None:
+            warnings.append(f"--env {key} looks like a secret: its value is stored with the job, "
+                            f"readable by anyone who can list the cluster's jobs; give the nodes "
+                            f"their own credentials instead (cluster/README.md)")
     uri = tracking.tracking_uri()  # MLFLOW_TRACKING_URI or the embedded sqlite store, made absolute
+    if urlparse(uri).password:
+        raise ValueError("MLFLOW_TRACKING_URI holds a password, which would be stored with the job: "
+                         "drop it from the URI and give the cluster's nodes MLFLOW_TRACKING_USERNAME "
+                         "and MLFLOW_TRACKING_PASSWORD (cluster/README.md)")
     file_store = uri.startswith(("sqlite:", "file:", "/"))
     if local:
         if uri != env.get("MLFLOW_TRACKING_URI"):
@@ -170,13 +199,14 @@ def build_submission(job: str, overrides: list[str], *, local: bool, tune: str |
         raise FileNotFoundError(f"--working-dir {working_dir} is not a directory")
     cfg = validate(job, overrides, tune)
     notes: list[str] = []
+    warnings: list[str] = []
     overrides = list(overrides) + resolve_paths(cfg, local, notes)
     job_rel = relative_to_working_dir(job, wd, "job config")
     space_rel = relative_to_working_dir(tune, wd, "search space") if tune else None
     runtime_env: dict[str, Any] = {
         "working_dir": str(wd),
         "excludes": EXCLUDES,
-        "env_vars": job_env(local, notes, env),
+        "env_vars": job_env(local, notes, env, warnings),
     }
     if not (wd / "ran" / "__init__.py").is_file():  # ship the package we run, unless the upload holds one
         runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
@@ -185,41 +215,101 @@ def build_submission(job: str, overrides: list[str], *, local: bool, tune: str |
     metadata = {"ran.job": job_rel, "ran.name": cfg.name, "ran.kind": "tune" if tune else "train",
                 "ran.user": getpass.getuser()}
     return Submission(entrypoint(job_rel, overrides, space_rel), runtime_env, metadata, sid, cfg,
-                      local, notes)
+                      local, notes, warnings)
 
 
 # ---------------------------------------------------------------------------------------------
 # Talking to the cluster
 
 
-def auth_headers() -> dict[str, str]:
-    """The Ray auth token as a bearer header, where Ray would find one.
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1): this machine, or a tunnel from it."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: not resolved here, so never taken for this machine
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
-    ``ray start`` turns token auth on when ``~/.ray/auth_token`` exists, but a client process only
-    sends the token when ``RAY_AUTH_MODE=token`` is set in its own environment; send it whenever
-    a token is available (a cluster without token auth ignores it). ``RAY_AUTH_MODE=disabled``
-    sends nothing.
+
+def token_named() -> bool:
+    """Whether the user gave the Ray token for the address in use: ``RAY_AUTH_TOKEN``, or
+    ``RAY_AUTH_MODE=token`` (which makes Ray's own clients send the token file too)."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN", "").strip()) or \
+        os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def token_for(address: str, *, insecure: bool = False) -> str | None:
+    """The Ray token to send to the dashboard at ``address``, or None: the one place that decides.
+
+    A dashboard runs any code it is sent, so its token goes only where it belongs:
+    - to a loopback address (this machine's head, or a tunnel to a remote one: ``ray dashboard``,
+      ``kubectl port-forward``), whichever token Ray would find (:func:`auth_token`);
+    - to any other address only when the user named the token (:func:`token_named`): a token
+      that merely sits in ``~/.ray/auth_token`` is this machine's, as Ray itself keeps it;
+    - and then over ``https://``, or plain ``http://`` only with ``insecure`` (``--insecure``).
+
+    Raises:
+        ValueError: a named token would cross the network in clear text without ``insecure``.
     """
     token = auth_token()
+    if token is None:
+        return None
+    url = normalize_address(address)
+    parts = urlparse(url)
+    if is_loopback(parts.hostname or ""):
+        return token
+    if not token_named():
+        return None
+    if parts.scheme == "http" and not insecure:
+        raise ValueError(f"--address {url}: plain http:// would send the Ray token in clear text "
+                         f"to another host; use https://, or a tunnel to 127.0.0.1 (`ray dashboard "
+                         f"CLUSTER.yaml`, `kubectl port-forward`), or pass --insecure on a network "
+                         f"you trust")
+    return token
+
+
+def auth_headers(address: str, *, insecure: bool = False) -> dict[str, str]:
+    """The bearer header for the dashboard at ``address`` (empty when :func:`token_for` sends
+    no token)."""
+    token = token_for(address, insecure=insecure)
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: str | None) -> JobSubmissionClient:
-    """A JobSubmissionClient for ``address`` (else RAY_API_SERVER_ADDRESS or an http RAY_ADDRESS)."""
+def how_to_give_token(address: str, refused: bool) -> str:
+    """What to do when the dashboard at ``address`` wanted a token (``refused``: it got a wrong
+    one)."""
+    what = "refused the Ray token sent" if refused else "needs the cluster's Ray token"
+    hint = (f"Ray dashboard at {address} {what}: set RAY_AUTH_TOKEN to the cluster's token "
+            f"(`ray get-auth-token` on the head prints it)")
+    if not refused and auth_token() and token_for(address, insecure=True) is None:
+        hint += "; the token in ~/.ray/auth_token goes only to 127.0.0.1 unless RAY_AUTH_MODE=token"
+    return hint
+
+
+def connect(address: str | None, insecure: bool = False) -> JobSubmissionClient:
+    """A JobSubmissionClient for ``address`` (else RAY_API_SERVER_ADDRESS or an http RAY_ADDRESS),
+    with the Ray token where :func:`token_for` sends it."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     url = normalize_address(address)
+    headers = auth_headers(url, insecure=insecure)
     try:
-        return JobSubmissionClient(url, headers=auth_headers())
+        return JobSubmissionClient(url, headers=headers)
     except ConnectionError:
         raise ConnectionError(f"cannot reach the Ray dashboard at {url}: is the cluster up and "
                               f"the dashboard port (default 8265) reachable? "
                               f"(`cluster/local.sh status` for a local head)") from None
-    except Exception as err:  # AuthenticationError and friends: one line, with what to do
+    except AuthenticationError as err:
+        refused = "Authentication failed" in str(err)  # 403: a token was sent, not this one
+        raise ConnectionError(how_to_give_token(url, refused)) from None
+    except Exception as err:  # one line, with what to do
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConnectionError(f"Ray dashboard at {url}: {first} (set RAY_AUTH_TOKEN or "
-                              f"~/.ray/auth_token to the cluster's token)") from None
+        raise ConnectionError(f"Ray dashboard at {url}: {first}") from None
 
 
 def this_machine_ips() -> set[str]:
@@ -238,7 +328,7 @@ def this_machine_ips() -> set[str]:
     return ips
 
 
-def cluster_is_local(address: str) -> bool:
+def cluster_is_local(address: str, insecure: bool = False) -> bool:
     """Whether every node of the cluster runs on this machine (asked through the State API).
 
     The dashboard address alone cannot tell: ``http://127.0.0.1:8265`` is just as often a port
@@ -246,7 +336,7 @@ def cluster_is_local(address: str) -> bool:
     """
     url = f"{normalize_address(address)}/api/v0/nodes?limit=1000"
     try:
-        response = requests.get(url, headers=auth_headers(), timeout=30)
+        response = requests.get(url, headers=auth_headers(address, insecure=insecure), timeout=30)
         response.raise_for_status()
         nodes = response.json()["data"]["result"]["result"]
     except (requests.RequestException, ValueError, KeyError, TypeError):
@@ -322,10 +412,16 @@ def submit(client: "JobSubmissionClient", sub: Submission) -> str:
 def cli_submit(args: argparse.Namespace) -> int:
     """``ran submit JOB [--set k=v]... --address URL [--tune SPACE] [--wait]``."""
     validate(args.job, args.overrides, args.tune)  # fail fast, before talking to the cluster
-    client = connect(args.address)
-    sub = build_submission(args.job, args.overrides, local=cluster_is_local(args.address),
-                           tune=args.tune, working_dir=getattr(args, "working_dir", None) or ".",
+    args.address = (args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+                    or os.environ.get("RAY_ADDRESS"))  # the fallback `ran jobs` has too
+    insecure = getattr(args, "insecure", False)
+    client = connect(args.address, insecure)
+    sub = build_submission(args.job, args.overrides,
+                           local=cluster_is_local(args.address, insecure), tune=args.tune,
+                           working_dir=getattr(args, "working_dir", None) or ".",
                            env=getattr(args, "env", None))
+    for warning in sub.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for note in sub.notes:
         print(f"note: {note}")
     job_id = submit(client, sub)
@@ -344,7 +440,7 @@ def cli_jobs(args: argparse.Namespace) -> int:
     """``ran jobs list | status ID | logs ID [--follow] | stop ID``."""
     if args.action != "list" and not args.job_id:
         raise ValueError(f"ran jobs {args.action} needs a job id; `ran jobs list` shows them")
-    client = connect(args.address)
+    client = connect(args.address, getattr(args, "insecure", False))
     if args.action == "list":
         print_jobs(client.list_jobs())
         return 0

@@ -64,6 +64,7 @@ def test_ray_client_and_gcs_style_addresses_are_refused():
 def test_local_submission_makes_paths_and_sqlite_store_absolute(project, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///store/mlflow.db")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stays-here")
     monkeypatch.setenv("UNRELATED_SECRET", "x")
     sub = cluster.build_submission("jobs/tiny.yaml", ["data.path=shards"], local=True)
     assert shlex.split(sub.entrypoint)[:3] == ["ran", "train", "jobs/tiny.yaml"]
@@ -73,7 +74,7 @@ def test_local_submission_makes_paths_and_sqlite_store_absolute(project, monkeyp
     env = sub.runtime_env["env_vars"]
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{project}/store/mlflow.db"
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
-    assert "UNRELATED_SECRET" not in env
+    assert "UNRELATED_SECRET" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert sub.runtime_env["working_dir"] == str(project)
     assert sub.metadata["ran.job"] == "jobs/tiny.yaml" and sub.metadata["ran.kind"] == "train"
     assert re.fullmatch(r"ran-tiny-\d{8}-\d{6}-[0-9a-f]{4}", sub.submission_id), sub.submission_id
@@ -144,18 +145,19 @@ def test_env_items_are_passed_or_refused(project, monkeypatch):
 
 
 def test_auth_token_from_env_then_file_then_default(project, monkeypatch, tmp_path):
+    here = "http://127.0.0.1:8265"  # loopback: whichever token Ray would find is sent
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert cluster.auth_headers() == {}
+    assert cluster.auth_headers(here) == {}
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("home\n")
-    assert cluster.auth_headers() == {"Authorization": "Bearer home"}
+    assert cluster.auth_headers(here) == {"Authorization": "Bearer home"}
     (tmp_path / "tok").write_text("file")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
-    assert cluster.auth_headers() == {"Authorization": "Bearer file"}
+    assert cluster.auth_headers(here) == {"Authorization": "Bearer file"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", "env")
-    assert cluster.auth_headers() == {"Authorization": "Bearer env"}
+    assert cluster.auth_headers(here) == {"Authorization": "Bearer env"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert cluster.auth_headers() == {}
+    assert cluster.auth_headers(here) == {}
 
 
 @pytest.fixture

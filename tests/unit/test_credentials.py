@@ -1,0 +1,247 @@
+"""Credentials stay where they belong, without a cluster: what a submission carries (settings,
+never secrets), the warning for a secret-looking ``--env``, and the one function that decides where
+the Ray token goes (:func:`ran.cluster.token_for`), also through the HTTP calls ``ran submit`` and
+``ran jobs`` make (a stand-in dashboard that records request headers on this machine's network
+address). tests/integration/test_cluster.py checks the same against a real token-auth head."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import ray
+
+from ran import cluster
+from ran.cli import build_parser, main
+
+# Recognisable values: a leak shows up as the value itself.
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAUNITTESTKEYID0001",
+    "AWS_SECRET_ACCESS_KEY": "unit-aws-secret-access-key",
+    "AWS_SESSION_TOKEN": "unit-aws-session-token",
+    "AWS_PROFILE": "unit-profile",
+    "MLFLOW_TRACKING_USERNAME": "unit-mlflow-user",
+    "MLFLOW_TRACKING_PASSWORD": "unit-mlflow-password",
+    "MLFLOW_TRACKING_TOKEN": "unit-mlflow-token",
+    "RAY_AUTH_TOKEN": "unit-ray-token",
+}
+# Settings that say where things are: these travel with the job.
+SETTINGS = {
+    "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+    "MLFLOW_S3_ENDPOINT_URL": "http://minio.internal:9000",
+    "AWS_ENDPOINT_URL": "http://minio.internal:9000",
+    "AWS_REGION": "eu-central-1",
+    "AWS_DEFAULT_REGION": "eu-central-1",
+}
+
+NAMED_HTTP_REFUSED = (
+    "--address http://192.0.2.7:8265: plain http:// would send the Ray token in clear text to "
+    "another host; use https://, or a tunnel to 127.0.0.1 (`ray dashboard CLUSTER.yaml`, "
+    "`kubectl port-forward`), or pass --insecure on a network you trust")
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No MLflow/AWS/Ray settings, HOME an empty directory (no ~/.ray/auth_token); returns HOME."""
+    for key in list(os.environ):
+        if key.startswith(("MLFLOW_", "AWS_", "RAY_")):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def home_token(clean_env: Path) -> str:
+    """A token in ~/.ray/auth_token only (as Ray 2.60 leaves after a local start)."""
+    (clean_env / ".ray").mkdir()
+    (clean_env / ".ray" / "auth_token").write_text("home-token\n")
+    return "home-token"
+
+
+@pytest.fixture
+def project(clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_job) -> Path:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "tiny.yaml").write_text(tiny_job("s3://b/shards", "s3://b/runs").to_yaml())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the Ray token goes: token_for
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "127.0.0.1:8265", "http://localhost:8265",
+                                     "http://[::1]:8265", "http://127.3.4.5:8265",
+                                     "http://[::ffff:127.0.0.1]:8265"])
+def test_a_loopback_address_gets_the_token_ray_would_find(home_token, address):
+    assert cluster.token_for(address) == "home-token"
+    assert cluster.auth_headers(address) == {"Authorization": "Bearer home-token"}
+
+
+@pytest.mark.parametrize("address", ["http://192.0.2.7:8265", "https://ray.example.com",
+                                     "http://head:8265", "http://10.0.0.5:8265"])
+def test_a_token_file_alone_never_goes_to_another_host(home_token, address):
+    assert cluster.token_for(address) is None
+    assert cluster.token_for(address, insecure=True) is None
+    assert cluster.auth_headers(address) == {}
+
+
+def test_a_named_token_goes_to_a_named_https_address(clean_env, home_token, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "named-token")
+    assert cluster.token_for("https://ray.example.com") == "named-token"
+    assert cluster.token_for("https://192.0.2.7:8443") == "named-token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # names the token file for any address, as Ray does
+    assert cluster.token_for("https://ray.example.com") == "home-token"
+
+
+@pytest.mark.parametrize("named", [{"RAY_AUTH_TOKEN": "named-token"}, {"RAY_AUTH_MODE": "token"}])
+def test_plain_http_to_another_host_is_refused_without_insecure(home_token, monkeypatch, named):
+    for key, value in named.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as refused:
+        cluster.token_for("http://192.0.2.7:8265")
+    assert str(refused.value) == NAMED_HTTP_REFUSED
+    expected = named.get("RAY_AUTH_TOKEN", home_token)
+    assert cluster.token_for("http://192.0.2.7:8265", insecure=True) == expected
+    assert cluster.token_for("192.0.2.7:8265", insecure=True) == expected  # no scheme: http
+    assert cluster.token_for("http://127.0.0.1:8265") == expected  # loopback needs no --insecure
+
+
+def test_no_token_or_auth_disabled_sends_nothing_and_refuses_nothing(clean_env, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # asked for, but there is no token anywhere
+    assert cluster.token_for("http://192.0.2.7:8265") is None
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "named-token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    for address in ("http://127.0.0.1:8265", "http://192.0.2.7:8265", "https://ray.example.com"):
+        assert cluster.token_for(address) is None
+
+
+def test_the_cli_refuses_plain_http_in_one_line_and_takes_insecure(home_token, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "named-token")
+    assert main(["jobs", "list", "--address", "http://192.0.2.7:8265"]) == 2
+    assert capsys.readouterr().err == f"error: {NAMED_HTTP_REFUSED}\n"
+    parser = build_parser()
+    assert parser.parse_args(["jobs", "list", "--insecure"]).insecure is True
+    assert parser.parse_args(["jobs", "list"]).insecure is False
+    assert parser.parse_args(["submit", "j.yaml", "--address", "h:1", "--insecure"]).insecure is True
+
+
+# ---------------------------------------------------------------------------------------------
+# The same decision in the HTTP requests ran makes
+
+
+def network_ip() -> str:
+    """This machine's first non-loopback IPv4 address (a stand-in for another host's)."""
+    ips = sorted(ip for ip in cluster.this_machine_ips()
+                 if ":" not in ip and not cluster.is_loopback(ip))
+    if not ips:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve the stand-in on")
+    return ips[0]
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[list[tuple[str, str | None]], str]]:
+    """A stand-in dashboard on this machine's network address: answers the version check and the
+    State API node list, and records every request's path and Authorization header. Yields
+    (requests seen, http URL)."""
+    seen: list[tuple[str, str | None]] = []
+    bodies = {"/api/version": {"ray_version": ray.__version__, "version": "4", "session_name": "x"},
+              "/api/v0/nodes": {"data": {"result": {"result": []}}}}
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path.split("?")[0], self.headers.get("Authorization")))
+            body = json.dumps(bodies.get(self.path.split("?")[0], {})).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    ip = network_ip()
+    server = ThreadingHTTPServer((ip, 0), Dashboard)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield seen, f"http://{ip}:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_to_another_host_carry_no_local_token(home_token, recorder):
+    seen, url = recorder
+    cluster.connect(url)
+    assert cluster.cluster_is_local(url) is False
+    assert seen == [("/api/version", None), ("/api/version", None), ("/api/v0/nodes", None)]
+
+
+def test_requests_to_another_host_carry_a_named_token_only_with_insecure(home_token, recorder,
+                                                                          monkeypatch):
+    seen, url = recorder
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "named-token")
+    with pytest.raises(ValueError, match=r"plain http:// would send the Ray token"):
+        cluster.connect(url)
+    assert seen == []  # refused before any request
+    cluster.connect(url, insecure=True)
+    cluster.cluster_is_local(url, insecure=True)
+    bearer = "Bearer named-token"
+    assert seen == [("/api/version", bearer), ("/api/version", bearer), ("/api/v0/nodes", bearer)]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a submission carries
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_submission_carries_settings_and_no_secret(project, monkeypatch, local):
+    for key, value in {**SECRETS, **SETTINGS}.items():
+        monkeypatch.setenv(key, value)
+    sub = cluster.build_submission("jobs/tiny.yaml", [], local=local)
+    env = sub.runtime_env["env_vars"]
+    assert env == {**SETTINGS, "RAY_JOB_SUBMISSION_ID": sub.submission_id}
+    sent = json.dumps([sub.entrypoint, sub.runtime_env, sub.metadata, sub.notes])
+    assert [v for v in SECRETS.values() if v in sent] == []
+    assert sub.warnings == []
+
+
+@pytest.mark.parametrize("name, secret", [
+    ("AWS_SECRET_ACCESS_KEY", True), ("HF_TOKEN", True), ("db_password", True), ("API_KEY", True),
+    ("MY_SECRET_THING", True), ("MLFLOW_TRACKING_URI", False), ("DATA_DIR", False), ("X", False)])
+def test_env_names_that_look_secret(name, secret):
+    assert cluster.looks_secret(name) is secret
+
+
+def test_an_explicit_env_still_travels_with_a_warning_when_it_looks_secret(project, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf-value")
+    monkeypatch.setenv("DATA_DIR", "/mnt/data")
+    sub = cluster.build_submission("jobs/tiny.yaml", [], local=False,
+                                   env=["HF_TOKEN", "DATA_DIR", "DB_PASSWORD=pw"])
+    env = sub.runtime_env["env_vars"]
+    assert (env["HF_TOKEN"], env["DATA_DIR"], env["DB_PASSWORD"]) == ("hf-value", "/mnt/data", "pw")
+    assert sub.warnings == [
+        f"--env {name} looks like a secret: its value is stored with the job, readable by anyone "
+        f"who can list the cluster's jobs; give the nodes their own credentials instead "
+        f"(cluster/README.md)" for name in ("HF_TOKEN", "DB_PASSWORD")]
+
+
+def test_a_tracking_uri_with_a_password_is_refused(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:hunter2@mlflow.internal")
+    with pytest.raises(ValueError) as refused:
+        cluster.build_submission("jobs/tiny.yaml", [], local=False)
+    assert str(refused.value) == (
+        "MLFLOW_TRACKING_URI holds a password, which would be stored with the job: drop it from "
+        "the URI and give the cluster's nodes MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+        "(cluster/README.md)")
+    assert "hunter2" not in str(refused.value)
