@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
+from ran.data.commands import add_data_parser
+
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
@@ -26,7 +28,7 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def _add_job_args(p: argparse.ArgumentParser, *, job_flag: bool = False) -> None:
     """The job YAML (positional, or ``--job`` for ``ran tune``) and its ``--set`` overrides."""
     if job_flag:
-        p.add_argument("--job", required=True, help="base job config YAML (see jobs/)")
+        p.add_argument("--job", required=True, help="base job config YAML, see jobs/ (required)")
     else:
         p.add_argument("job", help="job config YAML (see jobs/)")
     p.add_argument(
@@ -37,7 +39,7 @@ def _add_job_args(p: argparse.ArgumentParser, *, job_flag: bool = False) -> None
 
 def _add_ray_args(p: argparse.ArgumentParser, resume: str) -> None:
     """``--address`` (the same fallback everywhere) and ``--resume`` (``resume``: its help)."""
-    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    _add_address(p)
     p.add_argument("--resume", action="store_true", help=resume)
 
 
@@ -59,79 +61,141 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# Examples at the end of each verb's --help.
+EXAMPLES = {
+    "models": ["ran models", "ran models attention92 --stem cifar"],
+    "train": ["ran train jobs/demo.yaml",
+              "ran train jobs/cifar10_attention56.yaml --set optim.lr=0.05 --set scaling.num_workers=4",
+              "ran train jobs/demo.yaml --resume"],
+    "tune": ["ran tune tune_spaces/depth_mask.yaml --job jobs/cifar10_attention56.yaml",
+             "ran tune tune_spaces/depth_mask.yaml --job jobs/demo.yaml --resume"],
+    "eval": ["ran eval models:/ran-demo@champion --data data/synth",
+             "ran eval runs/demo-20260101-120000 --data s3://bucket/imagenet --crop 320"],
+    "promote": ["ran promote ran-demo --version 3",
+                "ran promote ran-demo --version 3 --alias champion --min-top1 0.75 --reason 'longer schedule'",
+                "ran promote ran-demo --version 3 --eval-data data/synth"],
+    "registry": ["ran registry", "ran registry ran-demo"],
+    "explain": ["ran explain models:/ran-demo@champion cat.jpg dog.png --out pictures",
+                "ran explain models:/ran-demo/2 cat.jpg --out pictures --log-mlflow"],
+    "submit": ["ran submit jobs/imagenet_attention56.yaml --address http://127.0.0.1:8265",
+               "RAY_ADDRESS=http://127.0.0.1:8265 ran submit jobs/demo.yaml --wait",
+               "ran submit jobs/demo.yaml --tune tune_spaces/depth_mask.yaml"],
+    "jobs list": ["ran jobs list", "ran jobs list --address http://127.0.0.1:8265"],
+    "jobs status": ["ran jobs status raysubmit_XYZ"],
+    "jobs logs": ["ran jobs logs raysubmit_XYZ", "ran jobs logs raysubmit_XYZ --follow"],
+    "jobs stop": ["ran jobs stop raysubmit_XYZ"],
+}
+MODEL_REF = "models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or a checkpoint path"
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that keeps the examples' line breaks."""
+
+
+def _verb(sub: argparse._SubParsersAction, name: str, help: str, *,
+          examples: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the examples of ``EXAMPLES[examples or name]``."""
+    lines = EXAMPLES.get(examples or name)
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in lines) if lines else None
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=_Help)
+
+
+def _add_address(p: argparse.ArgumentParser, *, dashboard: bool = False) -> None:
+    """``--address`` with the one fallback every verb uses (``RAY_ADDRESS``)."""
+    if dashboard:
+        p.add_argument("--address", help="Ray dashboard, e.g. http://127.0.0.1:8265 (default: "
+                                         "RAY_ADDRESS)")
+        p.add_argument("--insecure", action="store_true",
+                       help="send the Ray token over plain http:// to a host other than 127.0.0.1 "
+                            "(default: off)")
+    else:
+        p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every ``ran`` verb, each flag with a one-line help and its default, each verb with examples."""
     parser = argparse.ArgumentParser(
-        prog="ran", description="Residual Attention Networks: train on Ray, track in MLflow."
-    )
+        prog="ran", description="Residual Attention Networks: train on Ray, track in MLflow.",
+        epilog="run `ran COMMAND --help` for a command's flags and examples", formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list registered models with depth, params and GMACs")
+    p = _verb(sub, "models", "list registered models with depth, params and GMACs")
     p.add_argument("names", nargs="*", help="models to show (default: all)")
-    p.add_argument("--stem", choices=["imagenet", "cifar"], help="default: each model's own")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], help="input stem (default: each model's own)")
     p.set_defaults(func=cmd_models)
-
-    from ran.data.commands import add_data_parser
 
     add_data_parser(sub)
 
-    p = sub.add_parser("train", help="train a job on Ray Train, tracked in MLflow")
+    p = _verb(sub, "train", "train a job on Ray Train, tracked in MLflow")
     _add_job_args(p)
-    _add_ray_args(p, "continue the job from its latest checkpoint")
+    _add_ray_args(p, "continue the job's latest run from its latest checkpoint (default: a new run)")
     p.set_defaults(func=_lazy("ran.train.launch:cli_train"))
 
-    p = sub.add_parser("tune", help="search a Tune space over a job")
+    p = _verb(sub, "tune", "search a Tune space over a job")
     p.add_argument("space", help="search space YAML (see tune_spaces/)")
     _add_job_args(p, job_flag=True)
-    _add_ray_args(p, "restore an interrupted search")
+    _add_ray_args(p, "restore the interrupted search of this job and space (default: a new search)")
     p.set_defaults(func=_lazy("ran.tune.search:cli_tune"))
 
-    p = sub.add_parser("eval", help="evaluate a model on shards")
-    p.add_argument("model", help="models:/name@alias, models:/name/version, a run id or a checkpoint")
-    p.add_argument("--data", required=True, help="shard directory or s3:// prefix")
-    p.add_argument("--split", default="val")
-    p.add_argument("--crop", type=int, help="eval crop (default: the model's, e.g. 320 for A-92)")
-    p.add_argument("--batch-size", type=int, help="default: the model's data.batch_size")
+    p = _verb(sub, "eval", "evaluate a model on shards as training validated it")
+    p.add_argument("model", help=MODEL_REF)
+    p.add_argument("--data", required=True, help="shard directory or s3:// prefix (required)")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--crop", type=int, help="eval crop (default: the one training validated at, "
+                                            "e.g. 320 for Attention-92)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the model's data.batch_size)")
     p.add_argument("--workers", type=int, help="loader processes (default: the model's data.workers)")
     p.set_defaults(func=_lazy("ran.evaluate:cli_eval"))
 
-    p = sub.add_parser("promote", help="move a registry alias to a version if it beats the holder")
+    p = _verb(sub, "promote", "move a registry alias to a version if it beats the holder")
     p.add_argument("name", help="registered model name")
-    p.add_argument("--version", required=True)
-    p.add_argument("--alias", default="champion")
-    p.add_argument("--min-top1", type=float, help="refuse below this validation top-1")
-    p.add_argument("--eval-data", help="re-evaluate both versions on these shards first")
-    p.add_argument("--reason", default="", help="why, recorded on the version")
+    p.add_argument("--version", required=True, help="the version to promote (required)")
+    p.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
+    p.add_argument("--min-top1", type=float, help="refuse below this validation top-1, a fraction "
+                                                  "(default: no minimum)")
+    p.add_argument("--eval-data", help="re-evaluate both versions on these shards first (default: "
+                                       "compare the metrics recorded at registration)")
+    p.add_argument("--reason", default="", help="why, recorded on the version (default: none)")
     p.set_defaults(func=_lazy("ran.promotion:cli_promote"))
 
-    p = sub.add_parser("registry", help="list registered models, versions, aliases and metrics")
-    p.add_argument("name", nargs="?")
+    p = _verb(sub, "registry", "list registered models, versions, aliases and metrics")
+    p.add_argument("name", nargs="?", help="one registered model (default: all)")
     p.set_defaults(func=_lazy("ran.promotion:cli_registry"))
 
-    p = sub.add_parser("explain", help="draw each attention module's soft mask over images")
-    p.add_argument("model", help="models:/name@alias, models:/name/version, a run id or a checkpoint")
+    p = _verb(sub, "explain", "draw each attention module's soft mask over images")
+    p.add_argument("model", help=MODEL_REF)
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--out", required=True, help="directory for the PNGs")
+    p.add_argument("--out", required=True, help="directory for the PNGs (required)")
     p.add_argument("--crop", type=int, help="input size (default: the model's eval crop)")
-    p.add_argument("--log-mlflow", action="store_true", help="also log the PNGs to a new MLflow run")
+    p.add_argument("--log-mlflow", action="store_true",
+                   help="also log the pictures to MLflow (default: off)")
     p.set_defaults(func=_lazy("ran.explain:cli_explain"))
 
-    p = sub.add_parser("submit", help="submit `ran train` (or `ran tune`) as a Ray Job")
+    p = _verb(sub, "submit", "submit `ran train` (or `ran tune`) as a Ray Job")
     _add_job_args(p)
-    p.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
-    p.add_argument("--tune", metavar="SPACE", help="submit `ran tune SPACE --job JOB` instead")
-    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    _add_address(p, dashboard=True)
+    p.add_argument("--tune", metavar="SPACE", help="submit `ran tune SPACE --job JOB` instead "
+                                                   "(default: ran train)")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends (default: off)")
     p.add_argument("--working-dir", default=".", metavar="DIR",
                    help="uploaded to the cluster as the job's working directory (default: .)")
     p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="also pass this environment variable to the job (repeatable)")
+                   help="also pass this environment variable to the job (repeatable; default: none)")
     p.set_defaults(func=_lazy("ran.cluster:cli_submit"))
 
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs")
-    p.add_argument("action", choices=["list", "status", "logs", "stop"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", help="Ray dashboard (default: RAY_ADDRESS)")
-    p.add_argument("--follow", action="store_true")
-    p.set_defaults(func=_lazy("ran.cluster:cli_jobs"))
+    jobs = _verb(sub, "jobs", "list, inspect, follow or stop Ray Jobs")
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="{list,status,logs,stop}")
+    for action, text in [("list", "list the cluster's jobs"), ("status", "one job's status"),
+                         ("logs", "one job's logs"), ("stop", "stop one job")]:
+        p = _verb(actions, action, text, examples=f"jobs {action}")
+        if action != "list":
+            p.add_argument("job_id", help="submission id (see `ran jobs list`)")
+        if action == "logs":
+            p.add_argument("--follow", action="store_true",
+                           help="keep printing until the job ends (default: off)")
+        _add_address(p, dashboard=True)
+        p.set_defaults(func=_lazy("ran.cluster:cli_jobs"), job_id=None, follow=False)
     return parser
 
 

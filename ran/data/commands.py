@@ -66,42 +66,60 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
                                  description="Build, generate and verify WebDataset shards.")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{build,synth,verify}")
 
-    build = sub.add_parser("build", help="shards + manifest from ImageNet, an image folder or CIFAR")
-    build.add_argument("--source", required=True, choices=SOURCES, help="layout of --input")
+    build = sub.add_parser("build", help="shards + manifest from ImageNet, an image folder or CIFAR",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples(
+                               "ran data build --source imagefolder --input photos/ --output data/photos",
+                               "ran data build --source imagenet --input /datasets/ILSVRC2012 "
+                               "--output s3://bucket/imagenet --workers 16"))
+    build.add_argument("--source", required=True, choices=SOURCES, help="layout of --input (required)")
     build.add_argument("--input", required=True, metavar="PATH",
                        help="imagenet: train/<wnid>/ + val/, or the folder holding ILSVRC2012_img_train.tar, "
                             "ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz (read in place); "
-                            "imagefolder: <class>/ or train/ + val/; cifar: the python pickle folder")
-    build.add_argument("--output", required=True, metavar="DIR_OR_S3", help="directory or s3://bucket/prefix")
-    build.add_argument("--samples-per-shard", type=int, default=2000, metavar="N")
+                            "imagefolder: <class>/ or train/ + val/; cifar: the python pickle folder (required)")
+    build.add_argument("--output", required=True, metavar="DIR_OR_S3",
+                       help="directory or s3://bucket/prefix (required)")
+    build.add_argument("--samples-per-shard", type=int, default=2000, metavar="N",
+                       help="samples per shard (default: 2000)")
     build.add_argument("--shard-size-mb", type=float, default=None, metavar="MB",
-                       help="also cap shards at about this many MB of source bytes")
+                       help="also cap shards at about this many MB of source bytes (default: no cap)")
     build.add_argument("--max-size", type=int, default=None, metavar="PX",
-                       help="downsize longer sides above PX (re-encoded JPEG q90); default: keep bytes")
+                       help="downsize longer sides above PX, re-encoded JPEG q90 (default: keep the bytes)")
     build.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
-                       help="split this fraction of each class off as val (sources without val/)")
+                       help="split this fraction of each class off as val, for sources without val/ "
+                            "(default: 0)")
     _common(build)
     build.set_defaults(func=build_command)
 
-    synth = sub.add_parser("synth", help="a small learnable synthetic dataset (no download)")
-    synth.add_argument("--output", required=True, metavar="DIR_OR_S3")
-    synth.add_argument("--classes", type=int, default=10, metavar="N")
-    synth.add_argument("--train", type=int, default=2000, metavar="N", help="train images")
-    synth.add_argument("--val", type=int, default=500, metavar="N", help="val images")
-    synth.add_argument("--size", type=int, default=32, metavar="PX", help="image side")
-    synth.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
+    synth = sub.add_parser("synth", help="a small learnable synthetic dataset (no download)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples(
+                               "ran data synth --output data/synth",
+                               "ran data synth --output data/big --classes 100 --train 50000 --size 64"))
+    synth.add_argument("--output", required=True, metavar="DIR_OR_S3",
+                       help="directory or s3://bucket/prefix (required)")
+    synth.add_argument("--classes", type=int, default=10, metavar="N", help="classes (default: 10)")
+    synth.add_argument("--train", type=int, default=2000, metavar="N", help="train images (default: 2000)")
+    synth.add_argument("--val", type=int, default=500, metavar="N", help="val images (default: 500)")
+    synth.add_argument("--size", type=int, default=32, metavar="PX", help="image side (default: 32)")
+    synth.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
+                       help="samples per shard (default: 1000)")
     _common(synth)
     synth.set_defaults(func=synth_command)
 
-    verify = sub.add_parser("verify", help="check shards against manifest.json; exit 1 on mismatch")
+    verify = sub.add_parser("verify", help="check shards against manifest.json; exit 1 on mismatch",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples(
+                                "ran data verify data/synth", "ran data verify s3://bucket/imagenet --workers 8"))
     verify.add_argument("path", metavar="PATH", help="directory, s3:// prefix or URL with manifest.json")
     verify.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
-    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     verify.set_defaults(func=verify_command)
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="writer processes (default: all cores)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
