@@ -163,13 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="one registered model (default: all)")
     p.set_defaults(func=_lazy("ran.promotion:cli_registry"))
 
-    p = _verb(sub, "explain", "draw each attention module's soft mask over images")
+    p = _verb(sub, "explain", "draw each attention module's soft mask over images (one row "
+                              "per image, one column per module)")
     p.add_argument("model", help=MODEL_REF)
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--out", required=True, help="directory for the PNGs (required)")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...); an image in a folder "
+                                             "named after a class is labelled with that true class")
+    p.add_argument("--out", required=True, help="directory for the PNG (required)")
     p.add_argument("--crop", type=int, help="input size (default: the model's eval crop)")
     p.add_argument("--log-mlflow", action="store_true",
-                   help="also log the pictures to MLflow (default: off)")
+                   help="also log the picture to the model's training run, under attention/ "
+                        "(default: off)")
     p.set_defaults(func=_lazy("ran.explain:cli_explain"))
 
     p = _verb(sub, "submit", "submit `ran train` (or `ran tune`) as a Ray Job")

@@ -1,25 +1,33 @@
-"""`ran explain`: each attention module's soft mask drawn over the image (the paper's Figure 1).
+"""`ran explain`: each attention module's soft mask drawn over the image, as in the paper's Fig. 1.
 
-For every image, one PNG: the input as the model sees it (the eval transform of the model's
-recipe, at its eval crop) and one panel per attention module, in network order, with that
-module's soft mask averaged over channels, bilinearly upsampled to the image and drawn as a heat
-map over it. Panels are titled with the stage and module; the figure with the predicted class.
+One PNG for all the images given: one row per image, one column per attention module (in network
+order) after the input itself. Each image goes through the eval transform of the model's recipe
+at its eval crop, as the model sees it. A module's soft mask ``M`` has the trunk's shape
+``(C, h, w)``; it is drawn as one ``h x w`` map, the **mean over its C channels** (for mixed
+attention, the mean of the per-channel sigmoids: where the module lets features through on
+average), bilinearly upsampled to the image and laid over a grey copy of it as a heat map in a
+perceptual colormap (:data:`HEATMAP`). Every map is **contrast-stretched on its own**, from its
+minimum (dark) to its maximum (bright), and its colour bar gives those values: a mask's values
+typically span a few hundredths around 0.5, which a common 0..1 scale shows as one flat tint. A
+constant map is drawn in the colormap's middle colour and titled so.
 
-Layout: ``PANEL_INCHES`` square panels at ``DPI``, at most ``MAX_COLUMNS`` per row, and a title
-strip of ``TITLE_INCHES`` on top, so a figure of ``n`` modules is
-``min(n + 1, 4) * 300`` by ``ceil((n + 1) / 4) * 300 + 50`` pixels. Drawn with matplotlib's Agg
-canvas (no display, no pyplot state).
+Rows are labelled with the file name, the predicted class and its probability, and the true class
+when the image sits in a folder named after one of the model's classes (``val/cat/1.jpg``, as
+torchvision's ``ImageFolder`` lays out data); columns with the stage, module and mask size.
+
+Layout: ``PANEL_INCHES`` square panels (plus a colour bar) at ``DPI``, a header strip of
+``TITLE_INCHES``. Drawn with matplotlib's Agg canvas (no display, no pyplot state).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -34,13 +42,17 @@ if TYPE_CHECKING:
 
     from ran.config import JobConfig
 
-PANEL_INCHES = 3.0
-TITLE_INCHES = 0.5  # the figure's title strip
-PANEL_TITLE_INCHES = 0.45  # two lines of panel title above the first row
+PANEL_INCHES = 2.4  # one image or mask panel (its colour bar and title take a little of it)
+TITLE_INCHES = 0.4  # the figure's two-line title
 DPI = 100
-MAX_COLUMNS = 4
-HEATMAP = "jet"
-HEATMAP_ALPHA = 0.5
+HEATMAP = "inferno"  # perceptually uniform, dark (low) to bright (high), readable in greyscale
+HEATMAP_ALPHA = 0.75  # the heat map over the grey image
+FLAT = 1e-6  # a map whose values span less than this is drawn as constant
+REDUCTION = {  # how a module's C channels become one map, per mask activation (Section 3.3)
+    "mixed": "mean over channels of the per-channel sigmoid",
+    "spatial": "mean over channels of the per-channel spatial sigmoid",
+    "channel": "mean over channels of the L2-normalised channel vector",
+}
 
 
 class ImageError(ValueError):
@@ -53,8 +65,9 @@ class MaskPanel:
 
     stage: int  # 1-based stage of the network (masks of one stage share their shape)
     module: int  # 1-based module within the stage
-    mask: torch.Tensor  # (H, W) mean over channels, upsampled to the image
-    size: tuple[int, int]  # the mask's own spatial size before upsampling
+    mask: torch.Tensor  # float32 (H, W): mean over channels, upsampled to the image
+    size: tuple[int, int]  # the mask's own spatial size (h, w) before upsampling
+    channels: int  # C, the channels averaged
 
 
 @dataclass
@@ -65,10 +78,16 @@ class Explanation:
     panels: list[MaskPanel]
     predicted: int
     probability: float
+    name: str = ""  # the file name, for the row label
+    true: int | None = None  # the true class, when known
 
 
 def read_image(path: str | Path, recipe: str, crop: int) -> torch.Tensor:
-    """The eval transform of ``recipe`` applied to the image file: uint8 ``(3, crop, crop)``."""
+    """The eval transform of ``recipe`` applied to the image file: uint8 ``(3, crop, crop)``.
+
+    Raises:
+        ImageError: no such file, or not an image Pillow can decode.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path}: no such file")
@@ -83,7 +102,7 @@ def read_image(path: str | Path, recipe: str, crop: int) -> torch.Tensor:
 
 
 def mask_panels(masks: Sequence[torch.Tensor], size: tuple[int, int]) -> list[MaskPanel]:
-    """Masks of one image ``(1, C, h, w)`` -> channel means upsampled to ``size``, labelled.
+    """Masks of one image, each ``(1, C, h, w)`` -> channel means upsampled to ``size``, labelled.
 
     A new stage starts where the mask shape (channels or resolution) changes; within a stage all
     modules gate trunks of the same shape.
@@ -97,7 +116,8 @@ def mask_panels(masks: Sequence[torch.Tensor], size: tuple[int, int]) -> list[Ma
         module += 1
         mean = mask[0].float().mean(dim=0)
         up = F.interpolate(mean[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        panels.append(MaskPanel(stage, module, up, (int(mask.shape[2]), int(mask.shape[3]))))
+        panels.append(MaskPanel(stage, module, up, (int(mask.shape[2]), int(mask.shape[3])),
+                                int(mask.shape[1])))
     return panels
 
 
@@ -114,105 +134,140 @@ def explain(model: "nn.Module", image: torch.Tensor, recipe: str) -> Explanation
     return Explanation(image, panels, predicted, float(probs[predicted]))
 
 
-def grid_shape(num_panels: int) -> tuple[int, int]:
-    """(rows, columns) of a figure with ``num_panels`` panels."""
-    columns = min(num_panels, MAX_COLUMNS)
-    return math.ceil(num_panels / columns), columns
-
-
-def draw(explanation: Explanation, title: str) -> Figure:
-    """The figure: the input, then one heat-map panel per attention module."""
-    rows, columns = grid_shape(1 + len(explanation.panels))
-    height = rows * PANEL_INCHES + TITLE_INCHES
-    fig = Figure(figsize=(columns * PANEL_INCHES, height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01,
-                        top=1 - (TITLE_INCHES + PANEL_TITLE_INCHES) / height, wspace=0.05, hspace=0.3)
-    picture = explanation.image.permute(1, 2, 0).numpy()
-    h, w = picture.shape[:2]
-    ax = fig.add_subplot(rows, columns, 1)
-    ax.imshow(picture)
-    ax.set_title(f"input {w}x{h}", fontsize=9)
-    ax.set_axis_off()
-    for i, panel in enumerate(explanation.panels, start=2):
-        ax = fig.add_subplot(rows, columns, i)
-        ax.imshow(picture)
-        low, high = _range(panel.mask)
-        ax.imshow(panel.mask.numpy(), cmap=HEATMAP, alpha=HEATMAP_ALPHA, vmin=low, vmax=high)
-        ax.set_title(f"stage {panel.stage}, module {panel.module} ({panel.size[0]}x{panel.size[1]})\n"
-                     f"mask mean {float(panel.mask.mean()):.2f}", fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")
-    return fig
-
-
-def _range(mask: torch.Tensor) -> tuple[float, float]:
-    """[0, 1] for sigmoid masks (mixed, spatial), so panels compare; min..max otherwise (channel)."""
+def stretch(mask: torch.Tensor) -> tuple[float, float, bool]:
+    """The colour range of one map: its own (min, max), and whether it is flat (then a range
+    centred on its value, so that it shows the colormap's middle colour)."""
     low, high = float(mask.min()), float(mask.max())
-    if low >= 0.0 and high <= 1.0:
-        return 0.0, 1.0
-    return low, high if high > low else low + 1e-6
+    if high - low < FLAT:
+        return low - 0.5, low + 0.5, True
+    return low, high, False
 
 
-def class_label(index: int, class_names: Sequence[str] | None) -> str:
+def class_label(index: int | None, class_names: Sequence[str] | None) -> str:
+    """``name (class i)``, ``class i``, or ``?`` when unknown."""
+    if index is None:
+        return "?"
     if class_names and 0 <= index < len(class_names):
         return f"{class_names[index]} (class {index})"
     return f"class {index}"
 
 
-def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[str] | None,
-                   images: Sequence[str | Path], out: str | Path, crop: int | None = None) -> list[Path]:
-    """Write ``<out>/<image stem>_attention.png`` for every image; returns the PNG paths.
-
-    Every image is read first, so an unreadable one fails the call before anything is written.
-    """
-    crop = crop or runtime.eval_crop(cfg)
-    recipe = cfg.data.recipe
-    pictures = [read_image(path, recipe, crop) for path in images]
-    if not model_has_masks(model):
-        raise ValueError(f"model {cfg.model.name} has no attention modules: nothing to explain")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for path, picture in zip(images, pictures):
-        result = explain(model, picture, recipe)
-        title = (f"{Path(path).name}: predicted {class_label(result.predicted, class_names)}, "
-                 f"p={result.probability:.2f}")
-        target = _unique(out / f"{Path(path).stem}_attention.png", written)
-        draw(result, title).savefig(target, dpi=DPI)
-        written.append(target)
-    return written
+def true_class(path: str | Path, class_names: Sequence[str] | None) -> int | None:
+    """The class an image's folder names (``.../cat/1.jpg`` -> ``cat``), if it is one of
+    ``class_names``; else None."""
+    if not class_names:
+        return None
+    folder = Path(path).resolve().parent.name
+    return list(class_names).index(folder) if folder in class_names else None
 
 
-def _unique(target: Path, taken: list[Path]) -> Path:
-    stem, n = target.stem, 1
-    while target in taken:
-        n += 1
-        target = target.with_name(f"{stem}_{n}.png")
-    return target
+def draw(explanations: Sequence[Explanation], class_names: Sequence[str] | None = None,
+         reduction: str = REDUCTION["mixed"], title: str = "") -> Figure:
+    """The grid: one row per explanation, the input then one heat-map panel (with its colour bar)
+    per attention module. All explanations come from one model (same modules)."""
+    rows, columns = len(explanations), 1 + len(explanations[0].panels)
+    fig = Figure(figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES + TITLE_INCHES), dpi=DPI,
+                 layout="constrained")  # room for titles and colour bars, nothing overlaps
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for row, explanation in zip(axes, explanations):
+        _draw_row(fig, row, explanation, class_names)
+    fig.suptitle(title or f"soft attention masks, {reduction}\n"
+                 "each map stretched from its min (dark) to its max (bright)", fontsize=9)
+    return fig
+
+
+def _draw_row(fig: Figure, axes: Sequence, e: Explanation, class_names: Sequence[str] | None) -> None:
+    picture = e.image.permute(1, 2, 0).numpy()
+    grey = picture.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    axes[0].imshow(picture)
+    axes[0].set_title(f"{e.name}\npredicted {class_label(e.predicted, class_names)} "
+                      f"p={e.probability:.2f}\ntrue {class_label(e.true, class_names)}", fontsize=7)
+    axes[0].set_axis_off()
+    for ax, panel in zip(axes[1:], e.panels):
+        low, high, flat = stretch(panel.mask)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        heat = ax.imshow(panel.mask.numpy(), cmap=HEATMAP, alpha=HEATMAP_ALPHA, vmin=low, vmax=high)
+        bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_ticks([low, high] if not flat else [(low + high) / 2])
+        bar.ax.set_yticklabels([f"{t:.3g}" for t in bar.get_ticks()])
+        h, w = panel.size
+        ax.set_title(f"stage {panel.stage}, module {panel.module}\n{h}x{w}, mean of "
+                     f"{panel.channels} ch" + (" (constant)" if flat else ""), fontsize=7)
+        ax.set_axis_off()
 
 
 def model_has_masks(model: "nn.Module") -> bool:
     return bool(getattr(model, "attention_modules", None))
 
 
+def mask_activation(model: "nn.Module") -> str:
+    """``mixed``, ``channel`` or ``spatial``: how the model's first module activates its mask."""
+    return str(getattr(model.attention_modules[0].mask[-1], "kind", "mixed"))
+
+
+def output_name(images: Sequence[str | Path]) -> str:
+    """``attention_<first image stem>.png`` (``..._+N.png`` with N more images)."""
+    more = f"_+{len(images) - 1}" if len(images) > 1 else ""
+    return f"attention_{Path(images[0]).stem}{more}.png"
+
+
+def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[str] | None,
+                   images: Sequence[str | Path], out: str | Path, crop: int | None = None) -> Path:
+    """Draw the grid of ``images`` (rows) by attention modules (columns) into
+    ``<out>/`` :func:`output_name`; returns its path.
+
+    Every image is read first, so an unreadable one fails the call before anything is written.
+
+    Raises:
+        ImageError: an image is missing or unreadable.
+        ValueError: the model has no attention modules.
+    """
+    crop = crop or runtime.eval_crop(cfg)
+    recipe = cfg.data.recipe
+    pictures = [read_image(path, recipe, crop) for path in images]
+    if not model_has_masks(model):
+        raise ValueError(f"model {cfg.model.name} has no attention modules: nothing to explain")
+    results = []
+    for path, picture in zip(images, pictures):
+        result = explain(model, picture, recipe)
+        result.name, result.true = Path(path).name, true_class(path, class_names)
+        results.append(result)
+    activation = mask_activation(model)
+    title = (f"{cfg.model.name}, {activation} attention: each module's soft mask as the "
+             f"{REDUCTION.get(activation, 'channel mean')}\n"
+             "each map stretched from its min (dark) to its max (bright)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / output_name(images)
+    draw(results, class_names, title=title).savefig(target, dpi=DPI)
+    return target
+
+
 def cli_explain(args: argparse.Namespace) -> int:
     """``ran explain MODEL IMAGE... --out DIR [--crop N] [--log-mlflow]``."""
+    for image in args.images:  # before any model or tracking store is touched
+        if not Path(image).is_file():
+            raise ImageError(f"image {image}: no such file")
     loaded = runtime.load_model(args.model)
-    written = explain_images(loaded.model, loaded.config, loaded.class_names, args.images, args.out,
-                             crop=getattr(args, "crop", None))
-    for path in written:
-        print(path)
+    path = explain_images(loaded.model, loaded.config, loaded.class_names, args.images, args.out,
+                          crop=getattr(args, "crop", None))
+    print(path)
     if args.log_mlflow:
-        run_id = log_explanations(written, loaded.source, loaded.config)
-        print(f"logged {len(written)} picture(s) to MLflow run {run_id}")
+        run_id = log_explanation(path, loaded.source, loaded.config)
+        print(f"logged {path.name} to MLflow run {run_id} (attention/)")
     return 0
 
 
-def log_explanations(paths: Sequence[Path], source: tracking.ModelSource, cfg: "JobConfig") -> str:
-    """Log the PNGs under ``attention/`` of a new run tagged with the model; returns its id."""
+def log_explanation(path: Path, source: tracking.ModelSource, cfg: "JobConfig") -> str:
+    """Log the picture under ``attention/`` of the training run of the model it explains; a model
+    that knows no run (a checkpoint written outside ``ran train``) gets a new run tagged with it.
+    Returns the run id."""
+    if source.run_id:
+        tracking.RunTracker(source.run_id).log_artifact(path, "attention")
+        return source.run_id
     with tracking.linked_run(cfg.tracking.experiment, kind="explain",
                              run_name=f"explain {source.label}", tags=source.tags()) as run:
-        for path in paths:
-            run.log_artifact(path, "attention")
+        run.log_artifact(path, "attention")
     return run.run_id
