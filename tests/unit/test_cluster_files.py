@@ -1,7 +1,8 @@
 """cluster/: the launcher config, KubeRay manifests, image and README cannot run here, so they are
 parsed and held to what matters: valid for Ray's own schema, images of the installed Ray and Python,
-GPU requests where training runs, none on the head, and entrypoints that are real `ran` commands
-over real job files. cluster/local.sh runs here, against stand-in processes rather than a Ray
+GPU requests where training runs, none on the head, entrypoints that are real `ran` commands
+over real job files, dashboards on 127.0.0.1 unless token auth is on in the same file, and
+credentials that come from the cluster (roles, Kubernetes secrets, a secret file), never written in. cluster/local.sh runs here, against stand-in processes rather than a Ray
 head (tests/integration/test_cluster.py starts a real one with it)."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import ray
 import yaml
 
 from ran.cli import build_parser
+from ran.cluster import looks_secret
 from ran.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,3 +288,86 @@ def test_local_sh_stop_ends_its_head_with_descendants_and_no_other_ray(tmp_path)
         for proc in (*head, *other):
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dashboards and credentials
+
+
+def shipped_yaml() -> dict[str, list[Any]]:
+    """Every YAML file under cluster/, parsed: relative path -> its documents."""
+    return {str(path.relative_to(CLUSTER)): load_all(str(path.relative_to(CLUSTER)))
+            for path in sorted(CLUSTER.rglob("*.y*ml"))}
+
+
+def dashboards(doc: Any) -> list[tuple[str, bool]]:
+    """(dashboard host, token auth on) of each Ray head a document starts: a cluster launcher
+    config (``ray start`` defaults to 127.0.0.1) or a KubeRay RayCluster / RayJob (KubeRay
+    defaults to 0.0.0.0; ``authOptions`` turns token auth on)."""
+    if not isinstance(doc, dict):
+        return []
+    if "head_start_ray_commands" in doc:
+        start = " ".join(doc["head_start_ray_commands"])
+        host = re.search(r"--dashboard-host[= ](\S+)", start)
+        return [(host.group(1) if host else "127.0.0.1", "RAY_AUTH_MODE=token" in start)]
+    spec = {"RayCluster": doc.get("spec"), "RayJob": (doc.get("spec") or {}).get("rayClusterSpec")}
+    spec = spec.get(doc.get("kind"))
+    if not spec:
+        return []
+    host = spec["headGroupSpec"].get("rayStartParams", {}).get("dashboard-host", "0.0.0.0")
+    auth = spec.get("authOptions")
+    return [(host, auth is not None and auth.get("mode", "token") == "token")]
+
+
+def test_shipped_yaml_parses_and_dashboards_stay_on_loopback_unless_token_auth_is_on():
+    files = shipped_yaml()
+    heads = {name: [h for doc in docs for h in dashboards(doc)] for name, docs in files.items()}
+    assert {k: v for k, v in heads.items() if v} == {
+        "aws-gpu.yaml": [("127.0.0.1", False)],  # reached through `ray dashboard` (SSH)
+        "kuberay/raycluster.yaml": [("127.0.0.1", False)],  # reached through kubectl port-forward
+        "kuberay/rayjob.yaml": [("0.0.0.0", True)],  # the submitter pod needs it: token auth on
+    }
+    for name, found in heads.items():
+        for host, token_auth in found:
+            assert host == "127.0.0.1" or token_auth, f"{name}: dashboard on {host} without token auth"
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+def test_kuberay_pods_take_mlflow_credentials_from_a_secret_and_no_secret_is_written_in():
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
+        docs = [d for d in load_all(name) if d["kind"] in ("RayCluster", "RayJob")]
+        (doc,) = docs
+        for template in pod_templates(doc):
+            for c in containers(template):
+                env = {e["name"]: e for e in c.get("env", [])}
+                for key, field in (("MLFLOW_TRACKING_USERNAME", "username"),
+                                   ("MLFLOW_TRACKING_PASSWORD", "password")):
+                    assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {
+                        "name": "ran-mlflow", "key": field, "optional": True}}}, (name, c["name"])
+                written = [k for k, e in env.items() if looks_secret(k) and "value" in e]
+                assert written == [], (name, c["name"])
+        if doc["kind"] == "RayJob":
+            runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+            assert [k for k in runtime_env.get("env_vars", {}) if looks_secret(k)] == []
+
+
+def mlflow_credentials_command(aws: dict[str, Any]) -> str:
+    """The setup command writing ~/.mlflow/credentials on every node."""
+    (command,) = [c for c in aws["setup_commands"] if ".mlflow" in c]
+    return command
+
+
+def test_aws_nodes_get_mlflow_credentials_from_secrets_manager_into_a_file(aws):
+    command = mlflow_credentials_command(aws)
+    code = re.fullmatch(r'python -c "(.*)" \|\| echo \'[^\']*\'', command).group(1)
+    compile(code, "setup_commands", "exec")  # valid Python as bash hands it over
+    assert f"region_name='{aws['provider']['region']}'" in code
+    assert "SecretId='ran/mlflow'" in code
+    commands = [c for key, cs in aws.items() if key.endswith("_commands") for c in cs]
+    commands += aws["docker"].get("run_options", [])
+    assigned = {n for c in commands for n in re.findall(r"\b([A-Z][A-Z0-9_]*)=", c)}
+    assert [n for n in assigned if looks_secret(n)] == []  # no secret set in a node's environment
