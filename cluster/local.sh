@@ -9,6 +9,11 @@
 # (default: all cores), RAN_RAY_GPUS, RAN_RAY_TEMP (Ray's temp dir, /tmp/ran-ray),
 # RAN_RAY_ARGS (more `ray start` flags, e.g. other ports).
 #
+# The dashboard (whose Jobs API runs any code it is sent) listens on 127.0.0.1 only. The head and
+# its jobs inherit this shell's environment, and read this machine's ~/.aws and
+# ~/.mlflow/credentials: that is how they get storage and MLflow credentials (`ran submit` sends
+# none, cluster/README.md).
+#
 # `stop` ends only the processes of this head: each carries RAN_LOCAL_HEAD=<temp dir> in its
 # environment, and the head's descendants go with them. Ray 2.60 has no public way to stop one of
 # several Ray instances on a machine: `ray stop` takes no address or temp dir and ends every Ray
