@@ -232,8 +232,10 @@ def test_an_invalid_job_fails_before_connecting(project, capsys):
 
 
 def test_jobs_commands_need_an_id_and_an_address(project, capsys):
-    assert main(["jobs", "status", "--address", "http://127.0.0.1:1"]) == 2
-    assert "needs a job id" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["jobs", "status", "--address", "http://127.0.0.1:1"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: job_id" in capsys.readouterr().err
     assert main(["jobs", "list"]) == 2
     assert "pass --address" in capsys.readouterr().err
 
