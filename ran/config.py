@@ -47,6 +47,12 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1)  # per worker
     workers: int = Field(2, ge=0)  # DataLoader processes per training worker
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more samples than this are bad
+    # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
+    # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
+    # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
+    # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
 
 
 class OptimConfig(_Section):
@@ -128,6 +134,12 @@ class JobConfig(_Section):
             raise ValueError("set train.epochs or schedule.total_steps: the run needs a length")
         if self.schedule.total_steps and any(m > self.schedule.total_steps for m in self.schedule.milestones):
             raise ValueError("schedule.milestones must not exceed schedule.total_steps")
+        if self.data.decode == "gpu" and self.data.recipe != "imagenet":
+            raise ValueError("data.decode=gpu decodes JPEGs for the imagenet recipe; set "
+                             "data.decode to cpu or auto for the cifar recipe")
+        if self.data.decode == "gpu" and self.data.recipe != "imagenet":
+            raise ValueError("data.decode=gpu decodes JPEGs for the imagenet recipe; set "
+                             "data.decode to cpu or auto for the cifar recipe")
         if self.train.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("train.sync_batchnorm needs scaling.use_gpu=true (PyTorch's "
                              "SyncBatchNorm is GPU-only)")

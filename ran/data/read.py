@@ -514,15 +514,24 @@ def _worker_message(text: str) -> str:
 def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: str,
                 crop: int | None = None, rank: int = 0, world_size: int = 1, workers: int = 2,
                 seed: int = 0, pin_memory: bool = False, max_bad_fraction: float = 0.01,
-                shuffle_buffer: int = 500, prefetch: int = 2) -> Loader:
+                shuffle_buffer: int = 500, prefetch: int = 2, decode: str = "cpu",
+                device: torch.device | str | None = None) -> Loader:
     """Batches of ``split`` of the shards at ``path`` (directory, ``s3://`` prefix or URL) for one rank.
 
     ``train=True``: resampled shards, ``total // (batch_size * world_size)`` full batches on every
     rank. ``train=False``: every sample exactly once across ranks and workers (counts to be
     reduced by the caller). ``recipe`` ("imagenet" or "cifar") picks the transforms; ``crop`` the
-    output size (224 / 32 by default).
+    output size (224 / 32 by default). ``decode`` (``data.decode``): ``cpu``, the loader workers
+    decode and batches come as uint8 CPU tensors; ``gpu``, ``device`` decodes JPEGs and batches come
+    on ``device`` (:mod:`ran.data.gpu`); ``auto``, gpu on a CUDA device with the imagenet recipe.
     """
     check_recipe(recipe)
+    gpu = None  # ran.data.gpu when the device decodes
+    if decode != "cpu":
+        from ran.data import gpu as device_path  # builds on this module: a top-level import is circular
+
+        if device_path.resolve_decode(decode, recipe, device) == "gpu":
+            gpu = device_path
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -544,12 +553,15 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
         per_reader = [eval_counts(counts, rank * readers + w, world_size * readers) for w in range(readers)]
         num_batches = sum(math.ceil(n / batch_size) for n in per_reader)
         num_samples = sum(per_reader)
-    dataset = ShardDataset(
+    dataset = (gpu.RawShardDataset if gpu else ShardDataset)(
         shards, train=train, batch_size=batch_size, transform=make_transform(recipe, train=train, crop=crop),
         num_classes=int(manifest["num_classes"]), rank=rank, world_size=world_size, seed=seed,
         batches_per_rank=num_batches, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
-    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+    # Device decoding: nvJPEG stages the JPEG bytes through its own pinned buffers.
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory and not gpu,
                             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+    if gpu:
+        return gpu.DeviceLoader(dataset, dataloader, num_batches, num_samples, manifest, device)
     return Loader(dataset, dataloader, num_batches, num_samples, manifest)
 
 

@@ -200,6 +200,14 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, components) from a JPEG's frame header (components: 1 grey, 3 YCbCr or
     RGB, 4 CMYK or YCCK), or None if ``data`` is not a parsable JPEG."""
+    header = jpeg_header(data)
+    return None if header is None else header[:3]
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(width, height, components, SOF marker, bits per sample) from a JPEG's frame header, or
+    None if ``data`` is not a parsable JPEG. Markers: 0xC0 baseline, 0xC1 extended, 0xC2
+    progressive, 0xC3 lossless, 0xC9-0xCB and 0xCD-0xCF arithmetic-coded."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     pos, end = 2, len(data)
@@ -213,7 +221,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         if marker in _SOF_MARKERS:
             height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
             components = data[pos + 9]
-            return (width, height, components) if width and height else None
+            return (width, height, components, marker, data[pos + 4]) if width and height else None
         if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
             continue
