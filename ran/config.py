@@ -50,9 +50,6 @@ class DataConfig(_Section):
     # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
     # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
     decode: Literal["cpu", "gpu", "auto"] = "cpu"
-    # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
-    # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
-    decode: Literal["cpu", "gpu", "auto"] = "cpu"
 
 
 class OptimConfig(_Section):
@@ -134,9 +131,6 @@ class JobConfig(_Section):
             raise ValueError("set train.epochs or schedule.total_steps: the run needs a length")
         if self.schedule.total_steps and any(m > self.schedule.total_steps for m in self.schedule.milestones):
             raise ValueError("schedule.milestones must not exceed schedule.total_steps")
-        if self.data.decode == "gpu" and self.data.recipe != "imagenet":
-            raise ValueError("data.decode=gpu decodes JPEGs for the imagenet recipe; set "
-                             "data.decode to cpu or auto for the cifar recipe")
         if self.data.decode == "gpu" and self.data.recipe != "imagenet":
             raise ValueError("data.decode=gpu decodes JPEGs for the imagenet recipe; set "
                              "data.decode to cpu or auto for the cifar recipe")
