@@ -54,7 +54,8 @@ PROGRESS_EVERY_S = 5.0  # console progress line period on rank 0
 
 
 def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum by default); optionally no weight decay on BN and bias parameters."""
+    """SGD (Nesterov momentum by default); optionally no weight decay on BN and bias parameters.
+    Fused (one kernel for all parameters) when the model is on a GPU."""
     o = cfg.optim
     if o.no_decay_bn_bias:
         decay = [p for p in model.parameters() if p.ndim > 1]
@@ -63,7 +64,9 @@ def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.
                        {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    fused = next(model.parameters()).is_cuda or None
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                           fused=fused)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -215,7 +218,8 @@ class Trainer:
         d = cfg.data
         common = dict(batch_size=d.batch_size, recipe=d.recipe, rank=self.rank,
                       world_size=self.world_size, workers=d.workers, seed=cfg.train.seed,
-                      pin_memory=self.device.type == "cuda", max_bad_fraction=d.max_bad_fraction)
+                      pin_memory=self.device.type == "cuda", max_bad_fraction=d.max_bad_fraction,
+                      decode=d.decode, device=self.device)
         self.eval_crop = runtime.eval_crop(cfg)
         self.train_loader = make_loader(d.path, d.train_split, train=True, crop=d.crop, **common)
         self.val_loader = make_loader(d.path, d.val_split, train=False, crop=self.eval_crop, **common)
@@ -251,8 +255,9 @@ class Trainer:
 
     # -- one batch
 
-    def train_step(self, micro_batches: list[Any]) -> tuple[float, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss sum, samples)."""
+    def train_step(self, micro_batches: list[Any]) -> tuple[torch.Tensor, int]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss sum, samples), the
+        loss sum a 0-d float32 tensor on the device, so that the step never waits for the GPU."""
         loss_sum, samples = torch.zeros((), device=self.device), 0
         for i, batch in enumerate(micro_batches):
             images, labels = runtime.prepare_batch(batch, self.device, self.normalize,
@@ -272,7 +277,7 @@ class Trainer:
         self.step += 1
         if self.launched_at is not None:
             self.startup_s, self.launched_at = time.time() - self.launched_at, None
-        return float(loss_sum), samples
+        return loss_sum, samples
 
     # -- one epoch
 
@@ -296,17 +301,17 @@ class Trainer:
             window_loss, window_n = window_loss + step_loss, window_n + n
             if self.step % self.cfg.train.log_every == 0:
                 if self.run_log is not None:
-                    self.run_log.log_metrics({"step_loss": window_loss / max(window_n, 1),
+                    self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
                                               "step_lr": self.optimizer.param_groups[0]["lr"]},
                                              self.step)
                 window_loss, window_n = 0.0, 0
             if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
-                self._progress(i + 1, start, loss_sum / max(samples, 1))
+                self._progress(i + 1, start, float(loss_sum) / max(samples, 1))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        total = self._all_reduce([loss_sum, samples, skipped, wait, elapsed])
+        total = self._all_reduce([float(loss_sum), samples, skipped, wait, elapsed])
         return {
             "train_loss": total[0] / max(total[1], 1),
             "img_per_s": total[1] / (total[4] / self.world_size),
@@ -507,6 +512,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times and keeps the fastest kernels
     rank0 = ray.train.get_context().get_world_rank() == 0
     run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
                if rank0 and config.get("run_id") else None)
