@@ -14,6 +14,7 @@ import sys
 from typing import Callable, Sequence
 
 from ran.data.commands import add_data_parser
+from ran.train import console
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ran", description="Residual Attention Networks: train on Ray, track in MLflow.",
         epilog="run `ran COMMAND --help` for a command's flags and examples", formatter_class=_Help)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print Ray's and MLflow's own messages, for this command and its "
+                             "processes (default: off, i.e. ran's lines, warnings and errors; or "
+                             "RAN_LOG_LEVEL=INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _verb(sub, "models", "list registered models with depth, params and GMACs")
@@ -205,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with console.configure(verbose_flag=args.verbose):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
