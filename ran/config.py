@@ -35,6 +35,9 @@ class ModelConfig(_Section):
     mask_activation: Literal["mixed", "channel", "spatial"] | None = None  # f1 / f2 / f3
     combination: Literal["arl", "nal"] | None = None  # (1 + M) * T or M * T
     mask_structure: Literal["encoder_decoder", "local"] | None = None  # Table 4 ablation
+    # Fine-tuning: start from these weights (models:/NAME@ALIAS or /VERSION, an MLflow run id, a
+    # checkpoint or state_dict file); a classifier of another num_classes is re-initialised.
+    init_from: str | None = None  # None: a fresh initialisation
 
 
 class DataConfig(_Section):
@@ -106,6 +109,10 @@ class TrackingConfig(_Section):
     registered_model: str | None = "ran-model"  # MLflow registered model name; None: don't register
     run_name: str | None = None  # MLflow run name; None: the storage name
     log_model: bool = True  # log the final model to MLflow (and register it when registered_model is set)
+    # Registration gate (the model is logged either way): a minimum validation top-1, and an alias
+    # whose holder the model must beat (strictly higher recorded val_top1 on the same data).
+    register_min_top1: float | None = Field(None, ge=0, le=1)  # None: no minimum
+    register_if_beats: str | None = None  # e.g. champion; None: no comparison
 
 
 class JobConfig(_Section):

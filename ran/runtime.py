@@ -6,6 +6,8 @@ share, each defined once.
 - :func:`resolve_precision` / :func:`autocast`: ``train.precision`` as it runs on a device.
 - :func:`load_checkpoint`, :func:`model_from_state`, :func:`load_model`: a checkpoint, a registered
   version or a run back into our own ``nn.Module`` with its config and class names.
+- :func:`resolve_init`, :func:`init_weights`: ``model.init_from`` checked and pinned before Ray
+  starts, then loaded by every worker (a classifier of another number of classes re-initialised).
 - :func:`eval_counts` and :func:`evaluate`: the evaluation loop (summed counts, so ranks add up).
 
 Layers: this module sits above :mod:`ran.tracking` (a registered model is fetched through it) and
@@ -26,7 +28,7 @@ import yaml
 from torch import nn
 
 from ran import tracking
-from ran.config import JobConfig, parse_config
+from ran.config import ConfigError, JobConfig, parse_config
 from ran.data import DataError
 from ran.data.read import Batch, make_loader, read_manifest
 from ran.data.transforms import default_crop, normalizer
@@ -240,6 +242,164 @@ def check_classes(model: nn.Module, class_names: list[str] | None, manifest: dic
     if class_names and list(manifest["classes"]) != list(class_names):
         raise ValueError(f"data {data_path}: its class names differ from the model's "
                          f"(first: {manifest['classes'][:3]} vs {class_names[:3]})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: model.init_from
+
+CLASSIFIER = "fc"  # the classifier of every ran.models network: re-initialised for new classes
+
+
+def init_state(ref: str) -> tuple[dict[str, torch.Tensor], tracking.ModelSource]:
+    """The weights a ``model.init_from`` reference names, on the CPU, and where they are.
+
+    ``ref``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow run id (its registered or
+    logged model; for a run that logged none, such as a search trial, the latest checkpoint of its
+    local Ray Train directory), a checkpoint file or directory ``ran train`` wrote (or a run
+    directory: its latest checkpoint), or a file holding a plain ``state_dict``
+    (``torch.save(model.state_dict(), path)``).
+
+    Raises:
+        tracking.ModelRefError: nothing loadable there (one line saying what was looked for).
+    """
+    try:
+        source = resolve_model(ref)
+    except tracking.ModelRefError:
+        checkpoint = _run_checkpoint(ref)  # a run that logged no model (a search trial)
+        if checkpoint is None:
+            raise
+        source = tracking.ModelSource(ref, "checkpoint", run_id=ref, path=str(checkpoint))
+    if source.kind != "checkpoint":
+        files = tracking.download_model_files(source)
+        return torch.load(files.state_dict, weights_only=True, map_location="cpu"), source
+    try:
+        state = load_checkpoint(source.path)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise tracking.ModelRefError(f"model.init_from {source.path}: cannot load it ({err})") from None
+    if isinstance(state.get("model"), dict):
+        source.run_id = source.run_id or state.get("run_id")
+        return state["model"], source
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state, source
+    raise tracking.ModelRefError(f"model.init_from {source.path}: neither a `ran train` checkpoint "
+                                 "nor a state_dict (torch.save(model.state_dict(), path))")
+
+
+def _run_checkpoint(ref: str) -> Path | None:
+    """The latest checkpoint of MLflow run ``ref``, from its Ray Train directory (``ran.storage``
+    tag) when that is a local directory; None otherwise."""
+    if not tracking.RUN_ID.match(ref):
+        return None
+    try:
+        storage = tracking.RunTracker(ref).tag(tracking.TAG_STORAGE)
+        return _checkpoint_file(Path(storage)) if storage and Path(storage).is_dir() else None
+    except Exception:  # noqa: BLE001 - no such run, store unreachable: the caller's error stands
+        return None
+
+
+def pinned_ref(source: tracking.ModelSource) -> str:
+    """A reference that names the same weights later: a registered version instead of an alias,
+    an absolute checkpoint file instead of a run directory."""
+    if source.name and source.version:
+        return f"models:/{source.name}/{source.version}"
+    if source.path:
+        return str(Path(source.path).resolve())
+    return source.ref
+
+
+def fit_state(model_state: dict[str, torch.Tensor], parent: dict[str, torch.Tensor], ref: str,
+              what: str) -> dict[str, torch.Tensor]:
+    """``parent`` made loadable into a model whose ``state_dict`` is ``model_state``: equal keys
+    and shapes, except a classifier (:data:`CLASSIFIER`) with another number of classes, which
+    keeps the model's own (fresh) weights. Values may be meta tensors (shapes only).
+
+    Raises:
+        ConfigError: any other difference, listing the keys (``what`` names the model).
+    """
+    missing = [k for k in model_state if k not in parent]
+    unexpected = [k for k in parent if k not in model_state]
+    reshaped = [k for k in model_state if k in parent and parent[k].shape != model_state[k].shape]
+    head = [k for k in reshaped if k.startswith(CLASSIFIER + ".")
+            and parent[k].shape[1:] == model_state[k].shape[1:]]
+    others = [k for k in reshaped if k not in head]
+    if missing or unexpected or others:
+        parts = [f"{len(missing)} missing ({_few(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({_few(unexpected)})" if unexpected else "",
+                 f"{len(others)} of another shape ({_few(others, parent, model_state)})" if others else ""]
+        raise ConfigError(f"model.init_from {ref}: its weights do not fit {what}: "
+                          f"{'; '.join(p for p in parts if p)}. Start from a model of the same "
+                          "architecture (model.name, depth, p, t, r, unit, mask options) or leave "
+                          "model.init_from unset")
+    return {k: model_state[k] if k in head else parent[k] for k in model_state}
+
+
+def _few(keys: list[str], parent: dict[str, torch.Tensor] | None = None,
+         model_state: dict[str, torch.Tensor] | None = None, n: int = 4) -> str:
+    if parent is not None and model_state is not None:
+        shown = [f"{k} {tuple(parent[k].shape)} vs {tuple(model_state[k].shape)}" for k in keys[:n]]
+    else:
+        shown = keys[:n]
+    return ", ".join(shown) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _describe(cfg: JobConfig) -> str:
+    return f"{cfg.model.name} ({cfg.resolved_stem()} stem, {cfg.model.num_classes} classes)"
+
+
+def resolve_init(cfg: JobConfig) -> JobConfig:
+    """Pre-flight of ``model.init_from``: the weights exist and fit the model (built on the meta
+    device), and the reference is pinned (:func:`pinned_ref`), so every worker and every restart
+    loads the same weights even if the alias moves. A config without it is returned as is.
+
+    Raises:
+        ConfigError: no such model or file, or weights that do not fit (the keys are listed).
+    """
+    ref = cfg.model.init_from
+    if not ref:
+        return cfg
+    try:
+        parent, source = init_state(ref)
+    except tracking.ModelRefError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+    try:
+        with torch.device("meta"):  # shapes only, no memory
+            model_state = build_model(cfg).state_dict()
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    fit_state(model_state, parent, ref, _describe(cfg))
+    return cfg.with_values({"model.init_from": pinned_ref(source)})
+
+
+def init_weights(model: nn.Module, cfg: JobConfig) -> nn.Module:
+    """Load ``model.init_from`` into the freshly built ``model`` (in place; returned). A classifier
+    of another number of classes keeps its fresh initialisation; every other key loads strictly.
+    Without ``model.init_from``, the model is returned untouched.
+
+    Raises:
+        ConfigError: the weights do not fit (see :func:`fit_state`).
+        tracking.ModelRefError: the reference names nothing loadable.
+    """
+    if not cfg.model.init_from:
+        return model
+    parent, _ = init_state(cfg.model.init_from)
+    model.load_state_dict(fit_state(model.state_dict(), parent, cfg.model.init_from, _describe(cfg)))
+    return model
+
+
+def init_tags(cfg: JobConfig) -> dict[str, str]:
+    """Run tags saying where a fine-tuning run started: ``ran.init_from`` (the pinned reference)
+    and ``ran.init_from_run`` (the parent's training run, when the registry knows it)."""
+    ref = cfg.model.init_from
+    if not ref:
+        return {}
+    tags = {tracking.TAG_INIT_FROM: ref}
+    if tracking.MODELS_URI.match(ref):
+        run_id = tracking.registry_source(ref).run_id
+    else:
+        run_id = ref if tracking.RUN_ID.match(ref) else None
+    if run_id:
+        tags[tracking.TAG_INIT_FROM_RUN] = run_id
+    return tags
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,29 @@
-"""Models in MLflow: logging and registering a trained model, finding a model from a reference,
-fetching its files, and the registry (versions, aliases, the promotion gate's reads and writes).
+"""Models in MLflow: logging and registering a trained model, the registration gate, finding a
+model from a reference, fetching its files, and the registry (versions, aliases, the promotion
+gate's reads and writes).
 
-A model ``ran train`` logs is ``mlflow.pytorch.log_model`` (pt2 format, input example of batch 2,
-signature) plus ``config.yaml``, ``classes.json`` and ``state_dict.pt`` as extra files, so that
-:func:`ran.runtime.load_model` can rebuild our own module class. Aliases are the registry's mutable
-pointers; model-version stages are deprecated and not used.
+A model ``ran train`` logs has two flavors in one MLmodel:
+
+- ``pytorch`` (pt2 format, exported from a normalised float NCHW example of batch 2):
+  ``mlflow.pytorch.load_model`` gives an ``nn.Module``;
+- ``python_function`` whose loader is :mod:`ran.serving` (imported by name, as MLflow does; ``ran``
+  must be installed where the model is served): it takes image bytes (raw, or base64 in JSON) and
+  uint8 HWC arrays, applies the job's eval transform and returns the top-5 classes. The signature
+  and the input example (one base64 JPEG) describe that interface.
+
+Beside them, under ``data/ran/``: ``config.yaml`` (the resolved job config), ``classes.json``
+and ``state_dict.pt``, from which :func:`ran.runtime.load_model` and the pyfunc rebuild our own
+module class. Aliases are the registry's mutable pointers; model-version stages are deprecated and
+not used.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ran.tracking import store
 from ran.tracking.names import (
-    MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_SOURCE_RUN,
-    TAG_VERSION,
+    MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
+    TAG_SOURCE_RUN, TAG_VERSION,
 )
 from ran.tracking.runs import RunTracker
 
@@ -32,6 +45,8 @@ if TYPE_CHECKING:
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 SIDE_FILES = ("config.yaml", "classes.json", "state_dict.pt")
+SIDE_DIR = "ran"  # the side files' directory, under the model's data/ (the pyfunc's data path)
+SERVING_MODULE = "ran.serving"  # the pyfunc loader (``_load_pyfunc``), imported by MLflow by name
 
 
 class ModelRefError(ValueError):
@@ -45,35 +60,38 @@ class ModelRefError(ValueError):
 
 def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                     class_names: list[str], input_example: "np.ndarray",
-                    metrics: dict[str, float]) -> str | None:
-    """Log the trained model into ``tracker``'s run and register it as
-    ``cfg.tracking.registered_model``.
+                    metrics: dict[str, float], register: bool = True) -> str | None:
+    """Log the trained model into ``tracker``'s run (both flavors, see the module docstring) and,
+    if ``register`` and a name is configured, register it as ``cfg.tracking.registered_model``.
 
     ``input_example``: float32 ``(2, 3, crop, crop)``, normalised (batch 2 keeps the exported
     batch dimension dynamic). Returns ``"name/version"`` (the version tagged with ``metrics``, the
-    run with ``ran.registered_version``), or None when no name is configured.
+    run with ``ran.registered_version``), or None when nothing was registered.
     """
     import mlflow
-    import mlflow.pytorch
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     model = model.eval()
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
-    name = cfg.tracking.registered_model
+    name = cfg.tracking.registered_model if register else None
     store.use_uri(tracker.uri)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
-        (Path(tmp) / "classes.json").write_text(json.dumps(class_names))
-        torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
-        with mlflow.start_run(run_id=tracker.run_id):
-            info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME, input_example=input_example,
-                signature=infer_signature(input_example, output),
-                extra_files=[str(Path(tmp) / n) for n in SIDE_FILES],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        side = Path(tmp) / SIDE_DIR
+        side.mkdir()
+        (side / "config.yaml").write_text(cfg.to_yaml())
+        (side / "classes.json").write_text(json.dumps(class_names))
+        torch.save(model.state_dict(), side / "state_dict.pt")
+        with mlflow.start_run(run_id=tracker.run_id):  # the logged model joins the run's experiment
+            info = Model.log(
+                None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
                 registered_model_name=name,
+                pytorch_model=model, tensor_example=input_example,
+                tensor_signature=infer_signature(input_example, output), side_dir=str(side),
+                image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
+                signature=image_signature(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "pillow"],
             )
     if not name:
         return None
@@ -82,6 +100,146 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
         tracker.client.set_model_version_tag(name, version, key, str(value))
     tracker.set_tags({TAG_VERSION: f"{name}/{version}"})
     return f"{name}/{version}"
+
+
+class _ImageModelFlavor:
+    """What ``mlflow.models.Model.log`` saves with (its ``flavor.save_model``): the pyfunc that
+    reads images (loader :data:`SERVING_MODULE`, data: the side files) and the pytorch flavor
+    (pt2), in one model directory."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Any, *, pytorch_model: "nn.Module",
+                   tensor_example: "np.ndarray", tensor_signature: Any, side_dir: str,
+                   image_example: list[str], signature: Any, pip_requirements: list[str],
+                   **_: Any) -> None:
+        import mlflow.pyfunc
+        import mlflow.pytorch
+        from mlflow.models import Model
+
+        mlflow.pyfunc.save_model(path, loader_module=SERVING_MODULE, data_path=side_dir,
+                                 mlflow_model=mlflow_model, signature=signature,
+                                 input_example=image_example, pip_requirements=pip_requirements)
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = Path(tmp) / "pytorch"
+            mlflow.pytorch.save_model(pytorch_model, str(exported), signature=tensor_signature,
+                                      input_example=tensor_example,
+                                      pip_requirements=pip_requirements)
+            flavor = Model.load(str(exported)).flavors["pytorch"]
+            shutil.copytree(exported / flavor["model_data"], Path(path) / flavor["model_data"],
+                            dirs_exist_ok=True)
+        mlflow_model.add_flavor("pytorch", **flavor)
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def image_signature() -> Any:
+    """The pyfunc's signature: in, image bytes (base64 strings in JSON); out, per image the top-k
+    class ``indices``, ``classes`` (names) and ``probabilities``, best first.
+
+    It is marked as checked by the model itself (MLflow's mark for a signature that comes from a
+    ``PythonModel``'s type hints): MLflow's column-schema enforcement would otherwise turn a list of
+    bytes into a DataFrame column named 0 and refuse uint8 arrays before the model sees them, and
+    the scoring server would refuse ``{"inputs": [...]}``. The model validates every image and
+    answers a bad one with a 400 that names it (:mod:`ran.serving`).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary)]),
+        outputs=Schema([ColSpec(Array(DataType.long), "indices"),
+                        ColSpec(Array(DataType.string), "classes"),
+                        ColSpec(Array(DataType.double), "probabilities")]))
+    signature._is_signature_from_type_hint = True
+    return signature
+
+
+def example_jpeg_base64(size: int) -> str:
+    """A ``size`` x ``size`` JPEG (a colour gradient), base64: the pyfunc's input example."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                       np.full((size, size), 128.0)], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def request_error(message: str) -> Exception:
+    """The exception a served model raises for a bad request: MLflow's scoring server answers it
+    with HTTP 400 and ``message`` (one line saying what to send instead)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registration gate
+
+
+@dataclass
+class Registration:
+    """Whether a final model is registered, and why (one line for people)."""
+
+    register: bool
+    reason: str  # "" when there is nothing to say (no registered_model configured)
+    version: str | None = None  # "name/version" once registered
+
+
+def registration_gate(cfg: "JobConfig", metrics: dict[str, float]) -> Registration:
+    """Whether the final model of ``cfg`` (validation ``metrics``: ``val_top1``) is registered.
+
+    ``tracking.register_min_top1``: at least this top-1. ``tracking.register_if_beats``: a
+    strictly higher top-1 than the version holding that alias of ``tracking.registered_model``,
+    as recorded when it was registered, on the same ``data.path`` and ``data.val_split`` (an
+    unassigned alias is beaten by anything). No registered model name: not registered, no reason.
+    """
+    t = cfg.tracking
+    name = t.registered_model
+    if not name:
+        return Registration(False, "")
+    top1 = metrics.get("val_top1")
+    if top1 is None and (t.register_min_top1 is not None or t.register_if_beats):
+        return Registration(False, "not registered: the final epoch reported no val_top1 to "
+                                   "compare with the registration gate")
+    if t.register_min_top1 is not None and top1 < t.register_min_top1:
+        return Registration(False, f"not registered: val_top1 {top1:.4f} is below "
+                                   f"tracking.register_min_top1 {t.register_min_top1:.4f}")
+    if not t.register_if_beats:
+        return Registration(True, f"registered as {name}" + (
+            f": val_top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
+            if t.register_min_top1 is not None else ""))
+    return _beats_holder(name, t.register_if_beats, float(top1), cfg.data.path, cfg.data.val_split)
+
+
+def _beats_holder(name: str, alias: str, top1: float, data_path: str, val_split: str) -> Registration:
+    try:
+        holder = alias_holder(name, alias)
+    except ModelRefError:  # no such registered model yet
+        holder = None
+    if holder is None:
+        return Registration(True, f"registered as {name}: val_top1 {top1:.4f}; {name}@{alias} "
+                                  "was unassigned")
+    recorded = (holder.tags or {}).get("val_top1")
+    params = run_params(holder.run_id)
+    basis = (params.get("data.path"), params.get("data.val_split"))
+    where = f"{name}@{alias} (version {holder.version}"
+    if recorded is None or basis != (data_path, val_split):
+        return Registration(False, f"not registered: {where}) has no val_top1 recorded on "
+                                   f"{data_path} [{val_split}] to compare with; evaluate both with "
+                                   "`ran eval` and register by hand if it is better")
+    if top1 <= float(recorded):
+        return Registration(False, f"not registered: val_top1 {top1:.4f} does not beat {where}, "
+                                   f"val_top1 {float(recorded):.4f} on the same data)")
+    return Registration(True, f"registered as {name}: val_top1 {top1:.4f} beats {where}, "
+                              f"val_top1 {float(recorded):.4f} on the same data)")
+
+
+def record_registration(tracker: RunTracker, registration: Registration) -> None:
+    """Tag the run with the gate's reason (``ran.registration``), when there is one."""
+    if registration.reason:
+        tracker.set_tags({TAG_REGISTRATION: registration.reason})
 
 
 # ---------------------------------------------------------------------------------------------

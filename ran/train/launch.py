@@ -42,6 +42,7 @@ from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
 from ran.data.transforms import normalizer
+from ran.tracking.models import Registration, record_registration, registration_gate
 from ran.tracking.validate import check_names
 from ran.train import localray
 from ran.train.faults import Fault, KillWorker
@@ -65,6 +66,7 @@ class TrainOutcome:
     metrics: dict[str, float] = field(default_factory=dict)  # final epoch metrics
     registered: str | None = None  # "name/version" of the registered model
     resumed: bool = False  # continued an earlier run
+    registration: str = ""  # the registration gate's reason (one line), "" when none applies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +74,12 @@ class TrainOutcome:
 
 
 def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
-    """The run's config (absolute paths, ``model.num_classes`` from the manifest) and the manifest.
+    """The run's config (absolute paths, ``model.num_classes`` from the manifest, ``model.init_from``
+    checked and pinned: :func:`ran.runtime.resolve_init`) and the manifest.
 
     Raises:
-        ConfigError: no such data directory, or a ``model.num_classes`` the data contradicts.
+        ConfigError: no such data directory, a ``model.num_classes`` the data contradicts, or a
+            ``model.init_from`` that is missing or does not fit the model.
         DataError: the manifest cannot be read.
     """
     data_path = cfg.data.path
@@ -90,7 +94,7 @@ def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
         storage_path = str(Path(storage_path).resolve())
     resolved = cfg.resolve(data_path=data_path, num_classes=int(manifest["num_classes"]),
                            storage_path=storage_path)
-    return resolved, manifest
+    return runtime.resolve_init(resolved), manifest  # model.init_from checked and pinned
 
 
 def check_shards(cfg: JobConfig, manifest: dict[str, Any]) -> None:
@@ -274,7 +278,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
     try:
         if result.checkpoint is not None:
-            outcome.registered = finalize(cfg, manifest, tracker, result.checkpoint)
+            registration = finalize(cfg, manifest, tracker, result.checkpoint)
+            outcome.registered, outcome.registration = registration.version, registration.reason
         tracker.log_curves()
     except Exception as err:  # noqa: BLE001 - MLflow's many kinds: one line, the checkpoint kept
         text = str(err).strip().splitlines()
@@ -307,6 +312,7 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
         tracking.TAG_DATASET: f"{manifest.get('dataset', '?')} ({cfg.data.path})",
         tracking.TAG_STORAGE: storage.run_uri,
         tracking.TAG_JOB: cfg.name,
+        **runtime.init_tags(cfg),
         **(extra_tags or {}),
     }
     commit = tracking.git_commit()
@@ -317,14 +323,15 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
 
 
 def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTracker,
-             checkpoint: Any) -> str | None:
-    """Log (and register) the model of the final checkpoint; returns ``name/version`` or None.
+             checkpoint: Any) -> Registration:
+    """Log the model of the final checkpoint, and register it if it passes the registration gate
+    (:func:`ran.tracking.models.registration_gate`, whose reason also tags the run).
 
     The input example is 2 random uint8 images at the eval crop (:func:`ran.runtime.eval_crop`),
     normalised as the recipe does.
     """
     if not cfg.tracking.log_model:
-        return None
+        return Registration(False, "")
     with checkpoint.as_directory() as directory:
         state = runtime.load_checkpoint(directory)
     model, _ = runtime.model_from_state(cfg.model_dump(), state["model"], "final checkpoint")
@@ -334,7 +341,13 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
     metrics = dict(state.get("last_val") or {})
     metrics.update(epoch=state["epoch"], step=state["step"])
-    return tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example, metrics)
+    gate = registration_gate(cfg, metrics)
+    gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
+                                            metrics, register=gate.register)
+    if not gate.register and gate.reason:
+        gate.reason += f"; the model is logged in MLflow run {tracker.run_id}"
+    record_registration(tracker, gate)
+    return gate
 
 
 def where_to_look(outcome: TrainOutcome) -> str:
@@ -354,6 +367,8 @@ def where_to_look(outcome: TrainOutcome) -> str:
         lines.append(f"look:             mlflow ui --backend-store-uri {uri}")
     else:
         lines.append(f"look:             {uri}")
+    if outcome.registration and not outcome.registered:
+        lines.append(outcome.registration)  # why it was not registered: the last line
     return "\n".join(lines)
 
 

@@ -235,7 +235,7 @@ class Trainer:
     # -- construction
 
     def _build_model(self) -> nn.Module:
-        model = runtime.build_model(self.cfg)
+        model = runtime.init_weights(runtime.build_model(self.cfg), self.cfg)  # model.init_from
         if self.cfg.train.sync_batchnorm and self.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -513,6 +513,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times and keeps the fastest kernels
+    if config.get("tracking_uri"):  # the driver's store, for a registered model.init_from
+        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
     rank0 = ray.train.get_context().get_world_rank() == 0
     run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
                if rank0 and config.get("run_id") else None)

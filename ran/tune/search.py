@@ -15,7 +15,9 @@ Order of events (:func:`run_search`):
 4. Results: each trial is *completed*, *stopped* (by ASHA) or *failed*; its child run gets that
    status. The parent run gets ``results.csv``, ``metric_vs_params.png`` and ``best_config.yaml``;
    the best completed trial's final model is logged to its run and registered under the job's
-   ``tracking.registered_model``. The top-k trials are printed.
+   ``tracking.registered_model`` if it passes the job's registration gate (e.g.
+   ``tracking.register_if_beats: champion``; otherwise the last line says why). The top-k trials
+   are printed.
 
 A search lives in ``storage.path/<job>-<space>`` (Tune's experiment directory); each trial's Ray
 Train run beside it in ``<job>-<space>-<trial id>``. ``--resume`` restores an interrupted search
@@ -57,6 +59,7 @@ from ran.tracking import (
     BASE_CONFIG, BEST_CONFIG, PLOT_PNG, RESULTS_CSV, SPACE_ARTIFACT, TAG_BEST_RUN, TAG_ERROR,
     TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_TRIAL, TAG_TRIAL_STATUS,
 )
+from ran.tracking.models import Registration
 from ran.train import localray
 from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
 from ran.tracking.validate import check_names
@@ -103,6 +106,7 @@ class SearchOutcome:
     best: TrialOutcome | None = None
     best_config: JobConfig | None = None
     registered: str | None = None  # "name/version" of the best model
+    registration: str = ""  # the registration gate's reason (one line), "" when none applies
     interrupted: bool = False
     storage: str = ""  # the search directory (local path or URI)
 
@@ -500,14 +504,15 @@ def best_config(job_raw: dict[str, Any], best: TrialOutcome, base: JobConfig, na
 
 
 def register_best(cfg: JobConfig, manifest: dict[str, Any], best: TrialOutcome, storage: Any,
-                  uri: str) -> str | None:
-    """Log the best trial's final model into its run and register it; ``name/version`` or None."""
+                  uri: str) -> Registration:
+    """Log the best trial's final model into its run and register it if it passes the job's
+    registration gate (e.g. ``tracking.register_if_beats: champion``)."""
     if best.run_id is None:
-        return None
+        return Registration(False, "")
     result = Result.from_path(f"{storage.ray_path.rstrip('/')}/{cfg.storage.name}",
                               storage_filesystem=storage.filesystem)
     if result.checkpoint is None:
-        return None
+        return Registration(False, "")
     return finalize(cfg, manifest, tracking.RunTracker(best.run_id, uri), result.checkpoint)
 
 
@@ -643,8 +648,10 @@ def _finish(grid: Any, space: SearchSpace, base: JobConfig, job_raw: dict[str, A
     outcome.best = pick_best(trials, s.mode)
     if outcome.best is not None and not outcome.interrupted:
         outcome.best_config = best_config(job_raw, outcome.best, base, ctx.name)
-        outcome.registered = _registered_before(parent, outcome.best) or register_best(
+        before = _registered_before(parent, outcome.best)
+        registration = Registration(True, "", before) if before else register_best(
             outcome.best_config, manifest, outcome.best, storage, ctx.tracking_uri)
+        outcome.registered, outcome.registration = registration.version, registration.reason
     log_results(parent, outcome, space)
     parent.finish("KILLED" if outcome.interrupted else "FINISHED")
     return outcome
@@ -680,6 +687,8 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
     lines.append(f"trials:           {outcome.storage}")
     if outcome.interrupted:
         lines.append("interrupted: continue with the same command and --resume")
+    elif outcome.registration and not outcome.registered:
+        lines.append(outcome.registration)  # why the best model was not registered: the last line
     return "\n".join(lines)
 
 

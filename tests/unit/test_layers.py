@@ -1,6 +1,6 @@
 """Layers point one way (shared/DESIGN.md): walk every module's imports and fail on a back edge.
 
-cli -> {tune, cluster} -> {train, evaluate, explain, promotion} -> runtime -> tracking
+cli -> {tune, cluster} -> {train, evaluate, explain, promotion, serving} -> runtime -> tracking
     -> {models, data, config}
 """
 
@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ran"
 LEVELS = {
     "ran.cli": 6,
     "ran.tune": 5, "ran.cluster": 5,
-    "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4,
+    "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4, "ran.serving": 4,
     "ran.runtime": 3,
     "ran.tracking": 2,
     "ran.models": 1, "ran.data": 1, "ran.config": 1,

@@ -1,0 +1,250 @@
+"""Serving a trained model on images: the ``python_function`` of every model ``ran train`` logs.
+
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve -m
+models:/NAME@champion --env-manager local`` load it through :func:`_load_pyfunc` (MLflow imports
+this module by name, so ``ran`` must be installed where the model is served). It takes what a
+client has, one image per item:
+
+- encoded image bytes (JPEG, PNG, any format Pillow reads), raw or base64 strings (what JSON
+  carries; ``data:image/...;base64,`` prefixes are accepted);
+- uint8 pixel arrays of shape ``(H, W, 3)`` (RGB), or a batch ``(N, H, W, 3)``; nested lists of
+  integers 0..255 (JSON) are arrays too.
+
+given as a list, a single item, a pandas DataFrame or Series (column ``image``, or the only
+column), or a dict ``{"image": [...]}``. Every image goes through the job's own eval transform
+(:func:`ran.data.transforms.make_transform` at :func:`ran.runtime.eval_crop`, the crop training
+validated at; arrays exactly as the same pixels stored losslessly would), then the normalisation,
+memory format and precision training validated with. The answer is a DataFrame, one row per image:
+``indices``, ``classes`` (names) and ``probabilities`` of the top ``min(5, classes)``, best first.
+
+Over HTTP (``POST /invocations``, ``Content-Type: application/json``)::
+
+    {"inputs": ["<base64 JPEG>", ...]}     ->  {"predictions": [{"indices": [...], ...}, ...]}
+
+A request that is not an image, or an array of the wrong shape or type, is answered with HTTP 400
+and one line naming the item and what to send instead; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from ran import runtime
+from ran.config import JobConfig
+from ran.data.transforms import make_transform, normalizer, to_rgb
+from ran.tracking.models import request_error
+
+TOP_K = 5  # classes answered per image (fewer when the model has fewer)
+IMAGE_COLUMN = "image"  # the column (or dict key) that holds the images
+MAX_BATCH = 64  # images per forward pass
+_RNG = random.Random(0)  # eval transforms are deterministic; the argument is part of their API
+
+
+class RequestError(ValueError):
+    """A request item that is not an image this model can read; the message says what to send."""
+
+
+class ImageClassifier:
+    """A trained model with its eval transform and class names: images in, top-k classes out.
+
+    Args:
+        model: our ``nn.Module`` (its weights); put in eval mode (and channels_last if the job
+            trained so) on ``device``.
+        cfg: the resolved config it was trained with (recipe, eval crop, precision, memory format).
+        class_names: index -> name; None gives ``"class <i>"``.
+        device: default CPU.
+    """
+
+    def __init__(self, model: nn.Module, cfg: JobConfig, class_names: Sequence[str] | None,
+                 device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.cfg = cfg
+        self.channels_last = cfg.train.channels_last
+        model = model.eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.crop = runtime.eval_crop(cfg)
+        self.transform = make_transform(cfg.data.recipe, train=False, crop=self.crop)
+        self.normalize = normalizer(cfg.data.recipe)
+        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
+        outputs = int(cfg.model.num_classes or len(class_names or []))
+        self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(outputs)]
+        self.k = min(TOP_K, outputs)
+
+    @classmethod
+    def from_directory(cls, path: str | Path) -> "ImageClassifier":
+        """The classifier of a logged model's side files (``config.yaml``, ``classes.json``,
+        ``state_dict.pt`` in ``path``).
+
+        Raises:
+            FileNotFoundError: a side file is missing.
+            ConfigError: ``config.yaml`` is not a valid job config.
+        """
+        path = Path(path)
+        state = torch.load(path / "state_dict.pt", map_location="cpu", weights_only=True)
+        model, cfg = runtime.model_from_state(yaml.safe_load((path / "config.yaml").read_text()),
+                                              state, str(path))
+        return cls(model, cfg, json.loads((path / "classes.json").read_text()))
+
+    # -- input
+
+    def images(self, model_input: Any) -> torch.Tensor:
+        """Every image of ``model_input`` (see the module docstring) through the eval transform:
+        uint8 ``(N, 3, crop, crop)``.
+
+        Raises:
+            RequestError: no images, or an item that is not one (the message names its index).
+        """
+        items = _items(model_input)
+        if not items:
+            raise RequestError("no images in the request; send {\"inputs\": [\"<base64 JPEG>\", ...]}")
+        return torch.stack([self._one(item, i) for i, item in enumerate(items)])
+
+    def _one(self, item: Any, index: int) -> torch.Tensor:
+        if isinstance(item, str):
+            item = _from_base64(item, index)
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            data = bytes(item)
+        else:
+            data = _array_as_ppm(item, index)
+        try:
+            return self.transform.sample(data, _RNG)
+        except UnidentifiedImageError:
+            reason = f"{len(data)} bytes in no image format Pillow reads"
+        except (OSError, ValueError, SyntaxError) as err:
+            reason = f"a broken image: {_first_line(err)}"
+        raise RequestError(f"image {index}: {reason}; send JPEG or PNG bytes (base64 in JSON) or "
+                           "(H, W, 3) uint8 RGB pixels")
+
+    # -- prediction
+
+    @torch.inference_mode()
+    def top_k(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(N, 3, crop, crop)`` -> (probabilities float32 ``(N, k)``, indices int64
+        ``(N, k)``), best first, computed as training validated (normalisation, memory format,
+        precision)."""
+        probs, indices = [], []
+        for start in range(0, len(images), MAX_BATCH):
+            x = self.normalize(images[start:start + MAX_BATCH].to(self.device))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with runtime.autocast(self.precision, self.device):
+                logits = self.model(x)
+            top = logits.float().softmax(dim=1).topk(self.k, dim=1)
+            probs.append(top.values.cpu())
+            indices.append(top.indices.cpu())
+        return torch.cat(probs), torch.cat(indices)
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Top-k classes of every image: a DataFrame with one row per image and the columns
+        ``indices`` (list of int), ``classes`` (list of str) and ``probabilities`` (list of
+        float), best first.
+
+        Raises:
+            RequestError: see :meth:`images`.
+        """
+        probs, indices = self.top_k(self.images(model_input))
+        rows = indices.tolist()
+        return pd.DataFrame({
+            "indices": rows,
+            "classes": [[self.class_names[i] for i in row] for row in rows],
+            "probabilities": [[round(float(p), 6) for p in row] for row in probs.tolist()],
+        })
+
+
+class _Pyfunc:
+    """What MLflow's ``PyFuncModel`` wraps: a bad request becomes MLflow's 400 error."""
+
+    def __init__(self, classifier: ImageClassifier) -> None:
+        self.classifier = classifier
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self.classifier.predict(model_input, params)
+        except RequestError as err:
+            raise request_error(str(err)) from None
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> _Pyfunc:
+    """MLflow's loader hook (``loader_module: ran.serving``): ``data_path`` holds the side files."""
+    return _Pyfunc(ImageClassifier.from_directory(data_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Request items
+
+
+def _items(model_input: Any) -> list[Any]:
+    """The images of a request, one list item each."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN in model_input.columns:
+            return model_input[IMAGE_COLUMN].tolist()
+        if len(model_input.columns) == 1:
+            return model_input.iloc[:, 0].tolist()
+        raise RequestError(f"a DataFrame of columns {list(model_input.columns)[:5]}: put the "
+                           f"images in a column named {IMAGE_COLUMN!r}")
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist()
+    if isinstance(model_input, dict):
+        if set(model_input) != {IMAGE_COLUMN} and len(model_input) != 1:
+            raise RequestError(f"a mapping with keys {sorted(model_input)[:5]}: send "
+                               f"{{{IMAGE_COLUMN!r}: [images]}} or a list of images")
+        return _items(model_input.get(IMAGE_COLUMN, next(iter(model_input.values()))))
+    if isinstance(model_input, np.ndarray) and model_input.dtype != object:
+        if model_input.ndim == 4:
+            return list(model_input)
+        if model_input.ndim == 3:
+            return [model_input]
+        raise RequestError(f"an array of shape {model_input.shape}: send (H, W, 3) or "
+                           "(N, H, W, 3) uint8 pixels")
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        return list(model_input)
+    return [model_input]
+
+
+def _from_base64(text: str, index: int) -> bytes:
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"image {index}: a string that is not base64; send image bytes as "
+                           "base64 strings") from None
+
+
+def _array_as_ppm(item: Any, index: int) -> bytes:
+    """uint8 ``(H, W, 3)`` pixels (or nested lists of 0..255) as a lossless PPM: the eval
+    transform then treats them as it treats a stored image."""
+    try:
+        pixels = np.asarray(item)
+    except (ValueError, TypeError):
+        pixels = np.asarray(None)
+    if pixels.dtype == object or pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        what = (f"an array of shape {pixels.shape}" if pixels.dtype != object
+                else f"a {type(item).__name__}")
+        raise RequestError(f"image {index}: {what}; send (H, W, 3) uint8 RGB pixels, or JPEG or "
+                           "PNG bytes (base64 in JSON)")
+    if pixels.dtype != np.uint8:
+        if not np.issubdtype(pixels.dtype, np.integer) or pixels.min() < 0 or pixels.max() > 255:
+            raise RequestError(f"image {index}: {pixels.dtype} pixels; send uint8 values 0..255")
+        pixels = pixels.astype(np.uint8)
+    buffer = io.BytesIO()
+    to_rgb(Image.fromarray(np.ascontiguousarray(pixels), "RGB")).save(buffer, format="PPM")
+    return buffer.getvalue()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
