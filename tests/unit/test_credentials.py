@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -147,21 +148,30 @@ def network_ip() -> str:
     return ips[0]
 
 
+@dataclass
+class StandIn:
+    """A stand-in dashboard: what it saw, where it listens, what it answers."""
+
+    seen: list[tuple[str, str | None]]  # (path, Authorization header) of every request
+    url: str
+    status: int = 200  # 401: as a token-auth dashboard answers a request without a token
+
+
 @pytest.fixture
-def recorder() -> Iterator[tuple[list[tuple[str, str | None]], str]]:
-    """A stand-in dashboard on this machine's network address: answers the version check and the
-    State API node list, and records every request's path and Authorization header. Yields
-    (requests seen, http URL)."""
-    seen: list[tuple[str, str | None]] = []
+def recorder() -> Iterator[StandIn]:
+    """A stand-in dashboard on this machine's network address (so not a loopback one): answers
+    the version check and the State API node list, and records every request."""
     bodies = {"/api/version": {"ray_version": ray.__version__, "version": "4", "session_name": "x"},
               "/api/v0/nodes": {"data": {"result": {"result": []}}}}
+    stand_in = StandIn([], "")
 
     class Dashboard(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            seen.append((self.path.split("?")[0], self.headers.get("Authorization")))
+            stand_in.seen.append((self.path.split("?")[0], self.headers.get("Authorization")))
             body = json.dumps(bodies.get(self.path.split("?")[0], {})).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            if stand_in.status == 401:
+                body = b"Unauthorized: Missing authentication token"
+            self.send_response(stand_in.status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -171,33 +181,44 @@ def recorder() -> Iterator[tuple[list[tuple[str, str | None]], str]]:
 
     ip = network_ip()
     server = ThreadingHTTPServer((ip, 0), Dashboard)
+    stand_in.url = f"http://{ip}:{server.server_port}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield seen, f"http://{ip}:{server.server_port}"
+        yield stand_in
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_requests_to_another_host_carry_no_local_token(home_token, recorder):
-    seen, url = recorder
-    cluster.connect(url)
-    assert cluster.cluster_is_local(url) is False
-    assert seen == [("/api/version", None), ("/api/version", None), ("/api/v0/nodes", None)]
+    cluster.connect(recorder.url)
+    assert cluster.cluster_is_local(recorder.url) is False
+    assert recorder.seen == [("/api/version", None), ("/api/version", None), ("/api/v0/nodes", None)]
 
 
 def test_requests_to_another_host_carry_a_named_token_only_with_insecure(home_token, recorder,
                                                                           monkeypatch):
-    seen, url = recorder
     monkeypatch.setenv("RAY_AUTH_TOKEN", "named-token")
     with pytest.raises(ValueError, match=r"plain http:// would send the Ray token"):
-        cluster.connect(url)
-    assert seen == []  # refused before any request
-    cluster.connect(url, insecure=True)
-    cluster.cluster_is_local(url, insecure=True)
+        cluster.connect(recorder.url)
+    assert recorder.seen == []  # refused before any request
+    cluster.connect(recorder.url, insecure=True)
+    cluster.cluster_is_local(recorder.url, insecure=True)
     bearer = "Bearer named-token"
-    assert seen == [("/api/version", bearer), ("/api/version", bearer), ("/api/v0/nodes", bearer)]
+    assert recorder.seen == [("/api/version", bearer), ("/api/version", bearer),
+                             ("/api/v0/nodes", bearer)]
+
+
+def test_a_dashboard_wanting_the_token_says_how_to_give_it(home_token, recorder, monkeypatch):
+    recorder.status = 401
+    with pytest.raises(ConnectionError) as refused:
+        cluster.connect(recorder.url)
+    assert str(refused.value) == (
+        f"Ray dashboard at {recorder.url} needs the cluster's Ray token: set RAY_AUTH_TOKEN to the "
+        f"cluster's token (`ray get-auth-token` on the head prints it); the token in "
+        f"~/.ray/auth_token goes only to 127.0.0.1 unless RAY_AUTH_MODE=token")
+    assert recorder.seen == [("/api/version", None)]
 
 
 # ---------------------------------------------------------------------------------------------
