@@ -6,7 +6,9 @@ exactly the processes carrying its marker and their descendants, found with psut
 module processes write their title over their environment, so only their parentage ties them to
 the node). Ray 2.60 has no public way to stop one of several Ray instances on a machine: ``ray
 stop`` ends every Ray process it finds, including other people's. Token authentication is on, with
-a token of the cluster's own.
+a token of the cluster's own. The nodes hold storage and tracking credentials of their own
+(``NODE_CREDENTIALS``, as a role or a secret file gives them to a real node), with recognisable
+values, so a test can look for them where they must not be.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 MARK = "RAN_TEST_RAY_NODE"  # environment marker: <cluster id>/<node name>
+
+# Credentials in every node's environment (cluster/README.md: how real nodes get theirs), never
+# the client's: recognisable values, new each session.
+NODE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": f"AKIANODE{secrets.token_hex(6).upper()}",
+    "AWS_SECRET_ACCESS_KEY": f"node-aws-secret-{secrets.token_hex(8)}",
+    "AWS_SESSION_TOKEN": f"node-aws-session-{secrets.token_hex(8)}",
+    "MLFLOW_TRACKING_USERNAME": f"node-mlflow-user-{secrets.token_hex(4)}",
+    "MLFLOW_TRACKING_PASSWORD": f"node-mlflow-password-{secrets.token_hex(8)}",
+}
 
 
 def free_ports(n: int) -> list[int]:
@@ -216,11 +228,12 @@ class LocalCluster:
 
 
 def cluster_env() -> dict[str, str]:
-    """Environment for the cluster's processes: our venv first on PATH, token auth, quiet."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    """Environment for the cluster's processes: our venv first on PATH, token auth, the nodes'
+    credentials, quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **NODE_CREDENTIALS)
     return env
 
 
@@ -265,9 +278,11 @@ def ran(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 300,
 
 def client_env(cluster: LocalCluster, tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for ``ran submit`` / ``ran jobs``: no RAY_AUTH_MODE, the token in a file (as
-    ``~/.ray/auth_token`` would hold it), so the token travels only if ``ran`` sends it."""
+    ``~/.ray/auth_token`` would hold it), so the token travels only if ``ran`` sends it; none of
+    the nodes' credentials (the client is another machine)."""
     token = tmp / "auth_token"
     token.write_text(cluster.env["RAY_AUTH_TOKEN"])
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_")}
+    env = {k: v for k, v in cluster.env.items()
+           if not k.startswith("RAY_") and k not in NODE_CREDENTIALS}
     env.update(RAY_AUTH_TOKEN_PATH=str(token), **extra)
     return env

@@ -6,6 +6,11 @@ must land on different nodes.
 
 - the demo job reaches SUCCEEDED across both nodes, its logs come back, MLflow has its run; a
   second job is stopped.
+- credentials stay where they belong: the demo job is submitted with the client's AWS and MLflow
+  secrets set (the nodes hold credentials of their own, and token auth is on), and none of those
+  values, nor the Ray token, is in the job's stored details, its logs, the MLflow run (params, tags,
+  every artifact including the model's files, the whole store) or the console; without the token
+  (or with a wrong one) `ran jobs` fails with the line that says how to give it.
 - the worker node is killed after the first checkpoint, a new node joins, and the run resumes from
   the checkpoint and finishes.
 
@@ -17,19 +22,23 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
-from cluster_fixtures import LocalCluster, client_env, ran, two_nodes  # noqa: F401
+from cluster_fixtures import NODE_CREDENTIALS, LocalCluster, client_env, ran, two_nodes  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
 DEMO = "jobs/demo.yaml"
 
 
-def tiny(data: str, storage: Path, epochs: int, experiment: str) -> list[str]:
-    """--set items making the demo job tiny."""
+def tiny(data: str, storage: Path, epochs: int, experiment: str, **more: str) -> list[str]:
+    """--set items making the demo job tiny (``more``: further dotted keys)."""
     settings = {
         "model.name": "attention56", "model.stem": "cifar", "data.path": data,
         "data.batch_size": 16, "data.workers": 0, "data.crop": 16, "schedule.kind": "cosine",
@@ -37,7 +46,7 @@ def tiny(data: str, storage: Path, epochs: int, experiment: str) -> list[str]:
         "train.checkpoint_every": 1, "train.eval_every": 1, "scaling.num_workers": 2,
         "scaling.cpus_per_worker": 1, "scaling.max_failures": 2, "storage.path": str(storage),
         "tracking.experiment": experiment, "tracking.registered_model": "null",
-        "tracking.log_model": "false",
+        "tracking.log_model": "false", **more,
     }
     out = []
     for key, value in settings.items():
@@ -110,25 +119,61 @@ def registered_epoch(storage: Path) -> int | None:
     return None
 
 
-def test_submit_demo_succeeds_logs_come_back_and_mlflow_has_the_run(
-        two_nodes: LocalCluster, client, synth_data: str, tmp_path: Path):
-    db = tmp_path / "mlflow.db"
-    env = client_env(two_nodes, tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
-    url = two_nodes.dashboard_url
-    nodes = node_ids(two_nodes)
+# The submitter's secrets, set where `ran submit` runs: recognisable values, new each session.
+CLIENT_SECRETS = {
+    "AWS_ACCESS_KEY_ID": f"AKIACLIENT{secrets.token_hex(5).upper()}",
+    "AWS_SECRET_ACCESS_KEY": f"client-aws-secret-{secrets.token_hex(8)}",
+    "AWS_SESSION_TOKEN": f"client-aws-session-{secrets.token_hex(8)}",
+    "MLFLOW_TRACKING_USERNAME": f"client-mlflow-user-{secrets.token_hex(4)}",
+    "MLFLOW_TRACKING_PASSWORD": f"client-mlflow-password-{secrets.token_hex(8)}",
+    "MLFLOW_TRACKING_TOKEN": f"client-mlflow-token-{secrets.token_hex(8)}",
+}
+# Passed on purpose with --env: it must show up in the job's details (so the search there can
+# find a value), with a warning on the console.
+NAMED = ("RAN_TEST_NAMED_TOKEN", f"named-on-purpose-{secrets.token_hex(8)}")
+
+
+@dataclass
+class Submitted:
+    """The demo job, submitted once for the module by `ran submit --wait`."""
+
+    job_id: str
+    out: subprocess.CompletedProcess
+    env: dict[str, str]  # the client's environment
+    root: Path  # its MLflow store (mlflow.db, mlartifacts/) and runs
+    db: Path
+    workers: dict[str, str]  # its Ray Train worker actors: actor id -> node id
+
+
+@pytest.fixture(scope="module")
+def demo(two_nodes: LocalCluster, synth_data: str, tmp_path_factory) -> Submitted:
+    """`ran submit jobs/demo.yaml --wait` (1 epoch, model logged and registered) from a client
+    holding CLIENT_SECRETS, with NAMED passed by --env."""
+    root = tmp_path_factory.mktemp("demo")
+    db = root / "mlflow.db"
+    env = client_env(two_nodes, root, MLFLOW_TRACKING_URI=f"sqlite:///{db}", **CLIENT_SECRETS)
     before = train_workers(two_nodes)  # of earlier jobs on this cluster
+    out = ran("submit", DEMO, "--address", two_nodes.dashboard_url, "--wait",
+              "--env", f"{NAMED[0]}={NAMED[1]}",
+              *tiny(synth_data, root / "runs", epochs=1, experiment="cluster",
+                    **{"tracking.log_model": "true", "tracking.registered_model": "ran-cluster"}),
+              env=env)
+    workers = {a: n for a, n in train_workers(two_nodes).items() if a not in before}
+    return Submitted(submission_id(out.stdout), out, env, root, db, workers)
+
+
+def test_submit_demo_succeeds_logs_come_back_and_mlflow_has_the_run(
+        two_nodes: LocalCluster, client, demo: Submitted, synth_data: str, tmp_path: Path):
+    env, url, job_id = demo.env, two_nodes.dashboard_url, demo.job_id
+    nodes = node_ids(two_nodes)
     status = two_nodes.local_sh("status")
     assert status.returncode == 0 and f"dashboard {url} is up" in status.stdout, status.stdout
 
-    out = ran("submit", DEMO, "--address", url, "--wait",
-              *tiny(synth_data, tmp_path / "runs", epochs=1, experiment="cluster"), env=env)
-    job_id = submission_id(out.stdout)
-    assert re.search(rf"^job {job_id} SUCCEEDED$", out.stdout, re.M), out.stdout
-    assert "epoch 1/1 done" in out.stdout  # the job's own output, streamed
+    assert re.search(rf"^job {job_id} SUCCEEDED$", demo.out.stdout, re.M), demo.out.stdout
+    assert "epoch 1/1 done" in demo.out.stdout  # the job's own output, streamed
 
     # One CPU per node and one per worker: the two training workers ran on different nodes.
-    ours = {a: n for a, n in train_workers(two_nodes).items() if a not in before}
-    assert sorted(ours.values()) == sorted(nodes.values())
+    assert sorted(demo.workers.values()) == sorted(nodes.values())
 
     status = ran("jobs", "status", job_id, "--address", url, env=env).stdout
     assert re.search(r"^status\s+SUCCEEDED$", status, re.M), status
@@ -138,22 +183,103 @@ def test_submit_demo_succeeds_logs_come_back_and_mlflow_has_the_run(
     listed = ran("jobs", "list", "--address", url, env=env).stdout
     assert re.search(rf"^{job_id}\s+SUCCEEDED\s", listed, re.M), listed
 
-    mlflow, run = mlflow_run(db, "cluster", job_id)
+    mlflow, run = mlflow_run(demo.db, "cluster", job_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.path"] == synth_data
     assert epochs_logged(mlflow, run.info.run_id) == [1]
-    assert run.info.artifact_uri.startswith(str(tmp_path / "mlartifacts"))  # beside the store
-    assert (tmp_path / "mlartifacts").is_dir()
+    assert run.info.artifact_uri.startswith(str(demo.root / "mlartifacts"))  # beside the store
+    assert run.data.tags["ran.registered_version"] == "ran-cluster/1"
 
-    # A second job, stopped while it runs.
-    out = ran("submit", DEMO, "--address", url,
-              *tiny(synth_data, tmp_path / "runs", epochs=50, experiment="cluster"), env=env)
+    # A second job, stopped while it runs; submitted to RAY_ADDRESS this time.
+    out = ran("submit", DEMO, *tiny(synth_data, tmp_path / "runs", epochs=50, experiment="cluster"),
+              env={**env, "RAY_ADDRESS": url})
     second = submission_id(out.stdout)
     wait_for("the second job to run", lambda: str(client.get_job_status(second)) == "RUNNING",
              timeout=60)
     stopped = ran("jobs", "stop", second, "--address", url, env=env).stdout
     assert stopped.strip() == f"job {second} STOPPED"
     assert str(client.get_job_status(second)) == "STOPPED"
+
+
+def found_in(values: dict[str, str], text: str | bytes) -> list[str]:
+    """The names of ``values`` whose value occurs in ``text``."""
+    data = text.encode() if isinstance(text, str) else text
+    return sorted(k for k, v in values.items() if v.encode() in data)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``: path relative to it -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_no_credential_reaches_job_details_logs_mlflow_or_console(two_nodes: LocalCluster,
+                                                                  demo: Submitted):
+    ray_token = {"RAY_AUTH_TOKEN": two_nodes.env["RAY_AUTH_TOKEN"]}
+    everything = {**CLIENT_SECRETS, **{f"node {k}": v for k, v in NODE_CREDENTIALS.items()},
+                  **ray_token}
+    # The nodes do hold their credentials and the token: the job runs among them.
+    raylet = next(p for p in map(psutil.Process, two_nodes.pids("head")) if p.name() == "raylet")
+    head = raylet.environ()
+    assert {k: head.get(k) for k in NODE_CREDENTIALS} == NODE_CREDENTIALS
+    assert head["RAY_AUTH_TOKEN"] == ray_token["RAY_AUTH_TOKEN"]
+
+    # The job's stored details (what anyone who can list jobs reads), through the Jobs API.
+    details = json.dumps(two_nodes.get(f"/api/jobs/{demo.job_id}"))
+    assert found_in(everything, details) == []
+    env_vars = json.loads(details)["runtime_env"]["env_vars"]
+    assert env_vars[NAMED[0]] == NAMED[1]  # what the user named travels, and is seen here
+    assert sorted(env_vars) == sorted([NAMED[0], "MLFLOW_TRACKING_URI", "RAY_JOB_SUBMISSION_ID"])
+
+    # Its logs, through the Jobs API, and the console of `ran submit --wait`.
+    logs = two_nodes.get(f"/api/jobs/{demo.job_id}/logs")["logs"]
+    assert "epoch 1/1 done" in logs
+    assert found_in(everything, logs) == []
+    console = demo.out.stdout + demo.out.stderr
+    assert found_in(everything, console) == []
+    assert f"warning: --env {NAMED[0]} looks like a secret: its value is stored with the job" in \
+        demo.out.stderr
+
+    # The MLflow run: params and tags, every artifact (config, curves, the model and its extra
+    # files), and the store itself. MLflow records the node's MLFLOW_TRACKING_USERNAME as the
+    # logged model's user (tag mlflow.user), as it records who made any run: a name, not a secret.
+    secret = {k: v for k, v in everything.items() if k != "node MLFLOW_TRACKING_USERNAME"}
+    _, run = mlflow_run(demo.db, "cluster", demo.job_id)
+    assert found_in(everything, json.dumps([run.data.params, run.data.tags])) == []
+    artifacts = files_under(demo.root / "mlartifacts")
+    names = {Path(p).name for p in artifacts}
+    assert {"config.yaml", "training_curves.png", "MLmodel", "classes.json", "state_dict.pt"} <= names
+    assert {p: found_in(everything, data) for p, data in artifacts.items()
+            if found_in(everything, data)} == {}
+    store = demo.db.read_bytes()
+    assert demo.job_id.encode() in store  # the search sees what the store holds
+    assert found_in(secret, store) == []
+
+    # The client's secrets never reached the cluster: nowhere in its nodes' files (logs, session
+    # data, the uploaded package), where a runtime env's values do land (runtime_env_agent.log).
+    cluster_files = files_under(two_nodes.root)
+    assert [p for p, data in cluster_files.items() if NAMED[1].encode() in data]
+    assert {p: found_in(CLIENT_SECRETS, data) for p, data in cluster_files.items()
+            if found_in(CLIENT_SECRETS, data)} == {}
+
+
+def test_without_the_token_ran_jobs_says_how_to_give_it(two_nodes: LocalCluster, demo: Submitted,
+                                                        tmp_path: Path):
+    url = two_nodes.dashboard_url
+    (tmp_path / "home").mkdir()  # no ~/.ray/auth_token
+    env = {k: v for k, v in demo.env.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path / "home")
+    missing = ran("jobs", "list", "--address", url, env=env, check=False)
+    assert (missing.returncode, missing.stderr) == (2, (
+        f"error: Ray dashboard at {url} needs the cluster's Ray token: set RAY_AUTH_TOKEN to the "
+        f"cluster's token (`ray get-auth-token` on the head prints it)\n"))
+    wrong = ran("jobs", "list", "--address", url, env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+                check=False)
+    assert (wrong.returncode, wrong.stderr) == (2, (
+        f"error: Ray dashboard at {url} refused the Ray token sent: set RAY_AUTH_TOKEN to the "
+        f"cluster's token (`ray get-auth-token` on the head prints it)\n"))
+    given = ran("jobs", "list", "--address", url,
+                env={**env, "RAY_AUTH_TOKEN": two_nodes.env["RAY_AUTH_TOKEN"]})
+    assert re.search(rf"^{demo.job_id}\s+SUCCEEDED\s", given.stdout, re.M), given.stdout
 
 
 def test_a_killed_worker_node_is_replaced_and_training_resumes_from_its_checkpoint(
