@@ -1,9 +1,11 @@
 """The only package that talks to MLflow.
 
 - :mod:`~ran.tracking.names`: every tag, artifact and metric name, defined once.
-- :mod:`~ran.tracking.store`: the tracking URI, the one client helper, experiments.
+- :mod:`~ran.tracking.store`: the tracking URI, the one client helper, experiments, the
+  pre-flight check of a tracking server (:func:`~ran.tracking.store.check_server`).
 - :mod:`~ran.tracking.runs`: training runs (:class:`RunTracker`), metrics logged off the training
-  path (:class:`RunLogger`), curves, evaluation/explain/search runs.
+  path (:class:`RunLogger`), system metrics per node, dataset inputs, curves,
+  evaluation/explain/search runs.
 - :mod:`~ran.tracking.models`: logging and registering models, model references, the registry
   (versions, aliases, the promotion gate's reads and writes).
 
@@ -18,11 +20,12 @@ from ran.tracking.models import (
 )
 from ran.tracking.names import *  # noqa: F401,F403 - the names are this package's vocabulary
 from ran.tracking.runs import (
-    RunLogger, RunTracker, child_runs, linked_run, log_model_metrics, plot_curves, trial_run,
+    RunLogger, RunTracker, SystemMetrics, child_runs, dataset_digest, describe_unlogged,
+    linked_run, log_model_metrics, plot_curves, shard_datasets, trial_run,
 )
 from ran.tracking.store import (
-    client, default_artifact_location, ensure_experiment, git_commit, ray_job_tags, tracking_uri,
-    use_uri,
+    answers, check_server, client, default_artifact_location, ensure_experiment, git_commit,
+    is_server, ray_job_tags, tracking_uri, use_uri,
 )
 
 __all__ = [
@@ -32,4 +35,6 @@ __all__ = [
     "version_source", "RunLogger", "RunTracker", "child_runs", "linked_run",
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
     "ensure_experiment", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
+    "SystemMetrics", "dataset_digest", "describe_unlogged", "shard_datasets", "answers",
+    "check_server", "is_server",
 ]

@@ -44,6 +44,11 @@ TAG_ERROR = "ran.error"  # first line of a failed trial's error
 TAG_BEST_RUN = "ran.best_run_id"  # on a search run
 TAG_METRICS_GAP = "ran.metrics_gap"  # metric values that could not be logged (MLflow unreachable)
 
+# Dataset inputs of a training run: MLflow's context tag of its train and val splits.
+DATASET_CONTEXTS = ("training", "validation")
+# A node's system metrics: MLflow's system/<node>/<metric>, <node> = node_<Ray Train node rank>.
+SYSTEM_METRICS_NODE = "node_{rank}"
+
 # Model version tags: the validation metrics a version was registered with (the promotion gate's
 # recorded basis), and the data params they were measured on.
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
@@ -53,3 +58,5 @@ DATA_PARAMS = ("data.path", "data.val_split")
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
                  "data_wait_frac", "skipped", "epoch_time_s")
 STEP_METRICS = ("step_loss", "step_lr")
+# Key of rank 0's final report naming the metric values MLflow lacks (the server went away).
+REPORT_UNLOGGED = "mlflow_unlogged"

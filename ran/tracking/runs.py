@@ -1,5 +1,6 @@
 """Runs: one training run (:class:`RunTracker`), its metrics off the training path
-(:class:`RunLogger`), its curves, and the runs that are not training runs (evaluation,
+(:class:`RunLogger`), its node's system metrics (:class:`SystemMetrics`), its data
+(:func:`shard_datasets`), its curves, and the runs that are not training runs (evaluation,
 explanation, a search and its trials).
 
 A :class:`RunTracker` is addressed by run id, so the driver, rank 0 of any worker group and a
@@ -12,18 +13,22 @@ epoch exactly once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import queue
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ran.tracking import store
 from ran.tracking.names import (
-    CONFIG_ARTIFACT, CURVES_ARTIFACT, TAG_KIND, TAG_METRICS_GAP, TAG_PARENT, TAG_SEARCH,
-    TAG_STORAGE, TAG_TRIAL,
+    CONFIG_ARTIFACT, CURVES_ARTIFACT, DATASET_CONTEXTS, REPORT_UNLOGGED, TAG_KIND,
+    TAG_METRICS_GAP, TAG_PARENT, TAG_SEARCH, TAG_STORAGE, TAG_TRIAL,
 )
 
 if TYPE_CHECKING:
@@ -51,11 +56,17 @@ class RunTracker:
 
     @classmethod
     def create_training(cls, cfg: "JobConfig", *, run_name: str, tags: dict[str, str],
-                        uri: str | None = None) -> "RunTracker":
-        """A training run: params are the flattened config, ``config.yaml`` its artifact."""
+                        uri: str | None = None,
+                        manifest: dict[str, Any] | None = None) -> "RunTracker":
+        """A training run: params are the flattened config, ``config.yaml`` its artifact, and,
+        given the data's ``manifest``, its train and val splits its dataset inputs."""
         tracker = cls.create(cfg.tracking.experiment, run_name=run_name, tags=tags, uri=uri)
         tracker.log_params(cfg.flat())
         tracker.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
+        if manifest is not None:
+            tracker.log_datasets(cfg.data.path, manifest,
+                                 {cfg.data.train_split: DATASET_CONTEXTS[0],
+                                  cfg.data.val_split: DATASET_CONTEXTS[1]})
         return tracker
 
     @classmethod
@@ -107,6 +118,17 @@ class RunTracker:
         """``text`` as the artifact ``artifact_file``."""
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_datasets(self, path: str, manifest: dict[str, Any], contexts: dict[str, str]) -> None:
+        """Log splits of the shards at ``path`` as the run's dataset inputs: ``contexts`` maps a
+        split to its MLflow context (``training``, ``validation``); see :func:`shard_datasets`."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        datasets = shard_datasets(path, manifest, list(contexts))
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(d._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])])
+            for split, d in zip(contexts, datasets)])
+
     def log_artifact(self, path: str | Path, directory: str | None = None) -> None:
         """Upload a local file under ``directory`` of the run's artifacts."""
         self.client.log_artifact(self.run_id, str(path), directory)
@@ -153,6 +175,11 @@ class RunTracker:
             self.log_artifact(path)
 
 
+# Seconds rank 0 waits at the end of training for its last metrics to reach MLflow, so that
+# its final report says exactly what did not (a server that answers takes milliseconds).
+FLUSH_S = 30.0
+
+
 class RunLogger:
     """Rank 0's metrics, params and tags, written to MLflow from a background thread: the
     training loop only enqueues (microseconds), so no rank waits on MLflow I/O at the ``report``
@@ -160,12 +187,16 @@ class RunLogger:
 
     Writes that fail (the server went away) are retried, in order, every second; metric values
     still unlogged after ``retry_s`` seconds are dropped and counted. The count is reported on the
-    run as the ``ran.metrics_gap`` tag once the server answers again, and on stderr at once.
+    run as the ``ran.metrics_gap`` tag once the server answers again, and on stderr at once;
+    :meth:`unlogged` says which values are not (yet) in MLflow, for the run's final summary.
     """
 
     def __init__(self, run_id: str, uri: str | None = None, retry_s: float = 600.0) -> None:
         self.run_id, self.uri, self.retry_s = run_id, uri, retry_s
         self.dropped = 0  # metric values given up on
+        self._lost: dict[str, list[int]] = {}  # metric -> steps given up on
+        self._pending: list[tuple[str, Any, int, float]] = []  # queued or failed, in order
+        self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, Any, int, float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ran-mlflow", daemon=True)
         self._thread.start()
@@ -182,6 +213,32 @@ class RunLogger:
         """Queue tags; returns at once."""
         self._queue.put(("tags", dict(tags), 0, time.monotonic()))
 
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until everything queued so far is written; False if
+        some of it is not (the server does not answer)."""
+        done = threading.Event()
+        self._queue.put(("flush", done, 0, time.monotonic()))
+        return done.wait(timeout)
+
+    def unlogged(self) -> dict[str, list[int]]:
+        """Metric -> steps whose values are not in MLflow: given up on, or still waiting for the
+        server. Empty when everything queued has been written."""
+        with self._lock:
+            found = {k: list(v) for k, v in self._lost.items()}
+            for kind, payload, step, _ in self._pending:
+                if kind == "metrics":
+                    for key, value in payload.items():
+                        if value is not None:
+                            found.setdefault(key, []).append(step)
+        return {k: sorted(set(v)) for k, v in found.items()}
+
+    def gap_report(self, timeout: float = FLUSH_S) -> dict[str, str]:
+        """For rank 0's last report: ``{REPORT_UNLOGGED: "<what MLflow lacks>"}`` after waiting up
+        to ``timeout`` seconds for what is queued to be written; {} when nothing is missing."""
+        self.flush(timeout)
+        unlogged = self.unlogged()
+        return {REPORT_UNLOGGED: describe_unlogged(unlogged)} if unlogged else {}
+
     def close(self, timeout: float = 60.0) -> None:
         """Write what is queued (waiting up to ``timeout`` seconds), then stop the thread."""
         self._queue.put(None)
@@ -192,43 +249,143 @@ class RunLogger:
             tracker.log_metrics(payload, step)
         elif kind == "params":
             tracker.log_params(payload)
-        else:
+        elif kind == "tags":
             tracker.set_tags(payload)
+        else:  # a flush marker: everything before it is written
+            payload.set()
+
+    def _give_up(self, lost: list[tuple[str, Any, int, float]]) -> None:
+        with self._lock:
+            self._pending = [p for p in self._pending if p not in lost]
+            for kind, payload, step, _ in lost:
+                if kind == "metrics":
+                    values = [k for k, v in payload.items() if v is not None]
+                    self.dropped += len(values)
+                    for key in values:
+                        self._lost.setdefault(key, []).append(step)
 
     def _run(self) -> None:
         tracker: RunTracker | None = None
-        pending: list[tuple[str, Any, int, float]] = []
         done = reported = False
-        while not done or pending:
+        while not done or self._pending:
             try:
-                item = self._queue.get(timeout=1.0 if pending else None)
+                item = self._queue.get(timeout=1.0 if self._pending else None)
                 while True:  # take everything queued, then write it in order
                     if item is None:
                         done = True
                     else:
-                        pending.append(item)
+                        with self._lock:
+                            self._pending.append(item)
                     item = self._queue.get_nowait()
             except queue.Empty:
                 pass
             try:
                 tracker = tracker or RunTracker(self.run_id, self.uri)
-                while pending:
-                    self._write(tracker, *pending[0][:3])
-                    pending.pop(0)
+                while self._pending:
+                    self._write(tracker, *self._pending[0][:3])
+                    with self._lock:
+                        self._pending.pop(0)
                 if self.dropped and not reported:
                     tracker.set_tags({TAG_METRICS_GAP: f"{self.dropped} metric values not logged"})
                     reported = True
             except Exception as err:  # noqa: BLE001 - MLflow unreachable: training goes on
                 now = time.monotonic()
-                lost = pending if done else [p for p in pending if now - p[3] > self.retry_s]
+                lost = list(self._pending) if done else \
+                    [p for p in self._pending if now - p[3] > self.retry_s]
                 if lost:
-                    self.dropped += sum(len(p[1]) for p in lost if p[0] == "metrics")
-                    pending = [p for p in pending if p not in lost]
+                    self._give_up(lost)
                     reported = False
-                    print(f"warning: MLflow at {self.uri}: {type(err).__name__}: {err}; "
+                    print(f"warning: MLflow at {self.uri}: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}; "
                           f"{self.dropped} metric values not logged so far", file=sys.stderr)
                 if not done:
                     time.sleep(1.0)
+
+
+def describe_unlogged(unlogged: dict[str, list[int]], limit: int = 6) -> str:
+    """One line naming metric values not in MLflow, metrics with the same steps together:
+    ``"train_loss, val_top1 at step 2; step_loss, step_lr at steps 16, 20, 24"``."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, steps in sorted(unlogged.items()):
+        groups.setdefault(tuple(steps), []).append(key)
+    parts = []
+    for steps, keys in sorted(groups.items()):
+        shown = ", ".join(str(s) for s in steps[:limit])
+        more = f" and {len(steps) - limit} more" if len(steps) > limit else ""
+        parts.append(f"{', '.join(keys)} at step{'s' if len(steps) > 1 else ''} {shown}{more}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the run page shows beside the metrics: system metrics per node, the data
+
+
+class SystemMetrics:
+    """MLflow's own system metrics of this node (CPU, memory, disk, network through psutil; GPU
+    utilisation and memory through nvidia-ml-py where there is an NVIDIA GPU), logged to a run
+    by MLflow's monitor thread every ``every_s`` seconds as ``system/<node>/<metric>``.
+
+    One per node (Ray Train's local rank 0 starts it), so that a multi-node run shows each node
+    apart. The monitor continues a run's system-metric steps after a restart. It stops for good
+    if the server goes away (MLflow's behaviour); training is not affected.
+    """
+
+    def __init__(self, run_id: str, uri: str | None, node: str, every_s: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines
+        self.node = node
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s,
+                                            samples_before_logging=1, resume_logging=True,
+                                            node_id=node, tracking_uri=uri or store.tracking_uri())
+        self.monitor.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop sampling and write what was sampled, waiting at most ``timeout`` seconds (MLflow's
+        monitor waits for its thread, which may be retrying a server that is gone)."""
+        closing = threading.Thread(target=self.monitor.finish, name="ran-system-metrics", daemon=True)
+        closing.start()
+        closing.join(timeout)
+
+
+def dataset_digest(manifest: dict[str, Any], split: str) -> str:
+    """The digest of one split as the manifest describes it: dataset, classes, and each shard's
+    name, sample count and size. Shards rebuilt the same way give the same digest."""
+    info = manifest["splits"][split]
+    described = {"dataset": manifest.get("dataset"), "classes": manifest["classes"], "split": split,
+                 "shards": [[s["name"], s["samples"], s.get("bytes")] for s in info["shards"]]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_datasets(path: str, manifest: dict[str, Any], splits: list[str]) -> list[Any]:
+    """MLflow datasets (``mlflow.data`` MetaDatasets) of ``splits`` of the shards at ``path``:
+    name ``<dataset>/<split>``, source the shards' directory or URI, digest
+    :func:`dataset_digest`, and a profile with sample, class and shard counts."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        def __init__(self, profile: dict[str, int], **kwargs: Any) -> None:
+            self._profile = profile
+            super().__init__(**kwargs)
+
+        @property
+        def profile(self) -> dict[str, int]:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    with warnings.catch_warnings():  # a local path matches two equal source kinds: either does
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(path)
+    return [ShardDataset(
+        source=source, name=f"{manifest.get('dataset') or 'shards'}/{split}",
+        digest=dataset_digest(manifest, split),
+        profile={"num_samples": int(manifest["splits"][split]["total"]),
+                 "num_classes": int(manifest["num_classes"]),
+                 "num_shards": len(manifest["splits"][split]["shards"])})
+        for split in splits]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Where runs go: the tracking URI, the one MLflow client helper, experiments, run context tags.
+"""Where runs go: the tracking URI, the one MLflow client helper, experiments, run context tags,
+and the pre-flight check of a tracking server (:func:`check_server`).
 
 ``mlflow`` is imported inside functions, not at the top: importing it costs every Ray Train
 worker process a second of CPU before its first step (see :data:`MLFLOW_IMPORT_NOTE`), and only
@@ -32,6 +33,150 @@ def tracking_uri() -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is an MLflow tracking server (``http(s)://``), not a store ``ran`` opens."""
+    return uri.startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: the server answers, takes our credentials, and lets us write where we will write
+
+CREDENTIALS_HINT = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"  # or ~/.mlflow/credentials
+
+
+def check_server(uri: str | None = None, *, experiment: str | None = None,
+                 registered_model: str | None = None, timeout: float = 30.0) -> str | None:
+    """Check an MLflow server before any work starts; returns the user it knows us as (None for a
+    server without basic-auth, or a URI that is not a server, which is not checked).
+
+    In order: the server answers ``/health``; it accepts the credentials of the environment
+    (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or a token); the user may create
+    runs in ``experiment`` and versions of ``registered_model`` where those exist (EDIT or more;
+    what does not exist yet, the user creates and so owns). One request each, no retries.
+
+    Raises:
+        ConnectionError: the server does not answer (one line: the server, what to do).
+        PermissionError: credentials missing or refused, or too little permission (one line).
+    """
+    uri = uri or tracking_uri()
+    if not is_server(uri):
+        return None
+    key = (uri, experiment, registered_model, os.environ.get("MLFLOW_TRACKING_USERNAME"),
+           os.environ.get("MLFLOW_TRACKING_PASSWORD"), os.environ.get("MLFLOW_TRACKING_TOKEN"))
+    if key not in _CHECKED:  # once per process: a verb may look up several models
+        _CHECKED[key] = _check_server(uri, experiment, registered_model, timeout)
+    return _CHECKED[key]
+
+
+_CHECKED: dict[tuple[str | None, ...], str | None] = {}
+
+
+def _check_server(uri: str, experiment: str | None, registered_model: str | None,
+                  timeout: float) -> str | None:
+    base = uri.rstrip("/")
+    _get(base, "/health", timeout)
+    status, body = _get(base, "/api/2.0/mlflow/users/current", timeout)
+    if status == 404:  # no basic-auth app: anyone may do anything
+        return None
+    _refuse_credentials(base, status)
+    user = body["user"]
+    if user.get("is_admin"):
+        return user["username"]
+    if experiment:
+        status, found = _get(base, "/api/2.0/mlflow/experiments/get-by-name", timeout,
+                             params={"experiment_name": experiment})
+        if status == 200:
+            _check_permission(base, user["username"], "experiment",
+                              found["experiment"]["experiment_id"], f"experiment {experiment!r}",
+                              "set tracking.experiment to one of yours", timeout)
+        elif status == 403:
+            raise PermissionError(f"MLflow server {base}: user {user['username']!r} may not read "
+                                  f"experiment {experiment!r}; ask its owner or an admin for EDIT, "
+                                  "or set tracking.experiment to one of yours")
+    if registered_model:
+        status, _ = _get(base, "/api/2.0/mlflow/registered-models/get", timeout,
+                         params={"name": registered_model})
+        if status in (200, 403):
+            _check_permission(base, user["username"], "registered_model", registered_model,
+                              f"registered model {registered_model!r}",
+                              "set tracking.registered_model to one of yours", timeout)
+    return user["username"]
+
+
+def answers(uri: str | None = None, timeout: float = 10.0) -> bool:
+    """Whether the tracking server answers ``/health`` now (always True for a store that is not
+    a server); one try, for deciding whether to write a run's end or report that it cannot."""
+    uri = uri or tracking_uri()
+    if not is_server(uri):
+        return True
+    try:
+        _get(uri.rstrip("/"), "/health", timeout)
+    except ConnectionError:
+        return False
+    return True
+
+
+def _get(base: str, path: str, timeout: float,
+         params: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET ``base + path`` once, with the environment's credentials: (status, JSON body or None).
+
+    Raises:
+        ConnectionError: nothing answered.
+    """
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(base), path, "GET", max_retries=0,
+                                timeout=timeout, params=params, raise_on_status=False)
+    except Exception as err:  # noqa: BLE001 - MLflow wraps every transport error
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        cause = err.__cause__ or err.__context__
+        while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            reason = type(cause).__name__
+        raise ConnectionError(f"MLflow server {base} does not answer ({reason}): start it "
+                              "(cluster/tracking/README.md) or point MLFLOW_TRACKING_URI at a "
+                              "running one") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if path == "/health" and response.status_code != 200:
+        raise ConnectionError(f"MLflow server {base}: /health answered {response.status_code}; "
+                              "is that an MLflow server? check MLFLOW_TRACKING_URI")
+    return response.status_code, body
+
+
+def _refuse_credentials(base: str, status: int) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+
+    if status == 200:
+        return
+    user = get_default_host_creds(base).username  # environment or ~/.mlflow/credentials
+    if status == 401 and not user:
+        raise PermissionError(f"MLflow server {base} needs a login: set {CREDENTIALS_HINT}")
+    if status == 401:
+        raise PermissionError(f"MLflow server {base} refused user {user!r} (401 Unauthorized): "
+                              f"check {CREDENTIALS_HINT}")
+    raise PermissionError(f"MLflow server {base} answered {status} to who-am-I: check "
+                          f"{CREDENTIALS_HINT} and MLFLOW_TRACKING_URI")
+
+
+def _check_permission(base: str, user: str, resource_type: str, resource_id: str, what: str,
+                      instead: str, timeout: float) -> None:
+    """PermissionError unless ``user`` may update ``resource_id`` (EDIT or MANAGE)."""
+    status, found = _get(base, "/api/3.0/mlflow/users/permissions/get", timeout, params={
+        "username": user, "resource_type": resource_type, "resource_id": resource_id})
+    if status != 200 or found is None:
+        return  # a server without per-user permissions: the writes themselves will tell
+    if found.get("permission") not in ("EDIT", "MANAGE"):
+        raise PermissionError(f"MLflow server {base}: user {user!r} has {found.get('permission')} "
+                              f"on {what}, and writing there needs EDIT: ask its owner or an admin "
+                              f"for EDIT, or {instead}")
 
 
 def client(uri: str | None = None) -> Any:

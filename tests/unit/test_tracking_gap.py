@@ -1,0 +1,48 @@
+"""What a run's summary says about its data and its missing metrics: pure functions of
+ran.tracking, no MLflow store."""
+
+from __future__ import annotations
+
+import copy
+
+from ran import tracking
+
+MANIFEST = {
+    "dataset": "synthetic", "classes": ["a", "b"], "num_classes": 2, "created": "2026-01-01",
+    "splits": {"train": {"shards": [{"name": "train-000000.tar", "samples": 4, "bytes": 10240},
+                                    {"name": "train-000001.tar", "samples": 2, "bytes": 6144}],
+                         "total": 6},
+               "val": {"shards": [{"name": "val-000000.tar", "samples": 2, "bytes": 6144}],
+                       "total": 2}},
+}
+
+
+def test_describe_unlogged_groups_metrics_by_their_steps():
+    assert tracking.describe_unlogged({}) == ""
+    assert tracking.describe_unlogged({"val_top1": [2], "train_loss": [2], "step_loss": [4, 8]}) == \
+        "train_loss, val_top1 at step 2; step_loss at steps 4, 8"
+    assert tracking.describe_unlogged({"step_loss": list(range(1, 10))}, limit=3) == \
+        "step_loss at steps 1, 2, 3 and 6 more"
+
+
+def test_dataset_digest_follows_the_shards_not_the_build_date():
+    train = tracking.dataset_digest(MANIFEST, "train")
+    assert len(train) == 16 and train != tracking.dataset_digest(MANIFEST, "val")
+    rebuilt = copy.deepcopy(MANIFEST)
+    rebuilt["created"] = "2026-02-02"
+    assert tracking.dataset_digest(rebuilt, "train") == train
+    changed = copy.deepcopy(MANIFEST)
+    changed["splits"]["train"]["shards"][1]["samples"] = 3
+    assert tracking.dataset_digest(changed, "train") != train
+    assert tracking.dataset_digest(changed, "val") == tracking.dataset_digest(MANIFEST, "val")
+
+
+def test_shard_datasets_name_source_digest_and_counts(tmp_path):
+    train, val = tracking.shard_datasets(str(tmp_path), MANIFEST, ["train", "val"])
+    assert (train.name, val.name) == ("synthetic/train", "synthetic/val")
+    assert train.digest == tracking.dataset_digest(MANIFEST, "train")
+    assert train.source.to_json() == f'{{"uri": "{tmp_path}"}}'
+    assert train.profile == {"num_samples": 6, "num_classes": 2, "num_shards": 2}
+    assert val.profile == {"num_samples": 2, "num_classes": 2, "num_shards": 1}
+    s3, = tracking.shard_datasets("s3://bucket/shards", MANIFEST, ["val"])
+    assert s3.source.to_json() == '{"uri": "s3://bucket/shards"}'
