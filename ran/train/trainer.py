@@ -1,33 +1,63 @@
 """The per-worker training loop: a :class:`Trainer` that Ray Train runs once per worker.
 
 A Trainer owns the model (DDP-wrapped when a process group is up), the optimizer, the lr
-scheduler, the loaders and the counters (``step``, ``epoch``): ``train_step`` / ``train_epoch`` /
-``validate`` / ``state_dict`` / ``load_state_dict``. It knows nothing of Ray or MLflow. It is handed
-its components: a *reporter* (:class:`RayReporter`: the checkpoint to restore from, and where
-metrics and checkpoints go), a *console* (:class:`Console`: progress lines on rank 0) and, on rank
-0, a *run logger* (``ran.tracking.RunLogger``: MLflow, off the training path). The same class runs
-in a plain process (``Trainer(cfg)``), which the tests use.
+schedule, the loaders and the counters (``step``, ``samples``, ``epoch``): ``train_step`` /
+``train_epoch`` / ``validate`` / ``state_dict`` / ``load_state_dict``. It knows nothing of Ray or
+MLflow. It is handed its components: a *reporter* (:class:`RayReporter`: the checkpoint to restore
+from, and where metrics and checkpoints go), a *console* (:class:`Console`: progress lines on rank
+0) and, on rank 0, a *run logger* (``ran.tracking.RunLogger``: MLflow, off the training path). The
+same class runs in a plain process (``Trainer(cfg)``), which the tests use.
 
-Loop: restore -> for each epoch: train -> validate (on cadence, always at the end) -> rank 0
-queues its metrics for MLflow -> every worker reports (a barrier), rank 0 with a checkpoint on
-cadence.
+Loop: restore (and re-plan, :mod:`ran.train.schedule`) -> for each epoch: train -> validate (on
+cadence, always at the end) -> rank 0 queues its metrics for MLflow -> every worker reports (a
+barrier), rank 0 with a checkpoint on cadence.
+
+Progress is counted in samples, so a run restarted with another world size trains the same samples
+with the lr rescaled (:func:`ran.train.schedule.plan_run`); what changed is tagged on the MLflow
+run (``ran.plan.*`` for the current attempt, ``ran.replanned.step_<N>`` for each change) and logged
+as per-attempt metrics (``plan_world_size``, ``plan_global_batch``, ``plan_peak_lr`` at the step
+where the attempt began), never as params, which MLflow would refuse to change.
+
+Checkpoints come on an epoch cadence (``train.checkpoint_every``), a step cadence
+(``train.checkpoint_every_steps``) and on notice: a SIGTERM to any worker (how spot reclaims and
+Kubernetes evictions arrive; :class:`SigtermNotice` turns Ray's exit-at-once into a flag) makes
+every rank, at the next step boundary, write a checkpoint at that step, wait until Ray Train has
+registered it and stop the worker group (:class:`Interrupted`), which Ray Train restarts from it;
+Ray's own preemption notice (``ray.train.get_preemption_info``, a drained node) makes a
+just-in-time checkpoint and training goes on until Ray restarts the group. Rank 0 copies its state
+to host memory and hands it to Ray Train's asynchronous upload (``train.checkpoint_upload``:
+``async``), which writes and uploads it while the workers train on; the next checkpoint first waits
+until the previous one is registered, so at most one is in flight. The seconds the training thread
+spent on each checkpoint are the ``step_ckpt_wait_s`` metric (summed over an epoch's mid-epoch
+checkpoints: ``ckpt_wait_s``).
+
+Data order: an epoch that begins in an attempt reads the loader's stream for that epoch
+(resampled shards, shuffled by ``train.seed``, the epoch and the rank); the rest of an epoch resumed
+mid-way reads a new stream, keyed by the epoch and the samples seen at the resume
+(:func:`data_stream`): the samples already trained in it are not replayed, and the epoch still
+trains exactly ``epoch_samples`` samples (its loss and sample count continue from the checkpoint).
 
 A checkpoint (``checkpoint.pt`` in the checkpoint directory) holds only tensors, numbers, strings,
 lists and dicts, so it loads with ``torch.load(weights_only=True)``: model, optimizer, scheduler
-and grad-scaler state, ``step``, ``epoch``, the RNG states of every rank, the MLflow run id, the
-resolved config and the run plan.
+and grad-scaler state, ``step``, ``samples``, ``epoch``, the progress of the epoch in progress,
+the RNG states of every rank, the MLflow run id, the resolved config and the attempt's plan.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import itertools
 import logging
 import os
 import random
-import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -36,17 +66,21 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution.callback import WorkerCallback  # DeveloperAPI (SigtermNotice)
 from torch import nn
 
 from ran import runtime, tracking
 from ran.config import JobConfig, parse_config
-from ran.data.read import make_loader
+from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
-from ran.train.schedule import RunPlan, build_scheduler, plan_run
+from ran.train.schedule import RunPlan, build_scheduler, plan_run, step_shares, step_size
 
 log = logging.getLogger("ran.train")
 
 PROGRESS_EVERY_S = 5.0  # console progress line period on rank 0
+# Steps between polls of Ray's preemption notice: a collective through Ray Train's synchronization
+# actor (milliseconds), while a spot reclaim gives minutes.
+PREEMPTION_POLL_STEPS = 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,37 +132,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Console:
-    """Progress lines of one worker: printed on rank 0 only, straight to stdout once each.
-
-    Inside Ray Train workers ``print`` is patched to log *and* print (every line twice) and the
-    console handler filters at the run's log level, which ``ran train`` sets to WARNING to silence
-    Ray Train's per-report chatter; a ``ran.train`` logger with its own stdout handler goes around
-    both.
-    """
-
-    def __init__(self, enabled: bool = True, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.enabled = enabled
-        self.every_s = every_s  # seconds between progress lines within an epoch
-
-    @staticmethod
-    def use_stdout_logger() -> None:
-        """Route ``ran.train`` lines to stdout (call once per Ray Train worker)."""
-        if not log.handlers:
-            handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
-            log.propagate = False
-
-    def say(self, message: str) -> None:
-        """One line, on rank 0."""
-        if not self.enabled:
-            return
-        if log.handlers:
-            log.info(message)
-        else:
-            print(message, flush=True)
+from ran.train.console import Console  # noqa: E402 - its own module (output settings); kept here, where it was
 
 
 class RunLog(Protocol):
@@ -141,6 +145,26 @@ class RunLog(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
 
+@dataclass
+class Snapshot:
+    """Rank 0's state at a checkpoint, in host memory, and how to write it (``checkpoint.pt`` and
+    a readable ``config.yaml``). ``release`` drops the copy once written."""
+
+    state: dict[str, Any] | None
+    config_yaml: str
+
+    def write(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        assert self.state is not None, "snapshot already written and released"
+        torch.save(self.state, directory / runtime.CHECKPOINT_FILE)
+        (directory / "config.yaml").write_text(self.config_yaml)
+        return directory
+
+    def release(self) -> None:
+        self.state = None
+
+
 class Reporter(Protocol):
     """How a Trainer talks to its launcher (Ray Train, or nothing)."""
 
@@ -148,8 +172,16 @@ class Reporter(Protocol):
         """The checkpoint directory to restore from, if any."""
         ...
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        """Report epoch metrics (every rank), with rank 0's checkpoint directory on cadence."""
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None, name: str) -> None:
+        """Report metrics (every rank, the same number of times), with rank 0's checkpoint."""
+        ...
+
+    def wait_committed(self) -> None:
+        """Return once everything reported so far is registered (a restart resumes from it)."""
+        ...
+
+    def preempted(self) -> bool:
+        """Whether the launcher announced a preemption (every rank calls it equally often)."""
         ...
 
 
@@ -165,10 +197,48 @@ class LocalReporter:
         found = sorted(self.directory.glob("epoch=*")) if self.directory else []
         yield str(found[-1]) if found else None
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None, name: str) -> None:
         self.metrics.append(dict(metrics))
-        if checkpoint_dir and self.directory:
-            shutil.copytree(checkpoint_dir, self.directory / name, dirs_exist_ok=True)
+        if snapshot is not None and self.directory:
+            snapshot.write(self.directory / name)
+            snapshot.release()
+
+    def wait_committed(self) -> None:
+        pass
+
+    def preempted(self) -> bool:
+        return False
+
+
+# A SIGTERM reached this process (set by :class:`SigtermNotice`'s handler; read by the Trainer).
+NOTICE = threading.Event()
+
+
+class Interrupted(RuntimeError):
+    """The worker group stopped on notice after its checkpoint was registered (Ray Train restarts
+    it from that checkpoint)."""
+
+
+def data_stream(epoch: int, resumed_at: int | None, part: int) -> int:
+    """The loader's shuffle key (``Loader.set_epoch``) for ``part`` of epoch ``epoch``: the epoch
+    itself when it is read from its start, else a 56-bit hash of (epoch, the samples seen at the
+    resume, part). ``part`` > 0 tops up an epoch whose last step needs more batches than one pass
+    of the loader holds."""
+    if resumed_at is None and part == 0:
+        return epoch
+    digest = hashlib.blake2b(f"{epoch}/{resumed_at}/{part}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _host_copy(tree: Any) -> Any:
+    """``tree`` with every tensor copied to host memory (training may change the originals)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_host_copy(v) for v in tree)
+    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +277,18 @@ class Trainer:
         self.launched_at = launched_at  # driver's time.time() at launch, for startup_s
         self.startup_s: float | None = None  # seconds from launch to the first optimizer step
         self.step = 0  # optimizer steps done
+        self.samples = 0  # training samples seen, all ranks together
         self.epoch = 0  # epochs done
         self.last_val: dict[str, float] = {}
+        self.notice = NOTICE  # set by a SIGTERM (SigtermNotice): checkpoint and stop
+        self.previous_plan: dict[str, Any] | None = None  # the plan of the checkpoint restored
+        # Sums of the epoch in progress: this attempt's [loss (device tensor), samples, skipped]
+        # on this rank, and [loss, samples, skipped] of all ranks before a mid-epoch resume.
+        self._running: list[Any] = [0.0, 0, 0.0]
+        self._carried: list[float] = [0.0, 0.0, 0.0]
+        self._due: str | None = None  # why the step just done must be checkpointed
+        self._preemption_seen = False  # Ray announced a preemption (one checkpoint per attempt)
+        self._ckpt_wait = 0.0  # seconds this epoch's training waited on checkpoints
 
         _seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.raw_model = self._build_model()
@@ -225,12 +305,17 @@ class Trainer:
         self.val_loader = make_loader(d.path, d.val_split, train=False, crop=self.eval_crop, **common)
         self.normalize = normalizer(d.recipe)
 
-        self.plan: RunPlan = plan_run(cfg, len(self.train_loader), self.world_size)
+        self.train_samples = sum(n for _, n in split_shards(d.path, self.train_loader.manifest,
+                                                            d.train_split))
+        self.plan: RunPlan = plan_run(cfg, self.train_samples, self.world_size)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, self.plan)
         self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        # Notices are agreed on every step: on CPU, so that a GPU run never waits for its device.
+        self._cpu_group = (dist.new_group(backend="gloo")
+                           if self.distributed and dist.get_backend() != "gloo" else None)
 
     # -- construction
 
@@ -255,11 +340,25 @@ class Trainer:
 
     # -- one batch
 
-    def train_step(self, micro_batches: list[Any]) -> tuple[torch.Tensor, int]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss sum, samples), the
-        loss sum a 0-d float32 tensor on the device, so that the step never waits for the GPU."""
+    def train_step(self, micro_batches: list[Any], shares: list[int] | None = None,
+                   size: int | None = None) -> tuple[torch.Tensor, int]:
+        """One optimizer step over micro-batches; returns (loss sum, samples) of this rank, the
+        loss sum a 0-d float32 tensor on the device, so that the step never waits for the GPU.
+
+        ``shares``: the samples this rank trains of each micro-batch (default: all of them);
+        ``size``: the step's samples on all ranks (default: the global batch). A smaller last step
+        of an epoch (:func:`ran.train.schedule.step_shares`) weighs each rank's loss by its share,
+        so the gradient is the mean over the step's samples, and its lr is scaled to its size. A
+        rank with a share of 0 computes one sample with weight 0, as DDP needs every rank.
+        """
+        size = size or self.plan.global_batch
+        self.scheduler.update(self.samples, size)
         loss_sum, samples = torch.zeros((), device=self.device), 0
         for i, batch in enumerate(micro_batches):
+            share = len(batch.labels) if shares is None else shares[i]
+            if share < len(batch.labels):
+                batch = batch._replace(images=batch.images[:max(share, 1)],
+                                       labels=batch.labels[:max(share, 1)])
             images, labels = runtime.prepare_batch(batch, self.device, self.normalize,
                                                    self.cfg.train.channels_last)
             last = i == len(micro_batches) - 1
@@ -267,68 +366,162 @@ class Trainer:
             with sync:
                 with runtime.autocast(self.precision, self.device):
                     loss = self.criterion(self.model(images), labels)
-                self.scaler.scale(loss / len(micro_batches)).backward()
-            loss_sum += loss.detach().float() * len(labels)
-            samples += len(labels)
+                self.scaler.scale(loss * (share * self.world_size / size)).backward()
+            loss_sum += loss.detach().float() * share
+            samples += share
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.step += 1
+        self.samples += size
+        self.scheduler.update(self.samples)
         if self.launched_at is not None:
             self.startup_s, self.launched_at = time.time() - self.launched_at, None
         return loss_sum, samples
 
     # -- one epoch
 
-    def train_epoch(self) -> dict[str, float]:
-        """Train one epoch (``plan.steps_per_epoch`` optimizer steps); returns reduced metrics."""
+    def train_epoch(self, reporter: Reporter | None = None) -> dict[str, float]:
+        """Train to the end of the epoch in progress (from where a resume left it, so that the
+        epoch trains ``plan.epoch_samples`` samples in all); returns reduced metrics.
+
+        With a ``reporter``, steps due for a checkpoint mid-epoch (step cadence, a notice) are
+        checkpointed through it; a SIGTERM then stops the worker group (:class:`Interrupted`).
+        The last step's due checkpoint is left to :meth:`run_epoch` (``self._due``).
+        """
         self.model.train()
-        self.train_loader.set_epoch(self.epoch)
-        accum, plan = self.cfg.train.grad_accum, self.plan
-        loss_sum = samples = skipped = 0.0
-        wait = window_loss = 0.0
-        window_n = 0
+        plan, d = self.plan, self.cfg.data
+        end = plan.epoch_end(self.samples)
+        resumed_at = self.samples if self.samples > self.epoch * plan.epoch_samples else None
+        batches = self._epoch_batches(resumed_at)
+        self._running = [torch.zeros((), device=self.device), 0, 0.0]
+        self._ckpt_wait = wait = window_n = 0.0
+        window_loss: Any = 0.0
         start = last_print = time.perf_counter()
-        batches = iter(self.train_loader)
-        for i in range(plan.steps_per_epoch):
+        done = 0
+        while self.samples < end:
+            size = step_size(plan, self.samples)
+            shares = [m[self.rank] for m in step_shares(size, self.world_size, d.batch_size,
+                                                        self.cfg.train.grad_accum)]
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
+            micro = [next(batches) for _ in shares]
             wait += time.perf_counter() - t0
-            skipped += sum(b.skipped for b in micro)
-            step_loss, n = self.train_step(micro)
-            loss_sum, samples = loss_sum + step_loss, samples + n
-            window_loss, window_n = window_loss + step_loss, window_n + n
+            step_loss, n = self.train_step(micro, shares, size)
+            self._running[0] += step_loss
+            self._running[1] += n
+            self._running[2] += sum(b.skipped for b in micro)
+            window_loss, window_n, done = window_loss + step_loss, window_n + n, done + 1
             if self.step % self.cfg.train.log_every == 0:
                 if self.run_log is not None:
                     self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
                                               "step_lr": self.optimizer.param_groups[0]["lr"]},
                                              self.step)
                 window_loss, window_n = 0.0, 0
+            self._due = self._checkpoint_due(reporter)
+            if self._due and self.samples < end:
+                self._checkpoint(reporter, self._due)
+                if self._due == "sigterm":
+                    self._stop(reporter)
             if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
-                self._progress(i + 1, start, float(loss_sum) / max(samples, 1))
+                self._progress(done, start, float(self._running[0]) / max(self._running[1], 1))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        total = self._all_reduce([float(loss_sum), samples, skipped, wait, elapsed])
+        loss, samples, skipped = float(self._running[0]), self._running[1], self._running[2]
+        total = self._all_reduce([loss, samples, skipped, wait, elapsed, self._ckpt_wait])
+        epoch = [c + t for c, t in zip(self._carried, total[:3])]
+        self._carried = [0.0, 0.0, 0.0]
         return {
-            "train_loss": total[0] / max(total[1], 1),
+            "train_loss": epoch[0] / max(epoch[1], 1),
+            "epoch_samples": epoch[1],
             "img_per_s": total[1] / (total[4] / self.world_size),
             "data_wait_frac": total[3] / max(total[4], 1e-9),
-            "skipped": total[2],
+            "skipped": epoch[2],
             "epoch_time_s": elapsed,
+            "ckpt_wait_s": total[5] / self.world_size,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+
+    def _epoch_batches(self, resumed_at: int | None) -> Iterator[Any]:
+        """The epoch's batches (:func:`data_stream`): one pass of the loader, then more if the
+        epoch's last step needs them."""
+        for part in itertools.count():
+            self.train_loader.set_epoch(data_stream(self.epoch, resumed_at, part))
+            yield from self.train_loader
 
     def _progress(self, done: int, start: float, loss: float) -> None:
         plan = self.plan
         rate = done / (time.perf_counter() - start)
         left = (plan.total_steps - self.step) / max(rate, 1e-9)
-        self.console.say(f"epoch {self.epoch + 1}/{plan.epochs} step {done}/{plan.steps_per_epoch} "
-                         f"(global {self.step}/{plan.total_steps}) loss {loss:.4f} "
+        into = self.samples - self.epoch * plan.epoch_samples
+        self.console.say(f"epoch {self.epoch + 1}/{plan.epochs} sample {into}/{plan.epoch_samples} "
+                         f"(global step {self.step}/{plan.total_steps}) loss {loss:.4f} "
                          f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
                          f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
+
+    # -- checkpoints on cadence and on notice
+
+    def _agree(self, flag: bool) -> list[int]:
+        """The ranks whose ``flag`` is set (a collective on CPU: every rank calls it)."""
+        if not self.distributed:
+            return [0] if flag else []
+        flags = torch.zeros(self.world_size, dtype=torch.int32)
+        flags[self.rank] = int(flag)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self._cpu_group)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _checkpoint_due(self, reporter: Reporter | None) -> str | None:
+        """Why the step just done must be checkpointed: ``sigterm`` (a rank got one),
+        ``preemption`` (Ray announced one), ``steps`` (train.checkpoint_every_steps), or None.
+        Every rank gets the same answer (collectives on every step, every rank)."""
+        if reporter is None:
+            return None
+        self.notice_ranks = self._agree(self.notice.is_set())
+        if self.notice_ranks:
+            return "sigterm"
+        if (self.step % PREEMPTION_POLL_STEPS == 0 and not self._preemption_seen
+                and reporter.preempted()):
+            self._preemption_seen = True
+            return "preemption"
+        every = self.cfg.train.checkpoint_every_steps
+        return "steps" if every and self.step % every == 0 else None
+
+    def checkpoint_name(self) -> str:
+        """``epoch=E_step=S``: E epochs done, S optimizer steps done."""
+        return f"epoch={self.epoch:04d}_step={self.step:07d}"
+
+    def _checkpoint(self, reporter: Reporter, reason: str,
+                    metrics: dict[str, float] | None = None) -> None:
+        """Report a checkpoint at this step (every rank: collectives and Ray's report barrier);
+        the seconds it took are the ``step_ckpt_wait_s`` metric (and, mid-epoch, summed into the
+        epoch's ``ckpt_wait_s``)."""
+        t0 = time.perf_counter()
+        part = self._all_reduce([float(self._running[0]), self._running[1], self._running[2]])
+        progress = [c + p for c, p in zip(self._carried, part)]
+        rng = self.gather_rng()
+        snapshot = self.snapshot(rng, progress) if self.is_master else None
+        report = {"val_top1": self.last_val.get("val_top1", 0.0), **(metrics or {}),
+                  "epoch": self.epoch, "step": self.step, "samples": self.samples}
+        reporter.report(report, snapshot, self.checkpoint_name())
+        waited = time.perf_counter() - t0
+        self._ckpt_wait += waited
+        if self.run_log is not None:
+            self.run_log.log_metrics({"step_ckpt_wait_s": waited}, self.step)
+        if reason not in ("steps", "epoch"):
+            self.console.say(f"checkpoint {self.checkpoint_name()} ({reason}) in {waited:.2f} s")
+
+    def _stop(self, reporter: Reporter) -> None:
+        """After a SIGTERM's checkpoint: wait until it is registered, then stop this group."""
+        reporter.wait_committed()
+        self.notice.clear()  # this process was told; the Trainer may be used again in-process
+        message = (f"SIGTERM on rank(s) {', '.join(map(str, self.notice_ranks))}: checkpoint "
+                   f"{self.checkpoint_name()} (sample {self.samples}) is registered; stopping "
+                   "this worker group so that it restarts from it")
+        self.console.say(message)
+        if self.run_log is not None:
+            self.run_log.set_tags({tracking.TAG_NOTICE: message})
+        raise Interrupted(message)
 
     def validate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole split (:func:`ran.runtime.eval_counts`): counts
@@ -360,15 +553,19 @@ class Trainer:
 
     # -- state
 
-    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Everything a restarted worker group needs; loads with ``weights_only=True``."""
+    def state_dict(self, rng: list[dict[str, Any]] | None = None,
+                   epoch_progress: list[float] | None = None) -> dict[str, Any]:
+        """Everything a restarted worker group needs; loads with ``weights_only=True``.
+        ``epoch_progress``: [loss sum, samples, skipped] of all ranks in the epoch so far."""
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "samples": self.samples,
             "epoch": self.epoch,
+            "epoch_progress": list(epoch_progress or [0.0, 0.0, 0.0]),
             "last_val": dict(self.last_val),
             "rng": rng if rng is not None else [_rng_state()],
             "run_id": self.run_id,
@@ -377,12 +574,20 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; RNG states only if the world size is unchanged."""
+        """Restore from :meth:`state_dict` and re-plan the rest of the run for this world size
+        (the same samples to go, the lr schedule continuing from the same point); RNG states only
+        if the world size is unchanged."""
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.previous_plan = dict(state.get("plan") or {})
+        # Checkpoints from before progress was counted in samples were all at epoch ends.
+        self.samples = int(state.get("samples", self.epoch * self.train_samples))
+        self._carried = [float(x) for x in state.get("epoch_progress") or [0.0, 0.0, 0.0]]
+        self.plan = plan_run(self.cfg, self.train_samples, self.world_size, step=self.step,
+                             samples=self.samples)
+        self.scheduler = build_scheduler(self.optimizer, self.plan)  # lr from samples, not saved
         self.last_val = dict(state.get("last_val") or {})
         self.run_id = state.get("run_id") or self.run_id
         rng = state.get("rng") or []
@@ -402,11 +607,12 @@ class Trainer:
 
     def save(self, directory: str | Path, rng: list[dict[str, Any]] | None = None) -> Path:
         """Write ``checkpoint.pt`` (and a readable ``config.yaml``) into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(rng), directory / runtime.CHECKPOINT_FILE)
-        (directory / "config.yaml").write_text(self.cfg.to_yaml())
-        return directory
+        return Snapshot(self.state_dict(rng), self.cfg.to_yaml()).write(directory)
+
+    def snapshot(self, rng: list[dict[str, Any]] | None = None,
+                 epoch_progress: list[float] | None = None) -> Snapshot:
+        """:meth:`state_dict` copied to host memory: training may go on while it is written."""
+        return Snapshot(_host_copy(self.state_dict(rng, epoch_progress)), self.cfg.to_yaml())
 
     def restore(self, directory: str | Path) -> None:
         """Load a checkpoint directory written by :meth:`save`."""
@@ -415,34 +621,63 @@ class Trainer:
     # -- the loop
 
     def fit(self, reporter: Reporter) -> dict[str, float]:
-        """Run (or continue) the planned epochs; returns the last epoch's metrics."""
+        """Run (or continue) the planned samples; returns the last epoch's metrics."""
         with reporter.checkpoint_dir() as ckpt:
             if ckpt:
                 self.restore(ckpt)
                 self.launched_at = None  # startup_s describes a fresh start only
-                self.console.say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step}")
+                self.console.say(f"resumed from {ckpt} at epoch {self.epoch}, step {self.step} "
+                                 f"(sample {self.samples} of {self.plan.total_samples})"
+                                 + (f"; {self.replanned()}" if self.replanned() else ""))
         if self.cfg.train.precision == "auto":
             self.console.say(f"train.precision=auto runs as {self.precision} on {self.device.type}")
         if self.run_log is not None:
-            self.run_log.log_params({f"plan.{k}": v for k, v in self.plan.to_dict().items()})
-            self.run_log.set_tags({tracking.TAG_PRECISION: self.precision})
-            if self.step:  # a restart: say from where, for people reading the run later
-                self.run_log.set_tags({tracking.TAG_RESUMED_FROM: f"epoch={self.epoch} step={self.step}"})
+            self._log_plan()
         metrics: dict[str, float] = {}
-        while self.epoch < self.plan.epochs:
+        while self.samples < self.plan.total_samples:
             metrics = self.run_epoch(reporter)
         return metrics
 
+    def replanned(self) -> str:
+        """What the restored checkpoint's plan had that this attempt's differs in ("" if nothing):
+        ``2 -> 1 workers: global_batch 32 -> 16, peak_lr 0.1 -> 0.05, total_steps 36 -> 57``."""
+        old, new = self.previous_plan or {}, self.plan.to_dict()
+        keys = ("global_batch", "peak_lr", "total_steps", "epochs", "total_samples")
+        changed = [f"{k} {old[k]:g} -> {new[k]:g}" for k in keys if k in old and old[k] != new[k]]
+        if not changed:
+            return ""
+        workers = old.get("world_size", "?")
+        return f"{workers} -> {self.world_size} workers: " + ", ".join(changed)
+
+    def _log_plan(self) -> None:
+        """This attempt's plan on rank 0's run: ``ran.plan.*`` tags (the latest attempt's), a
+        ``ran.replanned.step_<N>`` tag when it differs from the checkpoint's, and per-attempt
+        metrics at the step where the attempt began. Never params: they would change."""
+        assert self.run_log is not None
+        plan = self.plan
+        tags = {f"{tracking.TAG_PLAN}.{k}": v for k, v in plan.to_dict().items()}
+        tags[tracking.TAG_PRECISION] = self.precision
+        if self.step:  # a restart: say from where, for people reading the run later
+            tags[tracking.TAG_RESUMED_FROM] = f"epoch={self.epoch} step={self.step}"
+        if self.replanned():
+            tags[f"{tracking.TAG_REPLANNED}.step_{self.step}"] = self.replanned()
+        self.run_log.set_tags(tags)
+        self.run_log.log_metrics({"plan_world_size": plan.world_size,
+                                  "plan_global_batch": plan.global_batch,
+                                  "plan_peak_lr": plan.peak_lr,
+                                  "plan_total_steps": plan.total_steps}, self.step)
+
     def run_epoch(self, reporter: Reporter) -> dict[str, float]:
-        """Train one epoch, validate on cadence, queue rank 0's metrics, report (every rank) and
-        checkpoint on cadence."""
+        """Train (the rest of) one epoch, validate on cadence, queue rank 0's metrics, report
+        (every rank) and checkpoint on cadence or when the last step was due."""
         t = self.cfg.train
-        metrics = self.train_epoch()
+        metrics = self.train_epoch(reporter)
         self.epoch += 1
-        last = self.epoch == self.plan.epochs
+        last = self.samples >= self.plan.total_samples
         if last or self.epoch % t.eval_every == 0:
             self.last_val = self.validate()
             metrics.update(self.last_val)
+        metrics["samples"] = self.samples  # the run's, at the epoch's end
         if self.startup_s is not None:
             metrics["startup_s"], self.startup_s = self.startup_s, None
         self._print_epoch(metrics)
@@ -451,14 +686,16 @@ class Trainer:
                                      self.epoch)
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
-                  "epoch": self.epoch, "step": self.step}
-        name = f"epoch={self.epoch:04d}_step={self.step:07d}"
-        if last or self.epoch % t.checkpoint_every == 0:
-            rng = self.gather_rng()
-            with tempfile.TemporaryDirectory(prefix="ran-ckpt-") as tmp:
-                reporter.report(report, str(self.save(tmp, rng)) if self.is_master else None, name)
+                  "epoch": self.epoch, "step": self.step, "samples": self.samples}
+        if last and isinstance(self.run_log, tracking.RunLogger):  # what MLflow lacks, if anything
+            report.update(self.run_log.gap_report())
+        if last or self.epoch % t.checkpoint_every == 0 or self._due:
+            self._running = [0.0, 0, 0.0]  # the epoch is whole: nothing in progress to carry
+            self._checkpoint(reporter, self._due or "epoch", report)
+            if self._due == "sigterm" and not last:
+                self._stop(reporter)
         else:
-            reporter.report(report, None, name)
+            reporter.report(report, None, self.checkpoint_name())
         return report
 
     def _print_epoch(self, m: dict[str, float]) -> None:
@@ -482,12 +719,25 @@ def _duration(seconds: float) -> str:
 class RayReporter:
     """Checkpoints and metrics through Ray Train (``ray.train.get_checkpoint`` / ``report``).
 
+    Rank 0's checkpoint is a host-memory :class:`Snapshot`; Ray Train's upload (``upload``:
+    ``async``, its ``CheckpointUploadMode.ASYNC``, in a background thread of the worker; ``sync``,
+    in the training thread) writes it to a local directory and persists that to the run's storage
+    (:func:`_write_and_persist`), then registers it. Before a new checkpoint the previous one must
+    be registered (``ray.train.get_all_reported_checkpoints(COMMITTED)``), so at most one is in
+    flight. Ray Train's controller takes one report per worker per health check
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): checkpoints closer together than that wait.
+
     Every report carries the worker's ``worker_pid``, so that a Ray Train callback on the
     controller can find a worker's process (``ran.train.faults``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, upload: str = "async") -> None:
         self.pid = os.getpid()
+        self.mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
+                     else ray.train.CheckpointUploadMode.SYNC)
+        self.pending = False  # a checkpoint was reported and is not known to be registered
+        # Ray's preemption watcher is off on the lean local Ray (ran.train.localray): don't poll.
+        self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[str | None]:
@@ -498,10 +748,56 @@ class RayReporter:
         with checkpoint.as_directory() as directory:
             yield directory
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, name: str) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None, name: str) -> None:
+        checkpoint, upload = None, None
+        if snapshot is not None:
+            if self.pending:  # at most one checkpoint in flight
+                self.wait_committed()
+            checkpoint = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="ran-ckpt-"))
+            upload = functools.partial(_write_and_persist, snapshot)
+            self.pending = True
         ray.train.report({**metrics, "worker_pid": self.pid}, checkpoint=checkpoint,
-                         checkpoint_dir_name=name if checkpoint else None)
+                         checkpoint_dir_name=name if checkpoint else None,
+                         checkpoint_upload_mode=self.mode, checkpoint_upload_fn=upload,
+                         delete_local_checkpoint_after_upload=True)
+
+    def wait_committed(self) -> None:
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        self.pending = False
+
+    def preempted(self) -> bool:
+        """Ray Train's preemption notice (a drained node), the same on every rank."""
+        return self.watch_preemption and ray.train.get_preemption_info() is not None
+
+
+def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
+                       name: str) -> ray.train.Checkpoint:
+    """Ray Train's ``checkpoint_upload_fn``: write the snapshot into the (empty) local checkpoint
+    directory, drop it from memory, and persist the directory as Ray Train does by default."""
+    snapshot.write(checkpoint.path)
+    snapshot.release()
+    return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+
+
+class SigtermNotice(WorkerCallback):
+    """Turns a SIGTERM to a Ray Train worker (spot reclaim, Kubernetes eviction, ``kill PID``)
+    from an immediate exit into a notice: it sets :data:`NOTICE`, on which the Trainer checkpoints
+    the current step, waits until it is registered, and stops the worker group for a restart.
+
+    Ray's worker sets its own handler (raise ``SystemExit``) on its main thread, where signal
+    handlers run; the training function runs in another thread. Ray Train calls this callback's
+    ``after_init_train_context`` on each worker's main thread, before the training function
+    starts. ``WorkerCallback`` is a Ray Train DeveloperAPI (2.60): ``RunConfig.callbacks`` passes
+    it through to the workers.
+    """
+
+    def after_init_train_context(self) -> None:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    NOTICE.set()
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -518,10 +814,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     rank0 = ray.train.get_context().get_world_rank() == 0
     run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
                if rank0 and config.get("run_id") else None)
+    system = _system_metrics(cfg, config)
     try:
         trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
                           launched_at=config.get("launched_at"))
-        trainer.fit(RayReporter())
+        trainer.fit(RayReporter(cfg.train.checkpoint_upload))
     finally:
+        if system is not None:
+            system.close()
         if run_log is not None:
             run_log.close()
+
+
+def _system_metrics(cfg: JobConfig, config: dict[str, Any]) -> "tracking.SystemMetrics | None":
+    """MLflow's system metrics of this node, sampled by its local rank 0 (one per node, labelled
+    ``node_<node rank>``); None elsewhere or when ``tracking.system_metrics_every_s`` is 0."""
+    context = ray.train.get_context()
+    if not (config.get("run_id") and cfg.tracking.system_metrics_every_s > 0
+            and context.get_local_rank() == 0):
+        return None
+    node = tracking.SYSTEM_METRICS_NODE.format(rank=context.get_node_rank())
+    return tracking.SystemMetrics(config["run_id"], config.get("tracking_uri"), node,
+                                  cfg.tracking.system_metrics_every_s)

@@ -1,4 +1,5 @@
-"""Fault tolerance of `ran train`: a worker dies, the driver dies, checkpoints live on S3.
+"""Fault tolerance of `ran train`: a worker dies, a worker gets SIGTERM mid-epoch, the driver dies,
+checkpoints live on S3.
 
 Every case must end with the planned number of steps and an MLflow run holding each epoch exactly
 once (neither duplicated by the replay after a restart nor missing).
@@ -71,6 +72,54 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
     assert "training_curves.png" in {a.path for a in client.list_artifacts(outcome.run_id)}
     _assert_each_epoch_once(mlflow_server, outcome.run_id, 3)
+
+
+def test_sigterm_mid_epoch_checkpoints_that_step_and_the_run_resumes_from_it(
+        ray_local, synth_data, tiny_job, mlflow_sqlite, tmp_path):
+    """A spot reclaim: SIGTERM from outside, by PID, to rank 1 during epoch 1. The group writes a
+    checkpoint at the step it reached, waits until Ray Train registered it, and stops; the
+    restarted group continues from exactly that step, so no step is trained or logged twice."""
+    from mlflow.tracking import MlflowClient
+
+    from ran.runtime import load_checkpoint
+    from ran.train.faults import Fault
+    from ran.train.launch import run_training
+
+    marker = tmp_path / "terminated"
+    cfg = tiny_job(synth_data, tmp_path / "runs", **{
+        "train.log_every": 1, "train.checkpoint_every_steps": 3, "train.keep_checkpoints": 50})
+    # Sent once step 3's checkpoint is registered. Rank 0 takes step 6's checkpoint only after
+    # step 3's is registered, and step 9's only after step 6's (one in flight), so the notice is
+    # seen by step 10 at the latest, inside the 12 steps of epoch 1.
+    outcome = run_training(cfg, fault=Fault(after_step=3, rank=1, signal="TERM",
+                                            marker=str(marker)))
+
+    assert re.fullmatch(r"rank 1 \(pid \d+\) sent SIGTERM after step 3\n", marker.read_text())
+    client = MlflowClient(mlflow_sqlite)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    notice = re.fullmatch(r"SIGTERM on rank\(s\) 1: checkpoint epoch=0000_step=(\d{7}) \(sample "
+                          r"(\d+)\) is registered; stopping this worker group so that it "
+                          r"restarts from it", run.data.tags["ran.notice"])
+    assert notice, run.data.tags["ran.notice"]
+    step = int(notice.group(1))
+    assert 3 < step < STEPS_PER_EPOCH and int(notice.group(2)) == step * 32  # mid-epoch 1
+    assert run.data.tags["ran.resumed_from"] == f"epoch=0 step={step}"
+    state = load_checkpoint(Path(outcome.run_dir) / f"epoch=0000_step={step:07d}")
+    assert (state["step"], state["samples"], state["epoch"]) == (step, step * 32, 0)
+    assert state["epoch_progress"][1] == step * 32
+
+    assert outcome.metrics["step"] == 2 * STEPS_PER_EPOCH
+    assert _history(mlflow_sqlite, outcome.run_id, "step_loss") == list(range(1, 25))
+    _assert_each_epoch_once(mlflow_sqlite, outcome.run_id, 2)
+    assert [v for _, v in _values(mlflow_sqlite, outcome.run_id, "epoch_samples")] == [384, 384]
+    assert _values(mlflow_sqlite, outcome.run_id, "plan_world_size") == [(0, 2), (step, 2)]
+
+
+def _values(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
 def _ran(*args: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
