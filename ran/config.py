@@ -109,6 +109,7 @@ class TrackingConfig(_Section):
     registered_model: str | None = "ran-model"  # MLflow registered model name; None: don't register
     run_name: str | None = None  # MLflow run name; None: the storage name
     log_model: bool = True  # log the final model to MLflow (and register it when registered_model is set)
+    system_metrics_every_s: float = Field(10.0, ge=0)  # MLflow system metrics sampling period per node; 0: off
     # Registration gate (the model is logged either way): a minimum validation top-1, and an alias
     # whose holder the model must beat (strictly higher recorded val_top1 on the same data).
     register_min_top1: float | None = Field(None, ge=0, le=1)  # None: no minimum

@@ -67,6 +67,8 @@ class TrainOutcome:
     registered: str | None = None  # "name/version" of the registered model
     resumed: bool = False  # continued an earlier run
     registration: str = ""  # the registration gate's reason (one line), "" when none applies
+    unlogged: str = ""  # metric values MLflow lacks (the server went away), "" when none
+    mlflow_unreachable: bool = False  # MLflow did not answer at the end: model and run end not written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +221,9 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
     launched_at = launched_at or time.time()
     cfg, manifest, storage = preflight(cfg, resume=resume)
     uri = tracking.tracking_uri()
+    # A tracking server answers, takes our credentials and lets us write there: before Ray starts.
+    tracking.check_server(uri, experiment=cfg.tracking.experiment,
+                          registered_model=cfg.tracking.registered_model if cfg.tracking.log_model else None)
     local = localray.starts_local_ray(address)
     if local:  # before anything starts; the local Ray then gets exactly these resources
         localray.check_resources(cfg, [localray.local_resources()])
@@ -274,8 +279,12 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
                    "launched_at": launched_at}
     result = build_trainer(cfg, storage, loop_config, callbacks).fit()
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
+    outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
+    if not tracking.answers(tracker.uri):  # gone: say so (where_to_look), not minutes of retries
+        outcome.mlflow_unreachable = True
+        return outcome
     try:
         if result.checkpoint is not None:
             registration = finalize(cfg, manifest, tracker, result.checkpoint)
@@ -319,7 +328,7 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
     if commit:
         tags[tracking.TAG_GIT] = commit
     return tracking.RunTracker.create_training(cfg, run_name=cfg.tracking.run_name or storage.name,
-                                               tags=tags, uri=uri)
+                                               tags=tags, uri=uri, manifest=manifest)
 
 
 def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTracker,
@@ -369,6 +378,11 @@ def where_to_look(outcome: TrainOutcome) -> str:
         lines.append(f"look:             {uri}")
     if outcome.registration and not outcome.registered:
         lines.append(outcome.registration)  # why it was not registered: the last line
+    if outcome.unlogged:
+        lines.append(f"not in MLflow:    {outcome.unlogged} (the server did not answer)")
+    if outcome.mlflow_unreachable:
+        lines.append(f"MLflow at {uri} did not answer at the end: the model is not logged and the "
+                     "run is still open; when it answers, run the same command with --resume")
     return "\n".join(lines)
 
 
@@ -394,4 +408,4 @@ def cli_train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(where_to_look(outcome), flush=True)
-    return 0
+    return 1 if outcome.mlflow_unreachable else 0

@@ -613,6 +613,7 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     storage = storage_for(base.with_values({"storage.name": name}), resume=resume)
     job_raw = base.model_dump()  # resolved: absolute paths, num_classes (trials run elsewhere)
     uri = tracking.tracking_uri()
+    tracking.check_server(uri, experiment=base.tracking.experiment)  # before Ray starts
     started = localray.connect(address)
     try:
         limit = concurrency_limit(space, base, ray.cluster_resources())

@@ -81,20 +81,22 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def local_server(argv: list[str], *, port: int, ready: str, log: Path, cwd: Path | None = None,
+def local_server(argv: list[str], *, port: int, ready: str | Callable[[], bool], log: Path,
+                 cwd: Path | None = None, env: dict[str, str] | None = None,
                  timeout: float = 120.0) -> Iterator[str]:
     """Run ``argv`` (a server told to listen on 127.0.0.1:``port``) for the block; yields
-    ``http://127.0.0.1:PORT`` once GET ``ready`` (a path) answers 200. Its output goes to ``log``;
+    ``http://127.0.0.1:PORT`` once GET ``ready`` (a path) answers 200, or the callable ``ready``
+    returns True (servers that do not speak HTTP); ``env``: its environment (default: ours). Its output goes to ``log``;
     a server that exits or does not answer in ``timeout`` seconds fails with the log's tail. At the
     end it and its descendants are stopped."""
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         # A session of its own: Ctrl-C in the terminal reaches pytest, which then stops the server.
         proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(f"{url}{ready}"):
+        while not (ready() if callable(ready) else _answers(f"{url}{ready}")):
             if proc.poll() is not None or time.monotonic() > deadline:
                 what = f"exited with {proc.returncode}" if proc.poll() is not None else \
                     f"did not answer at {url}{ready} within {timeout:.0f}s"

@@ -72,6 +72,8 @@ def test_run_logger_writes_in_order_off_the_caller_thread(mlflow_sqlite, tiny_jo
     logger.log_metrics({"val_top1": 0.99}, 2)  # a replayed epoch: not logged twice
     logger.set_tags({tracking.TAG_PRECISION: "fp32"})
     logger.log_params({"plan.epochs": 3})
+    assert logger.flush(60) is True
+    assert logger.unlogged() == {} and logger.gap_report() == {}
     logger.close()
     assert run.history("val_top1") == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert run.tag(tracking.TAG_PRECISION) == "fp32"
@@ -87,3 +89,37 @@ def test_run_logger_counts_what_an_unreachable_server_lost(capsys, monkeypatch):
     logger.close(timeout=120)
     assert logger.dropped == 2
     assert "2 metric values not logged so far" in capsys.readouterr().err
+
+
+def test_run_logger_names_the_values_a_server_never_got(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    logger = tracking.RunLogger("0" * 32, "http://127.0.0.1:9")  # nothing listens; retried 600 s
+    logger.log_metrics({"train_loss": 1.0, "lr": 0.1}, 1)
+    logger.log_metrics({"train_loss": 0.9, "lr": 0.1}, 2)
+    logger.log_metrics({"step_loss": 1.2, "step_lr": None}, 8)
+    assert logger.flush(3) is False
+    assert logger.unlogged() == {"lr": [1, 2], "train_loss": [1, 2], "step_loss": [8]}
+    assert logger.gap_report(timeout=0) == {
+        tracking.REPORT_UNLOGGED: "lr, train_loss at steps 1, 2; step_loss at step 8"}
+    logger.close(timeout=120)
+    assert logger.dropped == 5
+    assert logger.unlogged() == {"lr": [1, 2], "train_loss": [1, 2], "step_loss": [8]}
+
+
+def test_a_training_run_logs_its_train_and_val_shards_as_datasets(mlflow_sqlite, synth_data, tiny_job,
+                                                                  tmp_path):
+    from ran.data.read import read_manifest
+
+    cfg = tiny_job(synth_data, tmp_path / "runs")
+    manifest = read_manifest(synth_data)
+    first, second = (tracking.RunTracker.create_training(cfg, run_name=n, tags={}, manifest=manifest)
+                     for n in ("a", "b"))
+    seen = []
+    for run in (first, second):
+        inputs = run.client.get_run(run.run_id).inputs.dataset_inputs
+        seen.append({i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in inputs})
+    assert seen[0] == seen[1] == {
+        "training": ("synthetic/train", tracking.dataset_digest(manifest, "train")),
+        "validation": ("synthetic/val", tracking.dataset_digest(manifest, "val"))}
+    assert seen[0]["training"][1] != seen[0]["validation"][1]
