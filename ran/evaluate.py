@@ -4,8 +4,10 @@
 (:func:`ran.runtime.resolve_model`). The model is rebuilt as our own class and measured by
 :func:`ran.runtime.evaluate`: the eval transform at the eval crop, the training precision and
 memory format, counts summed over the whole split, so a registered version reproduces the
-``val_top1`` it was registered with on the same data. The evaluation is logged as a run tagged
-with the model version and source run, its metrics also attached to the logged model.
+``val_top1`` it was registered with on the same data. The evaluation is logged as a run in the
+experiment ``<training experiment>-evaluations`` (not among the training runs), tagged with the
+model version and source run, its metrics also attached to the logged model; a registered version
+also gets them as tags (``eval.<split>.top1`` ...).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from ran import runtime, tracking
+from ran.config import JobConfig
 
 
 def cli_eval(args: argparse.Namespace) -> int:
@@ -29,9 +32,19 @@ def cli_eval(args: argparse.Namespace) -> int:
     print(f"img/s   {metrics['img_per_s']:.1f}")
     params = {"data": args.data, "split": args.split, "crop": args.crop or runtime.eval_crop(cfg),
               "batch_size": args.batch_size or cfg.data.batch_size}
-    with tracking.linked_run(cfg.tracking.experiment, kind="evaluation",
-                             run_name=f"evaluation {source.label}", tags=source.tags(),
-                             params=params) as run:
+    experiment = evaluation_experiment(cfg)
+    with tracking.linked_run(experiment, kind="evaluation", run_name=f"evaluation {source.label}",
+                             tags=source.tags(), params=params) as run:
         tracking.log_model_metrics(run, metrics, source.model_id)
-    print(f"logged  MLflow run {run.run_id}")
+    if source.name and source.version:
+        tracking.tag_version(source.name, source.version, {
+            f"eval.{args.split}.{key}": f"{metrics[key]:.6f}" for key in ("top1", "top5", "loss")}
+            | {f"eval.{args.split}.data": args.data, f"eval.{args.split}.run_id": run.run_id})
+    print(f"logged  MLflow run {run.run_id} (experiment {experiment!r})")
     return 0
+
+
+def evaluation_experiment(cfg: JobConfig) -> str:
+    """Where ``ran eval`` logs: ``<training experiment>-evaluations``, beside, not inside, the
+    training runs."""
+    return f"{cfg.tracking.experiment}-evaluations"

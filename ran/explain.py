@@ -127,7 +127,8 @@ def explain(model: "nn.Module", image: torch.Tensor, recipe: str) -> Explanation
     model.eval()
     device = next(model.parameters()).device
     x = normalizer(recipe)(image[None].to(device))
-    logits, masks = model(x, return_masks=True)
+    # A baseline (resnet152, preact_resnet164) has no masks: its row shows the prediction only.
+    logits, masks = model(x, return_masks=True) if model_has_masks(model) else (model(x), [])
     probs = logits.float().softmax(dim=1)[0]
     predicted = int(probs.argmax())
     panels = mask_panels([m.cpu() for m in masks], tuple(image.shape[1:]))  # type: ignore[arg-type]
@@ -222,22 +223,22 @@ def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[s
 
     Raises:
         ImageError: an image is missing or unreadable.
-        ValueError: the model has no attention modules.
     """
     crop = crop or runtime.eval_crop(cfg)
     recipe = cfg.data.recipe
     pictures = [read_image(path, recipe, crop) for path in images]
-    if not model_has_masks(model):
-        raise ValueError(f"model {cfg.model.name} has no attention modules: nothing to explain")
     results = []
     for path, picture in zip(images, pictures):
         result = explain(model, picture, recipe)
         result.name, result.true = Path(path).name, true_class(path, class_names)
         results.append(result)
-    activation = mask_activation(model)
-    title = (f"{cfg.model.name}, {activation} attention: each module's soft mask as the "
-             f"{REDUCTION.get(activation, 'channel mean')}\n"
-             "each map stretched from its min (dark) to its max (bright)")
+    if model_has_masks(model):
+        activation = mask_activation(model)
+        title = (f"{cfg.model.name}, {activation} attention: each module's soft mask as the "
+                 f"{REDUCTION.get(activation, 'channel mean')}\n"
+                 "each map stretched from its min (dark) to its max (bright)")
+    else:
+        title = f"{cfg.model.name} has no attention modules: the prediction only"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / output_name(images)

@@ -141,6 +141,7 @@ def promote(name: str, version: str, alias: str = "champion", *, min_top1: float
             eval_data: str | None = None, reason: str = "", user: str | None = None) -> Decision:
     """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring."""
     check_alias(alias, "--alias")
+    tracking.existing_store()
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise PromotionError(f"--min-top1 {min_top1}: give top-1 as a fraction, e.g. 0.75 for 75%")
     mv = tracking.model_version(name, version)
@@ -189,6 +190,7 @@ def cli_promote(args: argparse.Namespace) -> int:
 
 def registry_rows(name: str | None = None) -> list[dict[str, str]]:
     """One row per registered version: model, version, aliases, recorded metrics, run, created."""
+    tracking.existing_store()
     models = [tracking.registered_model(name)] if name else tracking.registered_models()
     rows = []
     for model in models:

@@ -16,7 +16,8 @@ It imports nothing of ``ran`` but the config (for types) and never Ray; ``ran.ru
 from ran.tracking.models import (
     MODELS_URI, RUN_ID, ModelFiles, ModelSource, ModelRefError, alias_holder,
     download_model_files, log_final_model, model_version, model_versions, move_alias,
-    registered_model, registered_models, registry_source, run_params, run_source, version_source,
+    registered_model, registered_models, registry_source, run_params, run_source, tag_version,
+    version_source,
 )
 from ran.tracking.names import *  # noqa: F401,F403 - the names are this package's vocabulary
 from ran.tracking.runs import (
@@ -24,17 +25,17 @@ from ran.tracking.runs import (
     linked_run, log_model_metrics, plot_curves, shard_datasets, trial_run,
 )
 from ran.tracking.store import (
-    answers, check_server, client, default_artifact_location, ensure_experiment, git_commit,
-    is_server, ray_job_tags, tracking_uri, use_uri,
+    answers, check_server, client, default_artifact_location, ensure_experiment, existing_store,
+    git_commit, is_server, ray_job_tags, tracking_uri, use_uri,
 )
 
 __all__ = [
     "MODELS_URI", "RUN_ID", "ModelFiles", "ModelSource", "ModelRefError", "alias_holder",
     "download_model_files", "log_final_model", "model_version", "model_versions", "move_alias",
-    "registered_model", "registered_models", "registry_source", "run_params", "run_source",
+    "registered_model", "registered_models", "registry_source", "run_params", "run_source", "tag_version",
     "version_source", "RunLogger", "RunTracker", "child_runs", "linked_run",
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
-    "ensure_experiment", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
+    "ensure_experiment", "existing_store", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
     "SystemMetrics", "dataset_digest", "describe_unlogged", "shard_datasets", "answers",
     "check_server", "is_server",
 ]

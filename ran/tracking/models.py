@@ -287,14 +287,21 @@ def registry_source(ref: str) -> ModelSource:
     if match is None:
         raise ModelRefError(f"{ref!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias, version = match["name"], match["alias"], match["version"]
-    mlflow_client = store.client()
+    uri = store.existing_store()
+    mlflow_client = store.client(uri)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        raise ModelRefError(f"model {ref}: no registered model {name!r} in {uri} (see "
+                            "`ran registry`)") from None
     try:
         mv = (mlflow_client.get_model_version_by_alias(name, alias) if alias
               else mlflow_client.get_model_version(name, version))
-    except MlflowException as err:
+    except MlflowException:
         what = f"alias {alias!r}" if alias else f"version {version}"
-        raise ModelRefError(f"model {ref}: registered model {name!r} has no {what} "
-                            f"(see `ran registry {name}`): {err.message}") from None
+        known = ", ".join(sorted((str(v.version) for v in model_versions(name)), key=int)) or "none"
+        raise ModelRefError(f"model {ref}: registered model {name!r} in {uri} has no {what} "
+                            f"(versions: {known}; see `ran registry {name}`)") from None
     return version_source(ref, mv)
 
 
@@ -315,12 +322,13 @@ def run_source(run_id: str) -> ModelSource:
     """
     from mlflow.exceptions import MlflowException
 
-    mlflow_client = store.client()
+    uri = store.existing_store()
+    mlflow_client = store.client(uri)
     try:
         run = mlflow_client.get_run(run_id)
     except MlflowException:
-        raise ModelRefError(f"model {run_id}: no such MLflow run in the tracking store "
-                            f"(MLFLOW_TRACKING_URI) and no such checkpoint path") from None
+        raise ModelRefError(f"model {run_id}: no such MLflow run in {uri} and no such checkpoint "
+                            "path") from None
     registered = run.data.tags.get(TAG_VERSION)
     if registered and "/" in registered:
         name, version = registered.rsplit("/", 1)
@@ -421,6 +429,13 @@ def alias_holder(name: str, alias: str) -> Any | None:
     """The ``ModelVersion`` ``alias`` points at, or None."""
     version = registered_model(name).aliases.get(alias)
     return None if version is None else store.client().get_model_version(name, str(version))
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Set tags on the registered version ``name/version``."""
+    mlflow_client = store.client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def run_params(run_id: str | None) -> dict[str, str]:

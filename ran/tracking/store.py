@@ -236,3 +236,28 @@ def ray_job_tags(job_id: str | None = None) -> dict[str, str]:
     if job_id:
         tags[TAG_RAY_JOB] = job_id
     return tags
+
+
+def existing_store(uri: str | None = None) -> str:
+    """The tracking URI of a store that already exists, for verbs that only read (``ran eval``,
+    ``ran registry``, ``ran explain``, ``ran promote``): MLflow would create an empty sqlite store
+    on first use, and then every model would look missing.
+
+    A tracking server is checked as :func:`check_server` does (it answers, it takes our
+    credentials) before the verb does anything.
+
+    Raises:
+        FileNotFoundError: a sqlite store whose file does not exist (the message says where it
+            looked and how to point at the right store).
+        ConnectionError, PermissionError: see :func:`check_server`.
+    """
+    uri = uri or tracking_uri()
+    check_server(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            where = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+                     else "MLFLOW_TRACKING_URI is unset, so the embedded store of this directory")
+            raise FileNotFoundError(f"no MLflow store at {uri} ({where}); run where `ran train` "
+                                    "ran, or set MLFLOW_TRACKING_URI to its store or server")
+    return uri

@@ -92,8 +92,13 @@ def test_eval_of_the_registered_model_reproduces_the_final_validation(store, cap
         assert m["images"] == 128
         assert m["loss"] == pytest.approx(trained.metrics["val_loss"], rel=2e-2)  # bf16 autocast
 
-    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)
-    run = _client(store["uri"]).get_run(run_id)
+    run_id = re.search(r"MLflow run ([0-9a-f]{32}) \(experiment 'ops-evaluations'\)", out).group(1)
+    client = _client(store["uri"])
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "ops-evaluations"
+    tags = client.get_model_version(MODEL, "1").tags
+    assert float(tags["eval.val.top1"]) == pytest.approx(trained.metrics["val_top1"], abs=1e-6)
+    assert (tags["eval.val.data"], tags["eval.val.run_id"]) == (store["data"], run_id)
     assert run.data.tags["ran.kind"] == "evaluation"
     assert run.data.tags["ran.registered_model"] == MODEL
     assert run.data.tags["ran.model_version"] == "1"
@@ -216,3 +221,37 @@ def test_explain_a_registered_model_and_log_the_pictures(store, tmp_path, capsys
     assert client.get_run(run_id).data.tags["ran.kind"] == "explain"
     assert client.get_run(run_id).data.tags["ran.model_version"] == "1"
     assert [a.path for a in client.list_artifacts(run_id, "attention")] == ["attention/shape_attention.png"]
+
+
+def test_no_such_model_and_no_such_version_are_different_and_name_the_store(store, capsys):
+    uri = store["uri"]
+    assert main(["eval", "models:/nope/1", "--data", store["data"]]) == 2
+    assert capsys.readouterr().err == (f"error: model models:/nope/1: no registered model 'nope' "
+                                       f"in {uri} (see `ran registry`)\n")
+    assert main(["eval", f"models:/{MODEL}/7", "--data", store["data"]]) == 2
+    assert capsys.readouterr().err == (
+        f"error: model models:/{MODEL}/7: registered model '{MODEL}' in {uri} has no version 7 "
+        f"(versions: 1, 2; see `ran registry {MODEL}`)\n")
+    assert main(["eval", f"models:/{MODEL}@gold", "--data", store["data"]]) == 2
+    assert f"has no alias 'gold' (versions: 1, 2;" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["registry"], ["registry", MODEL],
+                                  ["eval", f"models:/{MODEL}/1", "--data", "x"],
+                                  ["promote", MODEL, "--version", "1"]])
+def test_read_only_verbs_never_create_a_store(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: no MLflow store at sqlite:///{tmp_path}/mlflow.db (MLFLOW_TRACKING_URI is unset")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_names_a_missing_image_before_touching_any_model_or_store(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "models:/does-not-exist/1", "missing.png", "--out", "o"]) == 2
+    assert capsys.readouterr().err == "error: image missing.png: no such file\n"
+    assert list(tmp_path.iterdir()) == []
