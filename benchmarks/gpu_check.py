@@ -560,7 +560,8 @@ def machine(cpu_only: bool) -> dict[str, Any]:
 
     info: dict[str, Any] = {"cpu_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                             "torch": torch.__version__, "torchvision": torchvision.__version__,
-                            "cuda_available": torch.cuda.is_available(), "gpu": None, "cuda": torch.version.cuda}
+                            "cuda_available": torch.cuda.is_available(), "gpu": None,
+                            "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)

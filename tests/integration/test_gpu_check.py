@@ -33,8 +33,9 @@ TRAIN = {"command", "exit_code", "finished", "wall_s", "decode", "checkpoints", 
 def report(tmp_path_factory):
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-only"], cwd=tmp_path_factory.mktemp("cwd"),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=840)
+    proc = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-only"],
+                          cwd=tmp_path_factory.mktemp("cwd"), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
