@@ -555,6 +555,7 @@ def _search(pattern: str, text: str) -> str | None:
 
 
 def machine(cpu_only: bool) -> dict[str, Any]:
+    """Cores, versions and the GPU (its name starts CUDA in this process)."""
     import torch
     import torchvision
 
@@ -584,8 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     deadline = started + args.budget_s
     parts = set(args.parts.split(","))
-    info = machine(args.cpu_only)
-    if not args.cpu_only and not info["cuda_available"]:
+    import torch
+
+    if not args.cpu_only and not torch.cuda.is_available():
         print("error: no CUDA device here; run benchmarks/gpu_check.sh --cpu-only", file=sys.stderr)
         return 2
     cfg = settings(args.cpu_only)
@@ -595,11 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_only:
         not_measured.append("GPU figures (--cpu-only): model MFU on a GPU, torch.compile, nvJPEG "
                             "decode and the GPU training run; the same code ran on the CPU at CI size")
-    report: dict[str, Any] = {"benchmark": "gpu_check", "cpu_only": args.cpu_only, "machine": info,
+    report: dict[str, Any] = {"benchmark": "gpu_check", "cpu_only": args.cpu_only, "machine": None,
                               "settings": cfg}
     try:
         log(f"writing {cfg['train_images'] + cfg['val_images']} synthetic JPEGs and shards in {work}")
         report["dataset"] = write_jpeg_shards(work, cfg["train_images"], cfg["val_images"])
+        report["machine"] = info = machine(args.cpu_only)  # after the generator's forks: it starts CUDA
         shards = str(work / "shards")
         jpegs = [p.read_bytes() for p in sorted((work / "images" / "train").glob("*/*.jpg"))][:256]
         report["data"] = data_part(shards, jpegs, cfg, args.cpu_only) if "data" in parts else None
