@@ -49,6 +49,16 @@ demo: setup
 clean:
 	rm -rf $(VENV) runs mlruns mlartifacts mlflow.db
 
+# Serve a registered model on 127.0.0.1:$(PORT) with MLflow's scoring server (POST JPEGs as base64
+# JSON to /invocations; README). The server starts `uvicorn` by name, so the venv's bin directory
+# goes on PATH; the store is MLFLOW_TRACKING_URI or the embedded ./mlflow.db.
+MODEL ?= models:/ran-demo@champion
+PORT  ?= 5001
+.PHONY: serve
+serve: setup
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	  $(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+
 # The embedded MLflow store (what `ran train` writes without MLFLOW_TRACKING_URI) on 127.0.0.1:5000.
 .PHONY: mlflow-ui
 mlflow-ui: setup

@@ -84,9 +84,10 @@ class ImageClassifier:
         self.k = min(TOP_K, outputs)
 
     @classmethod
-    def from_directory(cls, path: str | Path) -> "ImageClassifier":
+    def from_directory(cls, path: str | Path, device: torch.device | None = None) -> "ImageClassifier":
         """The classifier of a logged model's side files (``config.yaml``, ``classes.json``,
-        ``state_dict.pt`` in ``path``).
+        ``state_dict.pt`` in ``path``), on ``device`` (default: the first GPU if there is one,
+        else the CPU).
 
         Raises:
             FileNotFoundError: a side file is missing.
@@ -96,7 +97,8 @@ class ImageClassifier:
         state = torch.load(path / "state_dict.pt", map_location="cpu", weights_only=True)
         model, cfg = runtime.model_from_state(yaml.safe_load((path / "config.yaml").read_text()),
                                               state, str(path))
-        return cls(model, cfg, json.loads((path / "classes.json").read_text()))
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, cfg, json.loads((path / "classes.json").read_text()), device)
 
     # -- input
 
@@ -193,13 +195,13 @@ def _items(model_input: Any) -> list[Any]:
             return model_input[IMAGE_COLUMN].tolist()
         if len(model_input.columns) == 1:
             return model_input.iloc[:, 0].tolist()
-        raise RequestError(f"a DataFrame of columns {list(model_input.columns)[:5]}: put the "
+        raise RequestError(f"a DataFrame of columns {list(model_input.columns)[:5]}; put the "
                            f"images in a column named {IMAGE_COLUMN!r}")
     if isinstance(model_input, pd.Series):
         return model_input.tolist()
     if isinstance(model_input, dict):
         if set(model_input) != {IMAGE_COLUMN} and len(model_input) != 1:
-            raise RequestError(f"a mapping with keys {sorted(model_input)[:5]}: send "
+            raise RequestError(f"a mapping with keys {sorted(model_input)[:5]}; send "
                                f"{{{IMAGE_COLUMN!r}: [images]}} or a list of images")
         return _items(model_input.get(IMAGE_COLUMN, next(iter(model_input.values()))))
     if isinstance(model_input, np.ndarray) and model_input.dtype != object:
@@ -207,7 +209,7 @@ def _items(model_input: Any) -> list[Any]:
             return list(model_input)
         if model_input.ndim == 3:
             return [model_input]
-        raise RequestError(f"an array of shape {model_input.shape}: send (H, W, 3) or "
+        raise RequestError(f"an array of shape {model_input.shape}; send (H, W, 3) or "
                            "(N, H, W, 3) uint8 pixels")
     if isinstance(model_input, (list, tuple, np.ndarray)):
         return list(model_input)
