@@ -178,7 +178,8 @@ def draw(explanations: Sequence[Explanation], class_names: Sequence[str] | None 
     return fig
 
 
-def _draw_row(fig: Figure, axes: Sequence, e: Explanation, class_names: Sequence[str] | None) -> None:
+def _draw_row(fig: Figure, axes: Sequence, e: Explanation,
+              class_names: Sequence[str] | None) -> None:
     picture = e.image.permute(1, 2, 0).numpy()
     grey = picture.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     axes[0].imshow(picture)

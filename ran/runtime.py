@@ -275,7 +275,8 @@ def init_state(ref: str) -> tuple[dict[str, torch.Tensor], tracking.ModelSource]
     try:
         state = load_checkpoint(source.path)  # type: ignore[arg-type]
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise tracking.ModelRefError(f"model.init_from {source.path}: cannot load it ({err})") from None
+        raise tracking.ModelRefError(
+            f"model.init_from {source.path}: cannot load it ({err})") from None
     if isinstance(state.get("model"), dict):
         source.run_id = source.run_id or state.get("run_id")
         return state["model"], source
@@ -325,7 +326,8 @@ def fit_state(model_state: dict[str, torch.Tensor], parent: dict[str, torch.Tens
     if missing or unexpected or others:
         parts = [f"{len(missing)} missing ({_few(missing)})" if missing else "",
                  f"{len(unexpected)} unexpected ({_few(unexpected)})" if unexpected else "",
-                 f"{len(others)} of another shape ({_few(others, parent, model_state)})" if others else ""]
+                 f"{len(others)} of another shape ({_few(others, parent, model_state)})"
+                 if others else ""]
         raise ConfigError(f"model.init_from {ref}: its weights do not fit {what}: "
                           f"{'; '.join(p for p in parts if p)}. Start from a model of the same "
                           "architecture (model.name, depth, p, t, r, unit, mask options) or leave "
@@ -382,7 +384,8 @@ def init_weights(model: nn.Module, cfg: JobConfig) -> nn.Module:
     if not cfg.model.init_from:
         return model
     parent, _ = init_state(cfg.model.init_from)
-    model.load_state_dict(fit_state(model.state_dict(), parent, cfg.model.init_from, _describe(cfg)))
+    ref = cfg.model.init_from
+    model.load_state_dict(fit_state(model.state_dict(), parent, ref, _describe(cfg)))
     return model
 
 

@@ -80,11 +80,13 @@ class ImageClassifier:
         self.normalize = normalizer(cfg.data.recipe)
         self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
         outputs = int(cfg.model.num_classes or len(class_names or []))
-        self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(outputs)]
+        self.class_names = (list(class_names) if class_names
+                            else [f"class {i}" for i in range(outputs)])
         self.k = min(TOP_K, outputs)
 
     @classmethod
-    def from_directory(cls, path: str | Path, device: torch.device | None = None) -> "ImageClassifier":
+    def from_directory(cls, path: str | Path,
+                       device: torch.device | None = None) -> "ImageClassifier":
         """The classifier of a logged model's side files (``config.yaml``, ``classes.json``,
         ``state_dict.pt`` in ``path``), on ``device`` (default: the first GPU if there is one,
         else the CPU).
@@ -111,7 +113,7 @@ class ImageClassifier:
         """
         items = _items(model_input)
         if not items:
-            raise RequestError("no images in the request; send {\"inputs\": [\"<base64 JPEG>\", ...]}")
+            raise RequestError('no images in the request; send {"inputs": ["<base64 JPEG>", ...]}')
         return torch.stack([self._one(item, i) for i, item in enumerate(items)])
 
     def _one(self, item: Any, index: int) -> torch.Tensor:

@@ -91,7 +91,8 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                 tensor_signature=infer_signature(input_example, output), side_dir=str(side),
                 image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
                 signature=image_signature(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "pillow"],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
+                                  "pillow"],
             )
     if not name:
         return None
@@ -213,7 +214,8 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float]) -> Registrati
     return _beats_holder(name, t.register_if_beats, float(top1), cfg.data.path, cfg.data.val_split)
 
 
-def _beats_holder(name: str, alias: str, top1: float, data_path: str, val_split: str) -> Registration:
+def _beats_holder(name: str, alias: str, top1: float, data_path: str,
+                  val_split: str) -> Registration:
     try:
         holder = alias_holder(name, alias)
     except ModelRefError:  # no such registered model yet
