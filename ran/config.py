@@ -192,6 +192,21 @@ class JobConfig(_Section):
         """Dotted key -> value, the form MLflow params and Tune spaces use."""
         return flatten(self.model_dump())
 
+    def applicable(self) -> dict[str, Any]:
+        """:meth:`flat` without the options this run does not use (a training run's MLflow params):
+        ``schedule.milestones`` and ``gamma`` unless the schedule is ``step``, ``schedule.min_lr``
+        unless it is ``cosine``, and ``schedule.total_steps`` when ``train.epochs`` sets the length
+        and no step milestones are placed by it."""
+        sched = self.schedule
+        unused = set()
+        if sched.kind != "step":
+            unused |= {"schedule.milestones", "schedule.gamma"}
+        if sched.kind != "cosine":
+            unused.add("schedule.min_lr")
+        if self.train.epochs is not None and sched.kind != "step":
+            unused.add("schedule.total_steps")
+        return {k: v for k, v in self.flat().items() if k not in unused}
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 

@@ -61,7 +61,7 @@ class RunTracker:
         """A training run: params are the flattened config, ``config.yaml`` its artifact, and,
         given the data's ``manifest``, its train and val splits its dataset inputs."""
         tracker = cls.create(cfg.tracking.experiment, run_name=run_name, tags=tags, uri=uri)
-        tracker.log_params(cfg.flat())
+        tracker.log_params(cfg.applicable())
         tracker.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
         if manifest is not None:
             tracker.log_datasets(cfg.data.path, manifest,

@@ -44,7 +44,7 @@ from ran.data.read import read_manifest, split_shards
 from ran.data.transforms import normalizer
 from ran.tracking.models import Registration, record_registration, registration_gate
 from ran.tracking.validate import check_names
-from ran.train import localray
+from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, storage_for
 from ran.train.trainer import train_fn_per_worker
@@ -159,7 +159,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
             failure_config=FailureConfig(max_failures=s.max_failures),
             callbacks=list(callbacks or []),
             # Ray Train's INFO lines repeat every report's metrics from every rank; ours say more.
-            logging_config=LoggingConfig(log_level="WARNING"),
+            logging_config=LoggingConfig(log_level=console.ray_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),

@@ -6,20 +6,27 @@ A *lean* local Ray is the Ray of one ``ran train`` on one machine: it starts wit
 started ahead, and tells Ray Train so: no preemption watcher and no placement-group cleaner
 (:mod:`ran.train.launch`), whose work ends with this Ray anyway. ``ran tune`` starts a full one:
 Tune stops trials, and only the placement-group cleaner frees what a stopped trial's workers held.
+
+How much of Ray's own output reaches the terminal follows :mod:`ran.train.console`: unless verbose,
+the ``ray`` logger of this process is at WARNING and a local Ray starts without its notice that
+token authentication is on (Ray's default for a local Ray).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import ray
 import torch
 
 from ran.config import ConfigError, JobConfig
+from ran.train import console
 
 # Environment a lean local Ray gives its own processes (they inherit it while it runs).
 LEAN_ENV = {
@@ -121,6 +128,7 @@ class LocalRay:
     """A Ray instance started in this process (``start``) and shut down (``stop``), or used as a
     context manager. The environment it sets is restored by ``stop``.
 
+    ``log_to_driver``: forward the workers' output to this process (``ray.init(log_to_driver)``).
     Never attaches to another ``ray start`` cluster on this machine (``address="local"``).
     ``RAY_ADDRESS`` is set to it for every process of this instance (they inherit this
     environment), with a GCS port chosen up front: State API calls, such as the polls of Ray Train
@@ -128,8 +136,9 @@ class LocalRay:
     instances run on one machine.
     """
 
-    def __init__(self, *, lean: bool = False, **init_kwargs: Any) -> None:
+    def __init__(self, *, lean: bool = False, log_to_driver: bool = True, **init_kwargs: Any) -> None:
         self.lean = lean
+        self.log_to_driver = log_to_driver
         self.init_kwargs = init_kwargs
         self.address: str | None = None
         self._saved: dict[str, str | None] = {}
@@ -141,7 +150,7 @@ class LocalRay:
             port = s.getsockname()[1]
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         env = {"RAY_ADDRESS": self.address, **(LEAN_ENV if self.lean else {})}
-        kwargs = dict(self.init_kwargs)
+        kwargs = {"logging_level": console.ray_log_level(), **self.init_kwargs}
         if self.lean:
             resources = local_resources()
             kwargs = {"include_dashboard": False, "num_cpus": resources["CPU"],
@@ -155,7 +164,8 @@ class LocalRay:
         # Ray 2.60's ray.init takes no GCS port; the node it starts reads RAY_GCS_SERVER_PORT.
         self._set_env({"RAY_GCS_SERVER_PORT": str(port)})
         try:
-            ray.init(address="local", log_to_driver=True, **kwargs)
+            with _token_notice(shown=console.verbose()):
+                ray.init(address="local", log_to_driver=self.log_to_driver, **kwargs)
         except BaseException:
             self._restore_env()
             raise
@@ -191,10 +201,41 @@ class LocalRay:
                 os.environ[key] = old
 
 
-def connect(address: str | None, *, lean: bool = False) -> LocalRay | None:
+# Ray 2.60 prints this WARNING whenever it starts a local Ray with token authentication because
+# RAY_AUTH_MODE is unset; setting RAY_AUTH_MODE=token silences it only before Ray is imported.
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _NotThe(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.text)
+
+
+@contextlib.contextmanager
+def _token_notice(*, shown: bool) -> Iterator[None]:
+    """Ray's token-authentication notice of a local start, unless ``shown``, left out for the block
+    (a filter on the logger of the Ray module that prints it)."""
+    if shown:
+        yield
+        return
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _NotThe(TOKEN_NOTICE)
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def connect(address: str | None, *, lean: bool = False, log_to_driver: bool = True) -> LocalRay | None:
     """Connect to ``address`` / ``RAY_ADDRESS``, else start a local Ray (``lean``: see the module
     docstring); returns the :class:`LocalRay` to stop, or None when Ray was there already or an
-    address was given.
+    address was given. ``log_to_driver``: forward the workers' output to this process (``ran tune``
+    prints its own line per trial result instead, unless verbose).
 
     Raises:
         ConnectionError: nothing answers at the address, or Ray refused the connection.
@@ -205,10 +246,11 @@ def connect(address: str | None, *, lean: bool = False) -> LocalRay | None:
     if address:
         check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver,
+                     logging_level=console.ray_log_level())
         except ConnectionError as err:
             raise ConnectionError(f"cannot connect to Ray at {address}: {err}{auth_hint()}") from None
         return None
-    local = LocalRay(lean=lean)
+    local = LocalRay(lean=lean, log_to_driver=log_to_driver)
     local.start()
     return local

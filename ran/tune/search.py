@@ -60,7 +60,7 @@ from ran.tracking import (
     TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_TRIAL, TAG_TRIAL_STATUS,
 )
 from ran.tracking.models import Registration
-from ran.train import localray
+from ran.train import console, localray
 from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
@@ -555,6 +555,31 @@ def _cli_reporter_output() -> Iterator[None]:
             os.environ["RAY_AIR_NEW_OUTPUT"] = old
 
 
+class TrialLines(tune.Callback):
+    """What ``ran tune`` prints while a search runs (unless verbose, when Tune's status tables do):
+    a line per trial result (its epoch and the search metric) and a line per failed trial. The
+    trials' own output stays in Ray's log files (``ray.init(log_to_driver=False)``)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        metric = self.space.settings.metric
+        value = result.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        print(f"trial {trial.trial_id} epoch {int(result.get('epoch', 0))}: {metric} {shown} "
+              f"({self._params(trial)})", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        print(f"trial {trial.trial_id} failed ({self._params(trial)}); its error is in the summary "
+              "at the end", flush=True)
+
+    def _params(self, trial: Any) -> str:
+        overrides = self.space.trial_overrides(trial.config)
+        return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
+
+
 def _reporter(space: SearchSpace) -> Any:
     s = space.settings
     params = {name: name.split(",")[0].split(".")[-1] if len(d.keys) == 1 else
@@ -589,7 +614,10 @@ def build_tuner(space: SearchSpace, job_raw: dict[str, Any], ctx: SearchContext,
         run_config=tune.RunConfig(
             name=storage.name, storage_path=storage.ray_path, storage_filesystem=storage.filesystem,
             failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries worker failures
-            progress_reporter=_reporter(space), verbose=1,
+            # Tune's status tables with -v; by default a line per trial result (TrialLines).
+            progress_reporter=_reporter(space) if console.verbose() else None,
+            verbose=1 if console.verbose() else 0,
+            callbacks=[] if console.verbose() else [TrialLines(space)],
         ),
     )
 
@@ -614,7 +642,8 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     job_raw = base.model_dump()  # resolved: absolute paths, num_classes (trials run elsewhere)
     uri = tracking.tracking_uri()
     tracking.check_server(uri, experiment=base.tracking.experiment)  # before Ray starts
-    started = localray.connect(address)
+    # The trials' own lines (Ray Train's, each trial's progress) only with -v: TrialLines otherwise.
+    started = localray.connect(address, log_to_driver=console.verbose())
     try:
         limit = concurrency_limit(space, base, ray.cluster_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
