@@ -1,4 +1,6 @@
-"""What Ray Train costs: a plain single-process torch loop vs `ran train` with 1 and 2 workers.
+"""What Ray Train costs: a plain single-process torch loop vs `ran train` with 1 and 2 workers;
+and what the team's tracking server costs: `ran train` (1 worker) against MLflow on PostgreSQL
+with S3 artifacts and basic-auth, system metrics on, vs the same run on the embedded sqlite store.
 
 Same model (CIFAR-stem Attention-56), same synthetic shards, same loader, same batch per worker and
 the same number of steps. Step time is an epoch's time over its steps, including waiting for data
@@ -12,8 +14,13 @@ seconds from the command's start to the first optimizer step). Each training pro
 ``cpus_per_worker=1`` does, so the 1-worker ratio isolates the framework's overhead.
 
 Goals (issue 4): 1 worker within 10% of the plain loop; first step within 15 s of the command.
+Goal (issue 13): the team-server run's step time within 2% of the sqlite run's (both 1 worker).
+The sqlite runs sample no system metrics (as before issue 13); the team-server run samples them
+every 10 s (the default). Its stack is started from cluster/tracking/ (postgres.sh,
+mlflow-server.sh) on 127.0.0.1 with a moto_server bucket for artifacts, and stopped at the end.
 
     python benchmarks/train_overhead.py [--size 32] [--train 1536] [--batch 32] [--epochs 4]
+    python benchmarks/train_overhead.py --team-only    # sqlite, team, team, sqlite: ~10 min
 
 Prints one JSON object. The machine's load average is included: on a shared machine, timings are
 only comparable with others taken at a similar load.
@@ -22,29 +29,40 @@ only comparable with others taken at a similar load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import psutil
+
+TRACKING = Path(__file__).resolve().parents[1] / "cluster" / "tracking"
+BIN = Path(sys.executable).parent
+ADMIN_PASSWORD = "benchmark-admin-1"
 
 
-def job_yaml(data: str, args: argparse.Namespace, workers: int) -> str:
+def job_yaml(data: str, args: argparse.Namespace, workers: int, name: str,
+             system_metrics_s: float) -> str:
     """The benchmark job (no model logging: it is not part of a training step)."""
     from ran.config import load_config
 
     cfg = load_config(None, {
-        "name": f"overhead{workers}", "model.name": "attention56", "model.stem": "cifar",
+        "name": name, "model.name": "attention56", "model.stem": "cifar",
         "data.path": data, "data.batch_size": args.batch, "data.workers": 1,
         "optim.reference_batch_size": args.batch, "schedule.kind": "constant",
         "train.epochs": args.epochs, "train.log_every": 1000, "train.precision": args.precision,
         "scaling.num_workers": workers, "scaling.max_failures": 0,
         "tracking.experiment": "overhead", "tracking.registered_model": None,
-        "tracking.log_model": False,
+        "tracking.log_model": False, "tracking.system_metrics_every_s": system_metrics_s,
     })
     return cfg.to_yaml()
 
@@ -88,30 +106,157 @@ def summarize(timed: list[float], steps: int, images_per_step: int) -> dict[str,
             "img_per_s": steps * images_per_step / median, "timed_epochs": len(timed)}
 
 
-def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path) -> dict[str, float]:
-    """`ran train` as a user runs it (a subprocess starting its own local Ray)."""
+def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
+              server: dict[str, str] | None = None) -> dict[str, float]:
+    """`ran train` as a user runs it (a subprocess starting its own local Ray), on the sqlite
+    store, or with ``server`` (the MLFLOW_* environment of the team server) against it with
+    system metrics on."""
     from mlflow.tracking import MlflowClient
 
-    job = root / f"overhead{workers}.yaml"
-    job.write_text(job_yaml(data, args, workers))
-    uri = f"sqlite:///{root}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env.pop("RAY_ADDRESS", None)
+    name = f"overhead{workers}" + ("_team" if server else "")
+    job = root / f"{name}.yaml"
+    job.write_text(job_yaml(data, args, workers, name, 10.0 if server else 0.0))
+    tracking = server or {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **tracking}
     start = time.time()
     done = subprocess.run([sys.executable, "-m", "ran.cli", "train", str(job)], cwd=root, env=env,
                           capture_output=True, text=True)
     wall = time.time() - start
     if done.returncode != 0:
-        raise RuntimeError(f"ran train ({workers} workers) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("overhead")
-    run = client.search_runs([experiment.experiment_id], f"tags.`ran.job` = 'overhead{workers}'",
-                             order_by=["attributes.start_time DESC"], max_results=1)[0]
-    steps = int(run.data.params["plan.steps_per_epoch"])
-    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch_time_s"))
-    startup = client.get_metric_history(run.info.run_id, "startup_s")[0].value
+        raise RuntimeError(f"ran train ({name}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    saved = {k: os.environ.get(k) for k in tracking}
+    os.environ.update(tracking)  # the server's login, for reading the run back
+    try:
+        client = MlflowClient(tracking["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("overhead")
+        run = client.search_runs([experiment.experiment_id], f"tags.`ran.job` = '{name}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
+        steps = int(run.data.tags["ran.plan.steps_per_epoch"])
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch_time_s"))
+        startup = client.get_metric_history(run.info.run_id, "startup_s")[0].value
+        system = sorted(k for k in run.data.metrics if k.startswith("system/"))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return {**summarize([v for _, v in history][1:], steps, args.batch * workers),
-            "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall}
+            "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall,
+            "system_metrics": len(system), "epoch_times_s": [v for _, v in history]}
+
+
+def team_only(data: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """sqlite, team server, team server, sqlite (1 worker each; ABBA cancels a steady drift of the
+    machine's load); each side's step time is the median of its timed epochs, both runs pooled."""
+    runs: dict[str, list[dict[str, Any]]] = {"sqlite": [], "team_server": []}
+    with team_server(root) as server:
+        for side in ("sqlite", "team_server", "team_server", "sqlite"):
+            runs[side].append(ran_train(data, args, 1, root, server if side == "team_server" else None))
+    results: dict[str, Any] = {}
+    for side, done in runs.items():
+        timed = [t for run in done for t in run["epoch_times_s"][1:]]
+        results[side] = {**summarize(timed, done[0]["steps_per_epoch"], args.batch),
+                         "step_time_per_run_s": [run["step_time_s"] for run in done],
+                         "first_step_s": [run["first_step_s"] for run in done],
+                         "system_metrics": [run["system_metrics"] for run in done]}
+    sqlite, team = results["sqlite"], results["team_server"]
+    results["ratios"] = {
+        "step_time_team_server_vs_sqlite": team["step_time_s"] / sqlite["step_time_s"],
+        "step_time_min_team_server_vs_sqlite": team["step_time_min_s"] / sqlite["step_time_min_s"]}
+    results["goals"] = {"team_server_within_2pct": team["step_time_s"] <= 1.02 * sqlite["step_time_s"]}
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a server and its descendants, SIGKILL what is left after 10 s."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+@contextlib.contextmanager
+def _serve(argv: list[str], env: dict[str, str], log: Path, ready: Any) -> Iterator[None]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        _stop(proc)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def team_server(root: Path) -> Iterator[dict[str, str]]:
+    """PostgreSQL (postgres.sh), a moto_server bucket and mlflow-server.sh (basic-auth) on
+    127.0.0.1; yields the MLFLOW_* environment of a client logged in as the admin."""
+    import boto3
+    import psycopg
+
+    pg_dir = Path(tempfile.mkdtemp(prefix="ran-pg-"))  # not under root: PostgreSQL's user reads it
+    pg_port, s3_port, port = _free_port(), _free_port(), _free_port()
+    db = f"postgresql://mlflow:benchmark-db-1@127.0.0.1:{pg_port}"
+
+    def pg_ready() -> bool:
+        try:
+            psycopg.connect(f"{db}/mlflow", connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    s3 = f"http://127.0.0.1:{s3_port}"
+    s3_env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
+              "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        with _serve([str(TRACKING / "postgres.sh"), str(pg_dir)],
+                    {**os.environ, "RAN_PG_PASSWORD": "benchmark-db-1", "RAN_PG_PORT": str(pg_port)},
+                    root / "postgres.log", pg_ready), \
+                _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                       dict(os.environ), root / "moto.log", lambda: _http_ok(f"{s3}/moto-api/")):
+            boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in s3_env.items()
+                                                   if k != "AWS_DEFAULT_REGION"},
+                         region_name="us-east-1").create_bucket(Bucket="overhead")
+            env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3,
+                   "MLFLOW_BACKEND_STORE_URI": f"{db}/mlflow",
+                   "MLFLOW_AUTH_DATABASE_URI": f"{db}/mlflow_auth",
+                   "MLFLOW_ARTIFACTS_DESTINATION": "s3://overhead/mlflow",
+                   "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "RAN_MLFLOW_PORT": str(port),
+                   "RAN_MLFLOW_WORKERS": "2", "RAN_MLFLOW_BIN": str(BIN / "mlflow"), "TMPDIR": str(root)}
+            url = f"http://127.0.0.1:{port}"
+            with _serve([str(TRACKING / "mlflow-server.sh")], env, root / "mlflow-server.log",
+                        lambda: _http_ok(f"{url}/health")):
+                yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
+                       "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+    finally:
+        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 BARE_RAY_TRAIN = """
@@ -158,6 +303,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is warm-up")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="train.precision of both loops (auto: bf16 only on bf16 hardware)")
+    parser.add_argument("--team-only", action="store_true",
+                        help="only `ran train` on sqlite vs the team server, in ABBA order")
     args = parser.parse_args()
 
     from ran.data.synth import write_synthetic
@@ -168,10 +315,18 @@ def main() -> None:
         data = str(root / "data")
         write_synthetic(data, classes=args.classes, train=args.train, val=args.batch * 4,
                         size=args.size, progress=False)
+        if args.team_only:
+            results = team_only(data, args, root)
+            results["setup"] = {**vars(args), "cpus": os.cpu_count(), "loadavg_before": load_before,
+                                "loadavg_after": os.getloadavg()}
+            print(json.dumps(results, indent=2))
+            return
         first = plain_loop(data, args)
         results: dict[str, Any] = {}
-        for workers in (1, 2):
-            results[f"ran_{workers}_worker{'s' if workers > 1 else ''}"] = ran_train(data, args, workers, root)
+        results["ran_1_worker"] = ran_train(data, args, 1, root)
+        with team_server(root) as server:  # right after the sqlite run it is compared with
+            results["ran_1_worker_team_server"] = ran_train(data, args, 1, root, server)
+        results["ran_2_workers"] = ran_train(data, args, 2, root)
         results["bare_ray_train_first_step_s"] = {f"{w}_worker{'s' if w > 1 else ''}": bare_ray_train(root, w)
                                                   for w in (1, 2)}
         last = plain_loop(data, args)
@@ -183,7 +338,11 @@ def main() -> None:
             "after_step_time_s": summarize(after, steps, args.batch)["step_time_s"],
             "steps_per_epoch": steps}
     plain, one, two = results["plain"], results["ran_1_worker"], results["ran_2_workers"]
+    team = results["ran_1_worker_team_server"]
     results["ratios"] = {
+        "step_time_team_server_vs_sqlite": team["step_time_s"] / one["step_time_s"],
+        "step_time_min_team_server_vs_sqlite": team["step_time_min_s"] / one["step_time_min_s"],
+        "first_step_team_server_vs_sqlite": team["first_step_s"] / one["first_step_s"],
         "step_time_1_worker_vs_plain": one["step_time_s"] / plain["step_time_s"],
         "step_time_2_workers_vs_plain": two["step_time_s"] / plain["step_time_s"],
         "throughput_2_workers_vs_plain": two["img_per_s"] / plain["img_per_s"],
@@ -195,6 +354,7 @@ def main() -> None:
     results["goals"] = {
         "1_worker_within_10pct": one["step_time_s"] <= 1.10 * plain["step_time_s"],
         "first_step_within_15s": max(one["first_step_s"], two["first_step_s"]) <= 15.0,
+        "team_server_within_2pct": team["step_time_s"] <= 1.02 * one["step_time_s"],
     }
     results["setup"] = {**vars(args), "model": "attention56 (cifar stem)", "cpus": os.cpu_count(),
                         "threads_per_process": 1, "loadavg_before": load_before,

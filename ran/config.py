@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -89,14 +89,45 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)  # log train loss and lr every N steps
     eval_every: int = Field(1, ge=1)  # validate every N epochs (and always at the end)
     checkpoint_every: int = Field(1, ge=1)  # checkpoint every N epochs (and always at the end)
+    checkpoint_every_steps: int | None = Field(None, ge=1)  # and every N optimizer steps; None: off
+    # async: workers train on while the previous checkpoint uploads (Ray Train's ASYNC
+    # checkpoint_upload_mode, one upload at a time); sync: they wait for each upload.
+    checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)  # best checkpoints kept besides the latest
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)  # Ray Train workers (one process each)
+    # Ray Train workers (one process each): N, or an elastic group [min, max] that starts once min
+    # can be placed, grows to max as resources appear and continues with fewer after losing some.
+    num_workers: int | list[int] = 2
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = Field(1.0, gt=0)  # CPUs reserved per worker
     max_failures: int = Field(2, ge=0)  # worker-group restarts before the run fails
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("needs at least 1 worker")
+        elif len(value) != 2 or not 1 <= value[0] <= value[1]:
+            raise ValueError("an elastic group is [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        """Whether num_workers is a [min, max] range."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        """Workers a run needs to start (num_workers, or min of the range)."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """Workers a run uses at most (num_workers, or max of the range)."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 class StorageConfig(_Section):

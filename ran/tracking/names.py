@@ -27,6 +27,9 @@ TAG_JOB = "ran.job"
 TAG_VERSION = "ran.registered_version"  # "name/version" registered from a run
 TAG_PRECISION = "ran.precision"  # what train.precision ran as
 TAG_RESUMED_FROM = "ran.resumed_from"  # epoch/step a restarted worker group continued from
+TAG_PLAN = "ran.plan"  # prefix: ran.plan.<field> = the latest attempt's run plan (world_size, ...)
+TAG_REPLANNED = "ran.replanned"  # prefix: ran.replanned.step_<N> = what a restart at step N changed
+TAG_NOTICE = "ran.notice"  # the last SIGTERM a worker group checkpointed and stopped on
 TAG_KIND = "ran.kind"  # "evaluation", "explain" or "search" on runs that are not training runs
 TAG_REF = "ran.model_ref"  # the model reference as given to ran eval / explain
 TAG_MODEL_NAME = "ran.registered_model"
@@ -56,7 +59,9 @@ DATA_PARAMS = ("data.path", "data.val_split")
 
 # Metrics: epoch metrics are logged at step = epoch, step metrics at the global optimizer step.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
-                 "data_wait_frac", "skipped", "epoch_time_s")
-STEP_METRICS = ("step_loss", "step_lr")
+                 "data_wait_frac", "skipped", "epoch_time_s", "epoch_samples", "ckpt_wait_s")
+STEP_METRICS = ("step_loss", "step_lr", "step_ckpt_wait_s")
+# Per-attempt metrics, at the step where a worker group began (its world size may differ).
+PLAN_METRICS = ("plan_world_size", "plan_global_batch", "plan_peak_lr", "plan_total_steps")
 # Key of rank 0's final report naming the metric values MLflow lacks (the server went away).
 REPORT_UNLOGGED = "mlflow_unlogged"

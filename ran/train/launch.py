@@ -5,13 +5,15 @@ Order of events (:func:`run_training`):
 1. *Pre-flight* (:func:`preflight`), before any worker starts: the config is valid (pydantic, once),
    the manifest and every shard of both splits exist, the model builds (on the meta device), the
    run directory is fresh or being resumed (:mod:`ran.train.rundir`), and the Ray cluster can place
-   ``num_workers`` x (``cpus_per_worker`` CPUs [+ 1 GPU]). Each failure is a
-   :class:`~ran.config.ConfigError` (or DataError) with a one-line message.
+   ``num_workers`` (an elastic group: its minimum) x (``cpus_per_worker`` CPUs [+ 1 GPU]). Each
+   failure is a :class:`~ran.config.ConfigError` (or DataError) with a one-line message.
 2. The MLflow run is created (or, with ``--resume``, found by its storage tag and reopened), while
    a local Ray starts (:mod:`ran.train.localray`).
 3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.trainer.train_fn_per_worker`.
    ``FailureConfig(max_failures=scaling.max_failures)`` restarts the worker group from the latest
-   checkpoint when a worker dies; the MLflow run id travels in the checkpoint.
+   checkpoint when a worker dies (an elastic group with as many workers as can be placed, the
+   rest of the run re-planned: :mod:`ran.train.schedule`); the MLflow run id travels in the
+   checkpoint.
 4. The driver loads the final checkpoint, logs and registers the model, draws the curves, closes
    the MLflow run and prints where to look.
 """
@@ -47,7 +49,7 @@ from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, storage_for
-from ran.train.trainer import train_fn_per_worker
+from ran.train.trainer import SigtermNotice, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
@@ -143,21 +145,24 @@ def preflight(cfg: JobConfig, *, resume: bool) -> tuple[JobConfig, dict[str, Any
 def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
                   callbacks: list[Any] | None = None) -> Any:
     """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
-    e.g. the ``TuneReportCallback`` of a ``ran tune`` trial)."""
+    e.g. the ``TuneReportCallback`` of a ``ran tune`` trial). An elastic ``scaling.num_workers``
+    ([min, max]) becomes Ray Train's elastic ``(min, max)``; every worker gets
+    :class:`~ran.train.trainer.SigtermNotice` (checkpoint and stop on SIGTERM)."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    workers = (s.min_workers, s.max_workers) if s.elastic else s.max_workers
     return _trainer_class()(
         train_fn_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=storage.name,
             storage_path=storage.ray_path,
             storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=s.max_failures),
-            callbacks=list(callbacks or []),
+            callbacks=[*(callbacks or []), SigtermNotice()],
             # Ray Train's INFO lines repeat every report's metrics from every rank; ours say more.
             logging_config=LoggingConfig(log_level=console.ray_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,

@@ -92,7 +92,8 @@ def local_resources() -> dict[str, int]:
 
 
 def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> None:
-    """The cluster can place every worker (CPUs per worker, one GPU each when asked).
+    """The cluster can place every worker (CPUs per worker, one GPU each when asked); for an
+    elastic group, its minimum.
 
     ``nodes``: each node's resources; default: the live Ray cluster's (``ray.nodes()``).
 
@@ -108,10 +109,12 @@ def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None)
         if s.use_gpu:
             fit = min(fit, int(res.get("GPU", 0)))
         placeable += fit
-    if placeable < s.num_workers:
+    if placeable < s.min_workers:
         cpus = sum(r.get("CPU", 0) for r in nodes)
         gpus = sum(r.get("GPU", 0) for r in nodes)
-        need = f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU" + (" + 1 GPU" if s.use_gpu else "")
+        need = f"{s.min_workers} workers x {s.cpus_per_worker:g} CPU" + (" + 1 GPU" if s.use_gpu else "")
+        if s.elastic:
+            need = f"the minimum of {need} (scaling.num_workers={s.num_workers})"
         raise ConfigError(
             f"the Ray cluster cannot place {need}: it has {cpus:g} CPUs and {gpus:g} GPUs on "
             f"{len(nodes)} node(s), room for {placeable} worker(s); lower scaling.num_workers or "

@@ -64,7 +64,7 @@ from ran.train import console, localray
 from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
-from ran.train.schedule import plan_run
+from ran.train import schedule
 from ran.tune.space import SearchSpace, check_space, load_space
 
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
@@ -144,14 +144,12 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
 
 
 def planned_epochs(cfg: JobConfig, manifest: dict[str, Any]) -> int:
-    """Epochs a run of ``cfg`` trains: ``train.epochs``, else ``schedule.total_steps`` rescaled
-    (:func:`ran.train.schedule.plan_run`, with the training loader's ``total // (batch x workers)``
-    batches per epoch)."""
+    """Epochs a run of ``cfg`` trains: ``train.epochs``, else ``schedule.total_steps`` reference
+    iterations in epochs of the training split (:func:`ran.train.schedule.planned_epochs`)."""
     if cfg.train.epochs is not None:
         return cfg.train.epochs
     total = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.train_split))
-    workers = cfg.scaling.num_workers
-    return plan_run(cfg, max(1, total // (cfg.data.batch_size * workers)), workers).epochs
+    return schedule.planned_epochs(cfg, total)
 
 
 def asha_max_t(space: SearchSpace, base: JobConfig, manifest: dict[str, Any]) -> int:

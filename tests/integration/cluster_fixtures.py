@@ -30,6 +30,7 @@ from typing import Iterator
 
 import psutil
 import pytest
+from processes import running, stop_processes
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -60,14 +61,6 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _running(proc: psutil.Process) -> bool:
-    """Alive and not a zombie (an exited process nobody reaped is gone for our purposes)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def marked(cluster_id: str, node: str | None = None) -> list[psutil.Process]:
     """Running processes whose environment marks them as the cluster's (as ``node``'s, if given),
     with all their descendants; never this process or its parents."""
@@ -81,25 +74,13 @@ def marked(cluster_id: str, node: str | None = None) -> list[psutil.Process]:
             value = proc.environ().get(MARK, "")
             if (value == f"{cluster_id}/{node}") if node else value.startswith(f"{cluster_id}/"):
                 found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
-    return [p for pid, p in found.items() if pid not in skip and _running(p)]
+    return [p for pid, p in found.items() if pid not in skip and running(p)]
 
 
 def stop_marked(cluster_id: str, node: str | None = None, grace: float = 10.0) -> None:
     """SIGTERM the marked processes, SIGKILL those left after ``grace`` seconds (at once when
     ``grace`` is 0), and the ones found since."""
-    procs: list[psutil.Process] = []
-    steps = [(psutil.Process.terminate, grace)] if grace > 0 else []
-    for send, wait in steps + [(psutil.Process.kill, 5.0)]:
-        # Those seen before too: orphans of a killed parent no longer descend from a marked one.
-        procs = list({p.pid: p for p in [*procs, *marked(cluster_id, node)]}.values())
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                send(proc)
-        deadline = time.monotonic() + wait
-        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not procs and not marked(cluster_id, node):
-            return
+    stop_processes(lambda: marked(cluster_id, node), grace, poll=0.2)
 
 
 @dataclass

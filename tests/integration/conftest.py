@@ -35,6 +35,7 @@ import pytest
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_s3 import S3_ENV  # noqa: E402
+from processes import running, stop_processes  # noqa: E402
 
 
 def free_port() -> int:
@@ -44,32 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _running(proc: psutil.Process) -> bool:
-    """Alive and not a zombie (an exited process nobody reaped is gone for our purposes)."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def stop_tree(pid: int, grace: float = 10.0) -> None:
     """SIGTERM ``pid`` and all its descendants, SIGKILL those left after ``grace`` seconds; raises
     if any is still running after that."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for step, wait in ((psutil.Process.terminate, grace), (psutil.Process.kill, 5.0)):
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                step(proc)
-        deadline = time.monotonic() + wait
-        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not procs:
-            return
-    raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in procs]}")
+    left = stop_processes(lambda: [p for p in tree if running(p)], grace)
+    if left:
+        raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in left]}")
 
 
 def _answers(url: str) -> bool:

@@ -246,20 +246,27 @@ def trained_config(trained: Trained) -> Any:
     return load_config(str(trained.workdir / "job.yaml"), [])
 
 
-def test_wrong_password_fails_at_once_without_starting_ray(trained, stack, tmp_path):
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-"))
-    try:
-        env = user_env((ALICE[0], "not-her-password"), stack.url, RAY_TMPDIR=str(ray_tmp))
-        done = run_ran(["train", str(trained.workdir / "job.yaml")], env, tmp_path)
-        started_ray = (ray_tmp / "ray").exists()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
-        f"error: MLflow server {stack.url} refused user 'alice' (401 Unauthorized): check "
-        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    assert not started_ray
+def test_wrong_password_fails_at_once_without_starting_ray(trained, stack, tmp_path, capsys):
+    refused = (f"error: MLflow server {stack.url} refused user 'alice' (401 Unauthorized): check "
+               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    job = str(trained.workdir / "job.yaml")
+    space = str(Path(__file__).resolve().parents[2] / "tune_spaces" / "optim.yaml")
+    for verb in (["train", job], ["tune", space, "--job", job]):
+        ray_tmp = Path(tempfile.mkdtemp(prefix="rt-"))
+        try:
+            env = user_env((ALICE[0], "not-her-password"), stack.url, RAY_TMPDIR=str(ray_tmp))
+            done = run_ran(verb, env, tmp_path)
+            started_ray = (ray_tmp / "ray").exists()
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert (done.returncode, done.stderr.strip()) == (2, refused), verb
+        assert not started_ray, verb
     assert (trained.ray_tmp / "ray").is_dir()  # where the run that did start put its Ray
+    with as_user((ALICE[0], "not-her-password"), stack.url):
+        for verb in (["registry"], ["promote", MODEL, "--version", "1", "--alias", "x"],
+                     ["eval", f"models:/{MODEL}/1", "--data", str(trained.workdir)]):
+            assert main(verb) == 2
+            assert capsys.readouterr().err.strip() == refused, verb
 
 
 def test_no_login_no_permission_no_server_are_one_line_errors(trained, stack):

@@ -70,7 +70,7 @@ def test_own_lean_ray_trains_recovers_tracks_and_is_gone_after(synth_data, tiny_
     assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
     # Opened while Ray started, tagged with its job once Ray was up.
     assert run.data.tags["ray.job_id"] and run.data.tags["ran.job"] == "tiny"
-    assert run.data.params["plan.steps_per_epoch"]
+    assert run.data.tags["ran.plan.steps_per_epoch"] == str(STEPS_PER_EPOCH)
     startup = client.get_metric_history(run.info.run_id, "startup_s")
     assert len(startup) == 1 and 0 < startup[0].value < wall
 
