@@ -126,7 +126,7 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
     SigtermNotice().after_init_train_context()  # on this (main) thread, as Ray does on a worker
     try:
         first = Recorder(term_at=2)
-        trainer = _trainer(shards, run_log=first)
+        trainer = _trainer(shards, run_log=first, **{"train.epochs": 1})
         with pytest.raises(Interrupted, match=r"SIGTERM on rank\(s\) 0: checkpoint "
                                               r"epoch=0000_step=0000002 \(sample 32\) is registered"):
             trainer.fit(LocalReporter(tmp_path))
@@ -142,22 +142,22 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
 
     # Resumed at half the batch: 8 samples a step, the lr halved, the same samples to go.
     second = Recorder()
-    resumed = _trainer(shards, run_log=second, **{"data.batch_size": 8})
+    resumed = _trainer(shards, run_log=second, **{"data.batch_size": 8, "train.epochs": 1})
     resumed.fit(LocalReporter(tmp_path))
-    # epoch 1: 18 samples left (8, 8, 2), epoch 2: 50 (6 x 8 and 2): 2 + 3 + 7 = 12 steps.
-    assert resumed.samples == resumed.plan.total_samples == 100
-    assert resumed.plan.total_steps == resumed.step == 12
-    assert sorted(second.metrics["step_loss"]) == list(range(3, 13))
-    assert second.metrics["epoch_samples"] == {1: 50, 2: 50}  # neither short nor doubled
-    assert second.metrics["lr"][2] == 0.0 and second.metrics["step_lr"][12] == 0.0
+    # 18 samples left of the epoch: steps of 8, 8 and 2, so 2 + 3 = 5 steps in all.
+    assert resumed.samples == resumed.plan.total_samples == 50
+    assert resumed.plan.total_steps == resumed.step == 5
+    assert sorted(second.metrics["step_loss"]) == [3, 4, 5]
+    assert second.metrics["epoch_samples"] == {1: 50}  # neither short nor doubled
+    assert second.metrics["lr"][1] == 0.0 and second.metrics["step_lr"][5] == 0.0
     assert second.metrics["plan_world_size"] == {2: 1}
     assert second.metrics["plan_global_batch"] == {2: 8}
     assert second.tags["ran.resumed_from"] == "epoch=0 step=2"
     assert second.tags["ran.plan.global_batch"] == "8"
     assert second.tags["ran.replanned.step_2"] == (
-        "1 -> 1 workers: global_batch 16 -> 8, peak_lr 0.1 -> 0.05, total_steps 8 -> 12")
+        "1 -> 1 workers: global_batch 16 -> 8, peak_lr 0.1 -> 0.05, total_steps 4 -> 5")
     final = load_checkpoint(sorted(tmp_path.iterdir())[-1])
-    assert (final["samples"], final["step"], final["epoch"]) == (100, 12, 2)
+    assert (final["samples"], final["step"], final["epoch"]) == (50, 5, 1)
 
 
 def test_data_streams_differ_only_where_an_epoch_was_resumed_mid_way():
@@ -174,8 +174,7 @@ def test_data_streams_differ_only_where_an_epoch_was_resumed_mid_way():
 def test_a_checkpoint_written_before_samples_were_counted_resumes_at_its_epoch_end(shards,
                                                                                   tmp_path):
     trainer = _trainer(shards, **{"train.epochs": 2})
-    trainer.train_epoch()
-    trainer.epoch = 1
+    trainer.step, trainer.epoch = 4, 1  # as after epoch 1 (no need to train it)
     trainer.save(tmp_path / "old")
     state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     for key in ("samples", "epoch_progress"):
