@@ -183,10 +183,11 @@ def build_scheduler(space: SearchSpace, max_t: int) -> Any:
 
 
 def trial_cpus_gpus(space: SearchSpace, base: JobConfig) -> tuple[float, int]:
-    """CPUs and GPUs one trial holds: its driver plus its Ray Train workers."""
+    """CPUs and GPUs one trial holds: its driver plus its Ray Train workers (an elastic group's
+    maximum: it grows to that when it can)."""
     sc = base.scaling
-    cpus = space.settings.resources.driver_cpus + sc.num_workers * sc.cpus_per_worker
-    return cpus, sc.num_workers if sc.use_gpu else 0
+    cpus = space.settings.resources.driver_cpus + sc.max_workers * sc.cpus_per_worker
+    return cpus, sc.max_workers if sc.use_gpu else 0
 
 
 def concurrency_limit(space: SearchSpace, base: JobConfig, cluster: dict[str, float]) -> int:
@@ -203,7 +204,7 @@ def concurrency_limit(space: SearchSpace, base: JobConfig, cluster: dict[str, fl
         need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
         raise ConfigError(
             f"one trial needs {need} (driver {space.settings.resources.driver_cpus:g} + "
-            f"{base.scaling.num_workers} workers x {base.scaling.cpus_per_worker:g} CPU) but the "
+            f"{base.scaling.max_workers} workers x {base.scaling.cpus_per_worker:g} CPU) but the "
             f"Ray cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
             "lower search.resources.num_workers / cpus_per_worker or add nodes")
     wanted = space.settings.max_concurrent_trials

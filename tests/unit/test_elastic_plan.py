@@ -183,3 +183,14 @@ def test_a_checkpoint_written_before_samples_were_counted_resumes_at_its_epoch_e
     again = _trainer(shards, **{"train.epochs": 2})
     again.restore(tmp_path / "old")
     assert (again.step, again.samples, again.plan.total_steps) == (4, 50, 8)
+
+
+def test_a_search_budgets_an_elastic_trial_at_its_maximum():
+    from ran.tune.search import trial_cpus_gpus
+    from ran.tune.space import parse_space
+
+    space = parse_space({"space": {"optim.lr": {"choice": [0.1]}},
+                         "search": {"resources": {"driver_cpus": 0.5}}})
+    assert trial_cpus_gpus(space, _cfg(**{"scaling.num_workers": [1, 3]})) == (3.5, 0)
+    gpus = _cfg(**{"scaling.num_workers": [2, 4], "scaling.use_gpu": True})
+    assert trial_cpus_gpus(space, gpus) == (4.5, 4)
