@@ -124,10 +124,23 @@ class RunTracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+        from mlflow.exceptions import MlflowException
+
         datasets = shard_datasets(path, manifest, list(contexts))
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(d._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])])
-            for split, d in zip(contexts, datasets)])
+        inputs = [DatasetInput(d._to_mlflow_entity(),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, contexts[split])])
+                  for split, d in zip(contexts, datasets)]
+        # Runs of one experiment on the same shards (the trials of a search) share one dataset
+        # row; when two create it at once, the store refuses the second insert. The row exists
+        # then, so logging again links it.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as e:
+                if attempt == 2 or "UNIQUE" not in str(e).upper() and "DUPLICATE" not in str(e).upper():
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_artifact(self, path: str | Path, directory: str | None = None) -> None:
         """Upload a local file under ``directory`` of the run's artifacts."""

@@ -46,3 +46,42 @@ def test_shard_datasets_name_source_digest_and_counts(tmp_path):
     assert val.profile == {"num_samples": 2, "num_classes": 2, "num_shards": 1}
     s3, = tracking.shard_datasets("s3://bucket/shards", MANIFEST, ["val"])
     assert s3.source.to_json() == '{"uri": "s3://bucket/shards"}'
+
+
+def test_runs_on_the_same_shards_log_their_datasets_at_once(tmp_path):
+    """The trials of a search start together on the same shards: each run links the one dataset
+    row, whichever of them created it (on sqlite the store refuses a second insert of it)."""
+    import threading
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trackers = [tracking.RunTracker.create("race", run_name=f"trial-{i}", tags={}, uri=uri)
+                for i in range(6)]
+    failures: list[BaseException] = []
+    for round_ in range(3):
+        manifest = copy.deepcopy(MANIFEST)
+        manifest["dataset"] = f"synthetic-{round_}"  # a new dataset row each round
+        start = threading.Barrier(len(trackers))
+
+        def log(tracker):
+            start.wait()
+            try:
+                tracker.log_datasets(str(tmp_path), manifest, {"train": "training", "val": "validation"})
+            except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+                failures.append(e)
+
+        threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+    client = tracking.client(uri)
+    for tracker in trackers:
+        inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == sorted(
+            f"synthetic-{r}/{s}" for r in range(3) for s in ("train", "val"))
+    digests = {i.dataset.digest for t in trackers for i in client.get_run(t.run_id).inputs.dataset_inputs
+               if i.dataset.name == "synthetic-0/train"}
+    first = copy.deepcopy(MANIFEST)
+    first["dataset"] = "synthetic-0"
+    assert digests == {tracking.dataset_digest(first, "train")}
