@@ -292,7 +292,15 @@ def how_to_give_token(address: str, refused: bool) -> str:
 
 def connect(address: str | None, insecure: bool = False) -> JobSubmissionClient:
     """A JobSubmissionClient for ``address`` (else RAY_API_SERVER_ADDRESS or an http RAY_ADDRESS),
-    with the Ray token where :func:`token_for` sends it."""
+    with the Ray token where :func:`token_for` sends it.
+
+    Call it from a process that has not joined a Ray cluster itself (``ran submit`` and ``ran
+    jobs`` never do): after ``ray.init`` to a token-auth Ray, Ray's client adds that process's
+    token to every request whatever the address.
+
+    Raises:
+        ValueError: no address, or a named token over plain http:// without ``insecure``.
+        ConnectionError: the dashboard wanted a token (the message says how to give it)."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
