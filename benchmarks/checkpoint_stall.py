@@ -154,8 +154,9 @@ def measure(cfg: Any, uri: str, steps: int) -> dict[str, Any]:
     def history(key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in client.get_metric_history(outcome.run_id, key))
 
-    epoch2 = dict(history("epoch_time_s"))[2]
-    stalled = dict(history("ckpt_wait_s")).get(2, 0.0)
+    end2 = next(step for step, epoch in history("epoch") if epoch == 2)  # epoch metrics' step
+    epoch2 = dict(history("epoch_time_s"))[end2]
+    stalled = dict(history("ckpt_wait_s")).get(end2, 0.0)
     waits = history("step_ckpt_wait_s")
     return {"step_time_s": epoch2 / steps, "epoch2_time_s": epoch2, "epoch2_ckpt_wait_s": stalled,
             # the share of epoch 2 the training thread stood still for checkpoints: unlike the

@@ -57,7 +57,7 @@ SYSTEM_METRICS_NODE = "node_{rank}"
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
 DATA_PARAMS = ("data.path", "data.val_split")
 
-# Metrics: epoch metrics are logged at step = epoch, step metrics at the global optimizer step.
+# Metrics: all at the global optimizer step (one x-axis); epoch metrics with `epoch` beside them.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
                  "data_wait_frac", "skipped", "epoch_time_s", "epoch_samples", "ckpt_wait_s")
 STEP_METRICS = ("step_loss", "step_lr", "step_ckpt_wait_s")

@@ -4,10 +4,10 @@
 explanation, a search and its trials).
 
 A :class:`RunTracker` is addressed by run id, so the driver, rank 0 of any worker group and a
-resumed driver all write to the same run. Metrics are logged with a step (the global optimizer
-step for ``step_*`` metrics, the epoch for epoch metrics) and never twice for the same step: after
-a restart from a checkpoint, steps that were already logged are skipped, so MLflow holds each
-epoch exactly once.
+resumed driver all write to the same run. Every metric is logged at the global optimizer step
+(MLflow's convention, so all of a run's charts share one x-axis); epoch metrics carry ``epoch``
+as a metric of their own. Nothing is logged twice: after a restart from a checkpoint, steps and
+epochs that were already logged are skipped, so MLflow holds each epoch exactly once.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class RunTracker:
         self.uri = uri or store.tracking_uri()
         self.client = store.client(self.uri)
         self._last_step: dict[str, int] | None = None
+        self._last_epoch: float | None = None  # the latest epoch whose metrics are logged
 
     # -- creating and finding runs
 
@@ -150,6 +151,7 @@ class RunTracker:
         """Highest step logged so far for each metric of the run (read once, then kept)."""
         if self._last_step is None:
             metrics = self.client.get_run(self.run_id).data.metrics
+            self._last_epoch = metrics.get("epoch")
             self._last_step = {
                 key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 for key in metrics
@@ -157,21 +159,30 @@ class RunTracker:
         return self._last_step
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> int:
-        """Log ``metrics`` at ``step``, skipping any key already logged at this or a later step.
+        """Log ``metrics`` at ``step`` (the global optimizer step). An epoch's metrics (those
+        carrying ``epoch``) are skipped when that epoch is already logged; other metrics skip any
+        key already logged at this or a later step.
 
         Returns the number of values logged. This is what keeps a run restarted from a checkpoint
-        free of duplicated epochs: the replayed epochs' values were logged before the failure.
+        free of duplicated epochs: the replayed epochs' values were logged before the failure,
+        and when the restart re-planned the run for another world size, a replayed epoch ends at
+        another step but is still the same epoch.
         """
         from mlflow.entities import Metric
 
         last = self.last_steps()
+        epoch = metrics.get("epoch")
+        if epoch is not None and self._last_epoch is not None and epoch <= self._last_epoch:
+            return 0
         now = int(time.time() * 1000)
         fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and step > last.get(k, -1)]
+                 if v is not None and (epoch is not None or step > last.get(k, -1))]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
             for m in fresh:
                 last[m.key] = step
+            if epoch is not None:
+                self._last_epoch = epoch
         return len(fresh)
 
     def history(self, key: str) -> list[tuple[int, float]]:
@@ -406,17 +417,17 @@ def shard_datasets(path: str, manifest: dict[str, Any], splits: list[str]) -> li
 
 
 def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Three panels: loss per epoch, top-1/top-5 per epoch, lr per step (or per epoch)."""
+    """Three panels, each over the global optimizer step: loss, top-1/top-5, lr."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    _panel(axes[0], series, ("train_loss", "val_loss"), "loss", "epoch")
-    _panel(axes[1], series, ("val_top1", "val_top5"), "accuracy", "epoch")
+    _panel(axes[0], series, ("train_loss", "val_loss"), "loss", "step")
+    _panel(axes[1], series, ("val_top1", "val_top5"), "accuracy", "step")
     lr_key = "step_lr" if series.get("step_lr") else "lr"
-    _panel(axes[2], series, (lr_key,), "learning rate", "step" if lr_key == "step_lr" else "epoch")
+    _panel(axes[2], series, (lr_key,), "learning rate", "step")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -682,8 +682,8 @@ class Trainer:
             metrics["startup_s"], self.startup_s = self.startup_s, None
         self._print_epoch(metrics)
         if self.run_log is not None:
-            self.run_log.log_metrics({k: v for k, v in metrics.items() if k != "val_samples"},
-                                     self.epoch)
+            self.run_log.log_metrics({**{k: v for k, v in metrics.items() if k != "val_samples"},
+                                      "epoch": self.epoch}, self.step)
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
                   "epoch": self.epoch, "step": self.step, "samples": self.samples}

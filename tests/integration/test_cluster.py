@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import logged
 import psutil
 import pytest
 from cluster_fixtures import NODE_CREDENTIALS, LocalCluster, client_env, ran, two_nodes  # noqa: F401
@@ -74,7 +75,7 @@ def mlflow_run(db: Path, experiment: str, submission: str):
 
 
 def epochs_logged(client, run_id: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, "val_top1"))
+    return logged.epochs(client, run_id, "val_top1")
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):

@@ -357,8 +357,8 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
     # Exactly what is missing: nothing named was logged, and all of the last epoch is named.
     assert {k: [s for s in steps if s in logged[k]] for k, steps in named.items()} == \
         {k: [] for k in named}
-    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"):
-        assert 2 in named.get(key, []), (key, text)
+    for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"):
+        assert 24 in named.get(key, []), (key, text)  # epoch 2 ends at global step 24
     assert named["step_loss"][-1] == 24 and named["step_lr"][-1] == 24
     assert f"MLflow at {b} did not answer at the end" in out
     assert status == "RUNNING"  # the driver could not close it; --resume will

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import logged
 import pytest
 import torch
 
@@ -59,9 +60,12 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
     assert run.data.tags["ran.plan.global_batch"] == "32"  # the plan may change: a tag
     assert run.data.tags["ran.model"] == "attention56"
     assert run.data.tags["ray.job_id"]
+    per_epoch = int(run.data.tags["ran.plan.steps_per_epoch"])
     for key in ("train_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait_frac", "skipped"):
-        steps = [m.step for m in client.get_metric_history(trained.run_id, key)]
-        assert sorted(steps) == [1, 2, 3], (key, steps)
+        # One x-axis: epoch metrics at the global step of the epoch's end, beside `epoch`.
+        assert [s for s, _ in logged.history(client, trained.run_id, key)] == \
+            [e * per_epoch for e in (1, 2, 3)], key
+        assert logged.epochs(client, trained.run_id, key) == [1, 2, 3], key
     step_loss = [m.step for m in client.get_metric_history(trained.run_id, "step_loss")]
     assert step_loss and len(step_loss) == len(set(step_loss))
     artifacts = {a.path for a in client.list_artifacts(trained.run_id)}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import logged
 import pytest
 
 from ran.config import ConfigError
@@ -24,14 +25,14 @@ STEPS_PER_EPOCH = 384 // (16 * 2)  # synth_data train split / global batch
 
 
 def _history(uri: str, run_id: str, key: str) -> list[int]:
-    from mlflow.tracking import MlflowClient
-
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+    return [step for step, _ in logged.history(uri, run_id, key)]
 
 
 def _assert_each_epoch_once(uri: str, run_id: str, epochs: int) -> None:
+    """Epochs 1..epochs each logged once, at the global step where it ended."""
     for key in ("train_loss", "val_top1", "lr", "img_per_s"):
-        assert _history(uri, run_id, key) == list(range(1, epochs + 1)), key
+        assert logged.epochs(uri, run_id, key) == list(range(1, epochs + 1)), key
+        assert _history(uri, run_id, key) == [e * STEPS_PER_EPOCH for e in range(1, epochs + 1)], key
     step_loss = _history(uri, run_id, "step_loss")
     assert len(step_loss) == len(set(step_loss)), "a step was logged twice"
 

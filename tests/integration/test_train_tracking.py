@@ -26,15 +26,27 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch)
 def test_replayed_steps_are_not_logged_twice(mlflow_sqlite, tiny_job, tmp_path):
     cfg = tiny_job("data", tmp_path / "runs")
     first = tracking.RunTracker.create_training(cfg, run_name="r", tags={tracking.TAG_STORAGE: "runs/r"})
-    assert first.log_metrics({"val_top1": 0.3, "train_loss": 2.0}, step=1) == 2
-    assert first.log_metrics({"val_top1": 0.5, "train_loss": 1.5}, step=2) == 2
+    # Epochs of 12 optimizer steps: every metric at the global step, the epoch as a metric.
+    assert first.log_metrics({"epoch": 1, "val_top1": 0.3, "train_loss": 2.0}, step=12) == 3
+    assert first.log_metrics({"step_loss": 1.6}, step=20) == 1
+    assert first.log_metrics({"epoch": 2, "val_top1": 0.5, "train_loss": 1.5}, step=24) == 3
 
     # A restarted worker group replays epoch 2 from the epoch-1 checkpoint, then goes on.
     again = tracking.RunTracker(first.run_id)
-    assert again.log_metrics({"val_top1": 0.51, "train_loss": 1.4}, step=2) == 0
-    assert again.log_metrics({"val_top1": 0.7, "train_loss": 1.0}, step=3) == 2
-    assert again.history("val_top1") == [(1, 0.3), (2, 0.5), (3, 0.7)]
-    assert [s for s, _ in again.history("train_loss")] == [1, 2, 3]
+    assert again.log_metrics({"step_loss": 1.55}, step=20) == 0
+    assert again.log_metrics({"epoch": 2, "val_top1": 0.51, "train_loss": 1.4}, step=24) == 0
+    assert again.log_metrics({"epoch": 3, "val_top1": 0.7, "train_loss": 1.0}, step=36) == 3
+    assert again.history("val_top1") == [(12, 0.3), (24, 0.5), (36, 0.7)]
+    assert again.history("epoch") == [(12, 1), (24, 2), (36, 3)]
+    assert [s for s, _ in again.history("train_loss")] == [12, 24, 36]
+
+    # Re-planned for half the workers: epochs of 24 steps from the epoch-3 checkpoint. Epoch 3
+    # replayed ends at another step, and is still not logged twice.
+    replanned = tracking.RunTracker(first.run_id)
+    assert replanned.log_metrics({"epoch": 3, "val_top1": 0.69, "train_loss": 1.1}, step=60) == 0
+    assert replanned.log_metrics({"epoch": 4, "val_top1": 0.8, "train_loss": 0.8}, step=84) == 3
+    assert replanned.history("epoch") == [(12, 1), (24, 2), (36, 3), (84, 4)]
+    assert replanned.history("val_top1")[-1] == (84, 0.8)
 
 
 def test_run_is_found_by_its_storage_tag_and_reopened(mlflow_sqlite, tiny_job, tmp_path):

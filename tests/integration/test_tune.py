@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator
 
+import logged
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -240,5 +241,4 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     assert len(runs) == 2  # the search run and its one trial run, no duplicates
     import mlflow
 
-    history = mlflow.tracking.MlflowClient().get_metric_history(trial.run_id, "val_top1")
-    assert sorted(m.step for m in history) == [1, 2, 3]  # each epoch once
+    assert logged.epochs(mlflow.tracking.MlflowClient(), trial.run_id, "val_top1") == [1, 2, 3]  # each once
