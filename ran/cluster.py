@@ -146,10 +146,10 @@ def job_env(local: bool, notes: list[str], extra: list[str] | None = None,
     file_store = uri.startswith(("sqlite:", "file:", "/"))
     if local:
         if uri != env.get("MLFLOW_TRACKING_URI"):
-            notes.append(f"MLflow: the job writes to {uri}")
+            notes.append(f"MLflow: the job writes to {tracking.shown(uri)}")
         env["MLFLOW_TRACKING_URI"] = uri
     elif file_store:
-        notes.append(f"MLflow: {uri} is a file on this machine, out of the cluster's reach: the "
+        notes.append(f"MLflow: {tracking.shown(uri)} is a file on this machine, out of the cluster's reach: the "
                      f"job records its run on the cluster's disk. Set MLFLOW_TRACKING_URI="
                      f"http://MLFLOW_HOST:5000 (an MLflow server both can reach) to keep it.")
     return env

@@ -230,7 +230,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 def cli_registry(args: argparse.Namespace) -> int:
     rows = registry_rows(args.name)
     if not rows:
-        print(f"no registered model versions in {tracking.tracking_uri()}")
+        print(f"no registered model versions in {tracking.shown(tracking.tracking_uri())}")
         return 0
     print(format_table(rows))
     return 0

@@ -26,7 +26,7 @@ from ran.tracking.runs import (
 )
 from ran.tracking.store import (
     answers, check_server, client, default_artifact_location, ensure_experiment, existing_store,
-    git_commit, is_server, ray_job_tags, tracking_uri, use_uri,
+    git_commit, is_server, ray_job_tags, shown, tracking_uri, use_uri,
 )
 
 __all__ = [
@@ -37,5 +37,5 @@ __all__ = [
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
     "ensure_experiment", "existing_store", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
     "SystemMetrics", "dataset_digest", "describe_unlogged", "shard_datasets", "answers",
-    "check_server", "is_server",
+    "check_server", "is_server", "shown",
 ]

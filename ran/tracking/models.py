@@ -294,7 +294,7 @@ def registry_source(ref: str) -> ModelSource:
     try:
         mlflow_client.get_registered_model(name)
     except MlflowException:
-        raise ModelRefError(f"model {ref}: no registered model {name!r} in {uri} (see "
+        raise ModelRefError(f"model {ref}: no registered model {name!r} in {store.shown(uri)} (see "
                             "`ran registry`)") from None
     try:
         mv = (mlflow_client.get_model_version_by_alias(name, alias) if alias
@@ -302,7 +302,7 @@ def registry_source(ref: str) -> ModelSource:
     except MlflowException:
         what = f"alias {alias!r}" if alias else f"version {version}"
         known = ", ".join(sorted((str(v.version) for v in model_versions(name)), key=int)) or "none"
-        raise ModelRefError(f"model {ref}: registered model {name!r} in {uri} has no {what} "
+        raise ModelRefError(f"model {ref}: registered model {name!r} in {store.shown(uri)} has no {what} "
                             f"(versions: {known}; see `ran registry {name}`)") from None
     return version_source(ref, mv)
 
@@ -329,7 +329,7 @@ def run_source(run_id: str) -> ModelSource:
     try:
         run = mlflow_client.get_run(run_id)
     except MlflowException:
-        raise ModelRefError(f"model {run_id}: no such MLflow run in {uri} and no such checkpoint "
+        raise ModelRefError(f"model {run_id}: no such MLflow run in {store.shown(uri)} and no such checkpoint "
                             "path") from None
     registered = run.data.tags.get(TAG_VERSION)
     if registered and "/" in registered:

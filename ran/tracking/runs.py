@@ -319,7 +319,7 @@ class RunLogger:
                 if lost:
                     self._give_up(lost)
                     reported = False
-                    print(f"warning: MLflow at {self.uri}: {type(err).__name__}: "
+                    print(f"warning: MLflow at {store.shown(self.uri)}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}; "
                           f"{self.dropped} metric values not logged so far", file=sys.stderr)
                 if not done:

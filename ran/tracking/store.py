@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ def tracking_uri() -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+def shown(uri: str) -> str:
+    """``uri`` as ran prints it: a password in its user part replaced by ``***``
+    (``https://alice:***@mlflow.internal``), so that no console, log file or error message
+    carries it. Every message naming a tracking URI goes through this."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def is_server(uri: str) -> bool:
@@ -92,7 +104,8 @@ def _check_server(uri: str, experiment: str | None, registered_model: str | None
                               found["experiment"]["experiment_id"], f"experiment {experiment!r}",
                               "set tracking.experiment to one of yours", timeout)
         elif status == 403:
-            raise PermissionError(f"MLflow server {base}: user {user['username']!r} may not read "
+            raise PermissionError(f"MLflow server {shown(base)}"
+                                  f": user {user['username']!r} may not read "
                                   f"experiment {experiment!r}; ask its owner or an admin for EDIT, "
                                   "or set tracking.experiment to one of yours")
     if registered_model:
@@ -138,7 +151,7 @@ def _get(base: str, path: str, timeout: float,
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             reason = type(cause).__name__
-        raise ConnectionError(f"MLflow server {base} does not answer ({reason}): start it "
+        raise ConnectionError(f"MLflow server {shown(base)} does not answer ({reason}): start it "
                               "(cluster/tracking/README.md) or point MLFLOW_TRACKING_URI at a "
                               "running one") from None
     try:
@@ -146,7 +159,8 @@ def _get(base: str, path: str, timeout: float,
     except ValueError:
         body = None
     if path == "/health" and response.status_code != 200:
-        raise ConnectionError(f"MLflow server {base}: /health answered {response.status_code}; "
+        raise ConnectionError(f"MLflow server {shown(base)}"
+                              f": /health answered {response.status_code}; "
                               "is that an MLflow server? check MLFLOW_TRACKING_URI")
     return response.status_code, body
 
@@ -158,11 +172,12 @@ def _refuse_credentials(base: str, status: int) -> None:
         return
     user = get_default_host_creds(base).username  # environment or ~/.mlflow/credentials
     if status == 401 and not user:
-        raise PermissionError(f"MLflow server {base} needs a login: set {CREDENTIALS_HINT}")
+        raise PermissionError(f"MLflow server {shown(base)} needs a login: set {CREDENTIALS_HINT}")
     if status == 401:
-        raise PermissionError(f"MLflow server {base} refused user {user!r} (401 Unauthorized): "
+        raise PermissionError(f"MLflow server {shown(base)}"
+                              f" refused user {user!r} (401 Unauthorized): "
                               f"check {CREDENTIALS_HINT}")
-    raise PermissionError(f"MLflow server {base} answered {status} to who-am-I: check "
+    raise PermissionError(f"MLflow server {shown(base)} answered {status} to who-am-I: check "
                           f"{CREDENTIALS_HINT} and MLFLOW_TRACKING_URI")
 
 
@@ -174,7 +189,8 @@ def _check_permission(base: str, user: str, resource_type: str, resource_id: str
     if status != 200 or found is None:
         return  # a server without per-user permissions: the writes themselves will tell
     if found.get("permission") not in ("EDIT", "MANAGE"):
-        raise PermissionError(f"MLflow server {base}: user {user!r} has {found.get('permission')} "
+        raise PermissionError(f"MLflow server {shown(base)}"
+                              f": user {user!r} has {found.get('permission')} "
                               f"on {what}, and writing there needs EDIT: ask its owner or an admin "
                               f"for EDIT, or {instead}")
 
@@ -258,6 +274,7 @@ def existing_store(uri: str | None = None) -> str:
         if not path.is_file():
             where = ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
                      else "MLFLOW_TRACKING_URI is unset, so the embedded store of this directory")
-            raise FileNotFoundError(f"no MLflow store at {uri} ({where}); run where `ran train` "
+            raise FileNotFoundError(f"no MLflow store at {shown(uri)}"
+                                    f" ({where}); run where `ran train` "
                                     "ran, or set MLFLOW_TRACKING_URI to its store or server")
     return uri

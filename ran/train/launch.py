@@ -279,7 +279,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         outcome.registered = tracker.tag(tracking.TAG_VERSION)
         return outcome
     tracker.set_tags(tracking.ray_job_tags(ray.get_runtime_context().get_job_id()))
-    print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} ({tracker.uri})", flush=True)
+    print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} "
+          f"({tracking.shown(tracker.uri)})", flush=True)
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                    "launched_at": launched_at}
     result = build_trainer(cfg, storage, loop_config, callbacks).fit()
@@ -299,7 +300,7 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         text = str(err).strip().splitlines()
         raise FinalizeError(
             f"training finished (checkpoint {outcome.checkpoint}) but logging the model to MLflow "
-            f"at {tracker.uri} failed: {text[0] if text else type(err).__name__}; fix that and run "
+            f"at {tracking.shown(tracker.uri)} failed: {text[0] if text else type(err).__name__}; fix that and run "
             "the same command with --resume to log and register it") from err
     tracker.finish("FINISHED")
     return outcome
@@ -376,7 +377,7 @@ def where_to_look(outcome: TrainOutcome) -> str:
     if outcome.registered:
         name, version = outcome.registered.rsplit("/", 1)
         lines.append(f"registered model: {name} version {version} (models:/{name}/{version})")
-    uri = outcome.tracking_uri
+    uri = tracking.shown(outcome.tracking_uri)  # no password on the console
     if uri.startswith("sqlite:///"):
         lines.append(f"look:             mlflow ui --backend-store-uri {uri}")
     else:

@@ -648,7 +648,7 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
         print(f"search {name}: {storage.run_uri}; up to {limit} trial(s) at a time; "
-              f"MLflow run {parent.run_id} ({uri})", flush=True)
+              f"MLflow run {parent.run_id} ({tracking.shown(uri)})", flush=True)
         try:
             with _cli_reporter_output():
                 tuner = build_tuner(space, job_raw, ctx, storage, limit,

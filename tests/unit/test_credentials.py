@@ -280,3 +280,30 @@ def test_a_tracking_uri_with_a_password_is_refused(project, monkeypatch):
         "the URI and give the cluster's nodes MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
         "(cluster/README.md)")
     assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("uri, printed", [
+    ("https://alice:hunter2@mlflow.internal", "https://alice:***@mlflow.internal"),
+    ("http://alice:hunter2@10.0.0.5:5000/prefix", "http://alice:***@10.0.0.5:5000/prefix"),
+    ("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("http://alice@mlflow.internal", "http://alice@mlflow.internal"),  # no password: as it is
+    ("sqlite:////srv/mlflow.db", "sqlite:////srv/mlflow.db"),
+])
+def test_a_password_in_a_tracking_uri_is_shown_as_stars(uri, printed):
+    from ran import tracking
+
+    assert tracking.shown(uri) == printed
+
+
+def test_an_error_naming_the_server_does_not_print_its_password(clean_env, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["registry"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MLflow server http://alice:***@127.0.0.1:{port} does not answer")
+    assert "hunter2" not in err and len(err.strip().splitlines()) == 1
