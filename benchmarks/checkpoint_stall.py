@@ -32,27 +32,20 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import free_port, local_server  # noqa: E402 - the tests' server harness
 BUCKET = "stall"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
           "AWS_DEFAULT_REGION": "us-east-1"}
 MODES = ("none", "sync", "async")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -61,36 +54,12 @@ def moto_server(log: Path) -> Iterator[str]:
     local Ray it starts) while it runs."""
     import boto3
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.3)
-        os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": url})
+    port = free_port()
+    with local_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port=port,
+                      ready="/moto-api/", log=log) as url, \
+            mock.patch.dict(os.environ, {**S3_ENV, "AWS_ENDPOINT_URL": url}):
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
         yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def empty_bucket(url: str) -> dict[str, int]:

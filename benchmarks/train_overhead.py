@@ -33,19 +33,19 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
+from unittest import mock
 
-import psutil
 
 TRACKING = Path(__file__).resolve().parents[1] / "cluster" / "tracking"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import free_port, local_server  # noqa: E402 - the tests' server harness
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = "benchmark-admin-1"
 
@@ -124,9 +124,7 @@ def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
     wall = time.time() - start
     if done.returncode != 0:
         raise RuntimeError(f"ran train ({name}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    saved = {k: os.environ.get(k) for k in tracking}
-    os.environ.update(tracking)  # the server's login, for reading the run back
-    try:
+    with mock.patch.dict(os.environ, tracking):  # the server's login, for reading the run back
         client = MlflowClient(tracking["MLFLOW_TRACKING_URI"])
         experiment = client.get_experiment_by_name("overhead")
         run = client.search_runs([experiment.experiment_id], f"tags.`ran.job` = '{name}'",
@@ -135,12 +133,6 @@ def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch_time_s"))
         startup = client.get_metric_history(run.info.run_id, "startup_s")[0].value
         system = sorted(k for k in run.data.metrics if k.startswith("system/"))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return {**summarize([v for _, v in history][1:], steps, args.batch * workers),
             "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall,
             "system_metrics": len(system), "epoch_times_s": [v for _, v in history]}
@@ -168,52 +160,6 @@ def team_only(data: str, args: argparse.Namespace, root: Path) -> dict[str, Any]
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM a server and its descendants, SIGKILL what is left after 10 s."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-@contextlib.contextmanager
-def _serve(argv: list[str], env: dict[str, str], log: Path, ready: Any) -> Iterator[None]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        _stop(proc)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def team_server(root: Path) -> Iterator[dict[str, str]]:
     """PostgreSQL (postgres.sh), a moto_server bucket and mlflow-server.sh (basic-auth) on
@@ -222,7 +168,7 @@ def team_server(root: Path) -> Iterator[dict[str, str]]:
     import psycopg
 
     pg_dir = Path(tempfile.mkdtemp(prefix="ran-pg-"))  # not under root: PostgreSQL's user reads it
-    pg_port, s3_port, port = _free_port(), _free_port(), _free_port()
+    pg_port, s3_port, port = free_port(), free_port(), free_port()
     db = f"postgresql://mlflow:benchmark-db-1@127.0.0.1:{pg_port}"
 
     def pg_ready() -> bool:
@@ -232,15 +178,15 @@ def team_server(root: Path) -> Iterator[dict[str, str]]:
         except psycopg.OperationalError:
             return False
 
-    s3 = f"http://127.0.0.1:{s3_port}"
     s3_env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
               "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        with _serve([str(TRACKING / "postgres.sh"), str(pg_dir)],
-                    {**os.environ, "RAN_PG_PASSWORD": "benchmark-db-1", "RAN_PG_PORT": str(pg_port)},
-                    root / "postgres.log", pg_ready), \
-                _serve([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                       dict(os.environ), root / "moto.log", lambda: _http_ok(f"{s3}/moto-api/")):
+        with local_server([str(TRACKING / "postgres.sh"), str(pg_dir)], port=pg_port, ready=pg_ready,
+                          log=root / "postgres.log", timeout=300,
+                          env={**os.environ, "RAN_PG_PASSWORD": "benchmark-db-1",
+                               "RAN_PG_PORT": str(pg_port)}), \
+                local_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                             port=s3_port, ready="/moto-api/", log=root / "moto.log") as s3:
             boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in s3_env.items()
                                                    if k != "AWS_DEFAULT_REGION"},
                          region_name="us-east-1").create_bucket(Bucket="overhead")
@@ -250,9 +196,8 @@ def team_server(root: Path) -> Iterator[dict[str, str]]:
                    "MLFLOW_ARTIFACTS_DESTINATION": "s3://overhead/mlflow",
                    "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "RAN_MLFLOW_PORT": str(port),
                    "RAN_MLFLOW_WORKERS": "2", "RAN_MLFLOW_BIN": str(BIN / "mlflow"), "TMPDIR": str(root)}
-            url = f"http://127.0.0.1:{port}"
-            with _serve([str(TRACKING / "mlflow-server.sh")], env, root / "mlflow-server.log",
-                        lambda: _http_ok(f"{url}/health")):
+            with local_server([str(TRACKING / "mlflow-server.sh")], port=port, ready="/health",
+                              log=root / "mlflow-server.log", env=env, timeout=300) as url:
                 yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
                        "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
     finally:

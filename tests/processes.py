@@ -1,11 +1,21 @@
-"""Stopping the processes a test started (servers, Ray nodes), with psutil: one way for every
-fixture."""
+"""Starting and stopping the processes a test or a benchmark starts (servers, Ray nodes), with
+psutil: one way for every fixture and benchmark (benchmarks/ put this folder on sys.path).
+
+- ``local_server``: a server subprocess on 127.0.0.1 for a block, waited for until it answers,
+  stopped with its descendants at the end; ``free_port``: a port for it.
+- ``stop_tree`` / ``stop_processes``: SIGTERM, a grace period, SIGKILL, and a check that nothing
+  is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
 import time
-from typing import Callable
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
 
 import psutil
 
@@ -36,3 +46,60 @@ def stop_processes(find: Callable[[], list[psutil.Process]], grace: float = 10.0
         if not procs and not find():
             return []
     return procs
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM ``pid`` and all its descendants, SIGKILL those left after ``grace`` seconds; raises
+    if any is still running after that."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    left = stop_processes(lambda: [p for p in tree if running(p)], grace)
+    if left:
+        raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in left]}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(argv: list[str], *, port: int, ready: str | Callable[[], bool], log: Path,
+                 cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 120.0) -> Iterator[str]:
+    """Run ``argv`` (a server told to listen on 127.0.0.1:``port``) for the block; yields
+    ``http://127.0.0.1:PORT`` once GET ``ready`` (a path) answers 200, or the callable ``ready``
+    returns True (servers that do not speak HTTP); ``env``: its environment (default: ours). Its output goes to ``log``;
+    a server that exits or does not answer in ``timeout`` seconds fails with the log's tail. At the
+    end it and its descendants are stopped."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        # A session of its own: Ctrl-C in the terminal reaches pytest, which then stops the server.
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (ready() if callable(ready) else _answers(f"{url}{ready}")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                what = f"exited with {proc.returncode}" if proc.poll() is not None else \
+                    f"did not answer at {url}{ready} within {timeout:.0f}s"
+                raise RuntimeError(f"{Path(argv[0]).name} {what}; {log}:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop_tree(proc.pid)
+        proc.wait(5)

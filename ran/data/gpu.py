@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ran.data import DataError
 from ran.data.read import (MIN_SAMPLES_FOR_BAD_CHECK, Batch, Loader, ShardDataset, _batch_tensor,
-                           _Health, _reason, parse_sample)
+                           _Health)
 from ran.data.transforms import (ImageNetEval, ImageNetTrain, Transform, add_saturating, center_box,
                                  jpeg_header, random_resized_box)
 
@@ -195,19 +195,11 @@ class RawShardDataset(ShardDataset):
             return
         made = 0
         collector = _RawCollector(self.transform)
-        for item in items:
-            if isinstance(item, int):
-                if item:
-                    health.skip(item, health.last_reason or "unreadable shard", warn=True)
-                continue
-            key, sample = item
-            try:
-                data, label = parse_sample(sample, self.num_classes)
-                collector.add(key, data, label, rng)
-            except Exception as exc:
-                health.skip(1, f"sample {key}: {_reason(exc)}")
-                continue
-            health.good()
+
+        def collect(key: str, data: bytes, label: int) -> None:
+            collector.add(key, data, label, rng)
+
+        for _ in self._good_samples(items, health, collect):
             if len(collector) == self.batch_size:
                 yield collector.batch(rng, health.take_pending())
                 made += 1

@@ -389,6 +389,26 @@ class ShardDataset(IterableDataset):
 
     # -- batches ----------------------------------------------------------------------------
 
+    def _good_samples(self, items: Iterator[Any], health: _Health,
+                      use: Any) -> Iterator[int]:
+        """Each sample of ``items`` (``(key, sample)``, or an int: that many unreadable) handed
+        to ``use(key, data, label)``; yields the label of each one ``use`` took. A sample that
+        cannot be parsed or that ``use`` raises on is counted in ``health`` and passed over."""
+        for item in items:
+            if isinstance(item, int):
+                if item:
+                    health.skip(item, health.last_reason or "unreadable shard", warn=True)
+                continue
+            key, sample = item
+            try:
+                data, label = parse_sample(sample, self.num_classes)
+                use(key, data, label)
+            except Exception as exc:
+                health.skip(1, f"sample {key}: {_reason(exc)}")
+                continue
+            health.good()
+            yield label
+
     def _assemble(self, items: Iterator[Any], rng: random.Random, health: _Health,
                   limit: int | None) -> Iterator[Batch]:
         """Decode samples into batches of ``batch_size`` (the last one may be partial)."""
@@ -398,19 +418,11 @@ class ShardDataset(IterableDataset):
         crop = self.transform.crop
         images = _batch_tensor((self.batch_size, 3, crop, crop))
         labels: list[int] = []
-        for item in items:
-            if isinstance(item, int):
-                if item:
-                    health.skip(item, health.last_reason or "unreadable shard", warn=True)
-                continue
-            key, sample = item
-            try:
-                data, label = parse_sample(sample, self.num_classes)
-                images[len(labels)] = self.transform.sample(data, rng)
-            except Exception as exc:
-                health.skip(1, f"sample {key}: {_reason(exc)}")
-                continue
-            health.good()
+
+        def decode(key: str, data: bytes, label: int) -> None:
+            images[len(labels)] = self.transform.sample(data, rng)
+
+        for label in self._good_samples(items, health, decode):
             labels.append(label)
             if len(labels) == self.batch_size:
                 yield Batch(self.transform.batch(images, rng), torch.tensor(labels), health.take_pending())

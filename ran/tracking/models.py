@@ -20,10 +20,12 @@ not used.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +60,20 @@ class ModelRefError(ValueError):
 # Logging the trained model
 
 
+# MLflow 3.17's registration notices (mlflow/tracking/_model_registry/fluent.py).
+REGISTRATION_NOTICE = re.compile(r"^(Successfully registered model |Created version |Registered model "
+                                 r".* already exists\. Creating a new version)")
+
+
 def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                     class_names: list[str], input_example: "np.ndarray",
-                    metrics: dict[str, float], register: bool = True) -> str | None:
+                    metrics: dict[str, float], register: bool = True,
+                    quiet: bool = False) -> str | None:
     """Log the trained model into ``tracker``'s run (both flavors, see the module docstring) and,
     if ``register`` and a name is configured, register it as ``cfg.tracking.registered_model``.
+    ``quiet``: leave out MLflow's own registration notices ("Successfully registered model",
+    "Created version", "already exists. Creating a new version"), which the caller reports in its
+    own words; anything else MLflow writes to stderr meanwhile is passed on.
 
     ``input_example``: float32 ``(2, 3, crop, crop)``, normalised (batch 2 keeps the exported
     batch dimension dynamic). Returns ``"name/version"`` (the version tagged with ``metrics``, the
@@ -83,7 +94,12 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
         (side / "config.yaml").write_text(cfg.to_yaml())
         (side / "classes.json").write_text(json.dumps(class_names))
         torch.save(model.state_dict(), side / "state_dict.pt")
-        with mlflow.start_run(run_id=tracker.run_id):  # the logged model joins the run's experiment
+        notices = io.StringIO()
+        with mlflow.start_run(run_id=tracker.run_id), \
+                (contextlib.redirect_stderr(notices) if quiet else contextlib.nullcontext()):
+            # ^ MLflow prints its notices to stderr directly (mlflow.utils.logging_utils.eprint),
+            # not through a logger that a level could silence. start_run: the logged model joins
+            # the run's experiment.
             info = Model.log(
                 None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
                 registered_model_name=name,
@@ -94,6 +110,9 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
                                   "pillow"],
             )
+    for line in notices.getvalue().splitlines(keepends=True):
+        if not REGISTRATION_NOTICE.search(line):
+            sys.stderr.write(line)
     if not name:
         return None
     version = str(info.registered_model_version)

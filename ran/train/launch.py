@@ -358,7 +358,8 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     metrics.update(epoch=state["epoch"], step=state["step"])
     gate = registration_gate(cfg, metrics)
     gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
-                                            metrics, register=gate.register)
+                                            metrics, register=gate.register,
+                                            quiet=not console.verbose())
     if not gate.register and gate.reason:
         gate.reason += f"; the model is logged in MLflow run {tracker.run_id}"
     record_registration(tracker, gate)

@@ -49,11 +49,9 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import logging
 import os
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -75,9 +73,6 @@ from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
 from ran.train.schedule import RunPlan, build_scheduler, plan_run, step_shares, step_size
 
-log = logging.getLogger("ran.train")
-
-PROGRESS_EVERY_S = 5.0  # console progress line period on rank 0
 # Steps between polls of Ray's preemption notice: a collective through Ray Train's synchronization
 # actor (milliseconds), while a spot reclaim gives minutes.
 PREEMPTION_POLL_STEPS = 10

@@ -271,7 +271,9 @@ def open_parent_run(space: SearchSpace, base: JobConfig, name: str, storage_uri:
         tags[tracking.TAG_GIT] = commit
     parent = tracking.RunTracker.create(base.tracking.experiment, run_name=name, tags=tags, uri=uri)
     searched = set(space.searched_keys)
-    parent.log_params({k: v for k, v in base.flat().items() if k not in searched})
+    # The options the trials use (JobConfig.applicable), unless the schedule itself is searched.
+    used = base.flat() if "schedule.kind" in searched else base.applicable()
+    parent.log_params({k: v for k, v in used.items() if k not in searched})
     parent.log_params({f"search.{k}": v for k, v in _flat_settings(space).items()})
     parent.log_params({"search.space": space.name, "search.keys": ",".join(space.searched_keys)})
     parent.log_text(base.to_yaml(), BASE_CONFIG)
@@ -669,7 +671,7 @@ def _finish(grid: Any, space: SearchSpace, base: JobConfig, job_raw: dict[str, A
     trials = collect(grid, space, job_raw, manifest, ctx, base.tracking.experiment,
                      asha_max_t(space, base, manifest))
     for trial in trials:
-        params = trial_config(job_raw, trial.overrides, ctx.name, trial.trial_id).flat()
+        params = trial_config(job_raw, trial.overrides, ctx.name, trial.trial_id).applicable()
         record_trial(trial, ctx, base.tracking.experiment, params)
     outcome = SearchOutcome(ctx.name, ctx.parent_run_id, s.metric, s.mode, trials,
                             storage=storage.run_uri,

@@ -21,78 +21,16 @@ until it answers, stopped with its descendants (found with psutil) at the end. T
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_s3 import S3_ENV  # noqa: E402
-from processes import running, stop_processes  # noqa: E402
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_tree(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM ``pid`` and all its descendants, SIGKILL those left after ``grace`` seconds; raises
-    if any is still running after that."""
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    left = stop_processes(lambda: [p for p in tree if running(p)], grace)
-    if left:
-        raise RuntimeError(f"processes survived SIGKILL: {[p.pid for p in left]}")
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def local_server(argv: list[str], *, port: int, ready: str | Callable[[], bool], log: Path,
-                 cwd: Path | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 120.0) -> Iterator[str]:
-    """Run ``argv`` (a server told to listen on 127.0.0.1:``port``) for the block; yields
-    ``http://127.0.0.1:PORT`` once GET ``ready`` (a path) answers 200, or the callable ``ready``
-    returns True (servers that do not speak HTTP); ``env``: its environment (default: ours). Its output goes to ``log``;
-    a server that exits or does not answer in ``timeout`` seconds fails with the log's tail. At the
-    end it and its descendants are stopped."""
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        # A session of its own: Ctrl-C in the terminal reaches pytest, which then stops the server.
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while not (ready() if callable(ready) else _answers(f"{url}{ready}")):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                what = f"exited with {proc.returncode}" if proc.poll() is not None else \
-                    f"did not answer at {url}{ready} within {timeout:.0f}s"
-                raise RuntimeError(f"{Path(argv[0]).name} {what}; {log}:\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        stop_tree(proc.pid)
-        proc.wait(5)
+from processes import free_port, local_server, stop_tree  # noqa: E402, F401 (tests import them from here)
 
 
 def mlflow_server_argv(store_uri: str, port: int, artifacts: Path | None = None) -> list[str]:
@@ -168,3 +106,27 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     write_synthetic(str(out), classes=4, train=384, val=128, size=16, seed=0,
                     samples_per_shard=128, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def train_registered(ray_local: str, synth_data: str, tiny_job,
+                     tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], dict]:
+    """``train_registered(name, model)``: the tiny job ``name`` (experiment ``name``) trained on
+    ``synth_data`` into its own sqlite store and registered as ``model`` version 1; returns
+    ``{"uri", "root", "outcome", "data"}`` (the store's URI, its directory, the TrainOutcome, the
+    shards)."""
+    from ran.train.launch import run_training
+
+    def train(name: str, model: str) -> dict:
+        root = tmp_path_factory.mktemp(name)
+        uri = f"sqlite:///{root}/mlflow.db"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            mp.chdir(root)
+            outcome = run_training(tiny_job(synth_data, root / "runs", **{
+                "name": name, "tracking.experiment": name, "tracking.registered_model": model,
+                "tracking.log_model": True}))
+        assert outcome.registered == f"{model}/1"
+        return {"uri": uri, "root": root, "outcome": outcome, "data": synth_data}
+
+    return train

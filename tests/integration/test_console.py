@@ -1,5 +1,6 @@
 """What `ran train` prints into a pipe: ran's own lines by default, Ray's with -v; never a colour
-code or a carriage return. Two runs of the tiny job (2 epochs), each its own lean local Ray."""
+code or a carriage return. Two runs of the tiny job (2 epochs, registering its model), each its
+own lean local Ray."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ EPOCHS = 2
 MAX_LINES_PER_EPOCH = 5
 RAY_CHATTER = ("TrainingReport(", "(RayTrainWorker pid=", "(TrainController pid=",
                "Started a local Ray instance", "Token authentication is enabled",
-               "INFO mlflow", "A run snapshot was found")
+               "INFO mlflow", "A run snapshot was found",
+               "Successfully registered model", "Created version ")  # MLflow's, registering
 
 
 def _ran_train(*args: str, job: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -32,7 +34,9 @@ def _ran_train(*args: str, job: Path, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def job(synth_data: str, tiny_job, tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_job(synth_data, tmp_path / "runs", **{"train.epochs": EPOCHS}).to_yaml())
+    path.write_text(tiny_job(synth_data, tmp_path / "runs", **{
+        "train.epochs": EPOCHS, "tracking.log_model": True,
+        "tracking.registered_model": "tiny-console"}).to_yaml())
     return path
 
 
@@ -58,6 +62,7 @@ def test_default_output_is_rans_own_lines(job: Path, tmp_path: Path):
     end = next(i for i, line in enumerate(lines) if line.startswith("final validation: top-1 "))
     training = lines[1:end]  # between the run's header and the final summary
     assert len(training) <= MAX_LINES_PER_EPOCH * EPOCHS, training
+    assert "registered model: tiny-console version 1 (models:/tiny-console/1)" in lines  # ran's words
 
     # The run's params are the options it used: the tiny job is a 2-epoch cosine schedule.
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -78,3 +83,4 @@ def test_verbose_output_has_rays_lines_and_still_no_colour(job: Path, tmp_path: 
     assert reports == {"1", "2"}  # Ray Train's line for each epoch's report
     assert "Started a local Ray instance" in done.stderr
     assert "final validation: top-1 " in done.stdout
+    assert "Successfully registered model 'tiny-console'." in done.stderr  # MLflow's notice is back

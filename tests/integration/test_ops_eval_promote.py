@@ -40,23 +40,18 @@ def _register_untrained(cfg: Any, classes: list[str]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def registry(ray_local: str, synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
+def registry(train_registered, synth_data: str):
     """The sqlite store holding versions 1 (trained) and 2 (untrained) of ``tiny-ran``."""
     from ran.data.read import read_manifest
-    from ran.train.launch import run_training
 
-    root = tmp_path_factory.mktemp("ops")
-    uri = f"sqlite:///{root}/mlflow.db"
+    store = train_registered("ops", MODEL)
+    trained = store["outcome"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)
-        trained = run_training(tiny_job(synth_data, root / "runs", **{
-            "name": "ops", "tracking.experiment": "ops", "tracking.registered_model": MODEL,
-            "tracking.log_model": True}))
-        assert trained.registered == f"{MODEL}/1"
+        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        mp.chdir(store["root"])
         untrained = _register_untrained(trained.config, read_manifest(synth_data)["classes"])
         assert untrained == f"{MODEL}/2"
-    yield {"uri": uri, "root": root, "trained": trained, "data": synth_data}
+    yield {"uri": store["uri"], "root": store["root"], "trained": trained, "data": synth_data}
 
 
 @pytest.fixture

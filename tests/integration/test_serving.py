@@ -33,23 +33,13 @@ BATCH = 16  # the tiny job's data.batch_size: ran eval's batches
 
 
 @pytest.fixture(scope="module")
-def registered(ray_local: str, synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
+def registered(train_registered):
     """``tiny-serve`` version 1 (2 epochs of the tiny job), alias champion, in a sqlite store."""
     from mlflow.tracking import MlflowClient
 
-    from ran.train.launch import run_training
-
-    root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.chdir(root)
-        outcome = run_training(tiny_job(synth_data, root / "runs", **{
-            "name": "serve", "tracking.experiment": "serve", "tracking.registered_model": MODEL,
-            "tracking.log_model": True}))
-        assert outcome.registered == f"{MODEL}/1"
-        MlflowClient(uri).set_registered_model_alias(MODEL, "champion", "1")
-    return {"uri": uri, "root": root, "outcome": outcome, "data": synth_data}
+    store = train_registered("serve", MODEL)
+    MlflowClient(store["uri"]).set_registered_model_alias(MODEL, "champion", "1")
+    return store
 
 
 @pytest.fixture
