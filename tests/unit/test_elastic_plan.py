@@ -148,8 +148,9 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
     assert resumed.samples == resumed.plan.total_samples == 50
     assert resumed.plan.total_steps == resumed.step == 5
     assert sorted(second.metrics["step_loss"]) == [3, 4, 5]
-    assert second.metrics["epoch_samples"] == {1: 50}  # neither short nor doubled
-    assert second.metrics["lr"][1] == 0.0 and second.metrics["step_lr"][5] == 0.0
+    # Epoch 1 ends at global step 5: neither short nor doubled, logged at the step it ended.
+    assert second.metrics["epoch_samples"] == {5: 50} and second.metrics["epoch"] == {5: 1}
+    assert second.metrics["lr"][5] == 0.0 and second.metrics["step_lr"][5] == 0.0
     assert second.metrics["plan_world_size"] == {2: 1}
     assert second.metrics["plan_global_batch"] == {2: 8}
     assert second.tags["ran.resumed_from"] == "epoch=0 step=2"
