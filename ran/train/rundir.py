@@ -95,14 +95,13 @@ def _storage_base(path: str, job: str) -> Storage:
     if not endpoint:
         return Storage(uri=path, name=job, ray_path=path)
     parsed = urlparse(endpoint)
-    # Keys from the driver's environment travel with the (pickled) filesystem to the workers.
-    keys = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
-            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+    # No keys given: the filesystem is pickled to every worker (and kept with the trainer), so
+    # each process finds its own credentials by AWS's default chain (its environment, ~/.aws, the
+    # node's instance or service-account role), as the cluster's nodes are set up to
+    # (cluster/README.md); the driver's keys never travel.
     fs = pyarrow.fs.S3FileSystem(
         endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https",
         region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        **({k: v for k, v in keys.items() if v} if keys["access_key"] else {}),
     )
     return Storage(uri=path, name=job, ray_path=path[len("s3://"):].rstrip("/"), filesystem=fs)
 

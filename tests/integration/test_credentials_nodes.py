@@ -61,3 +61,39 @@ def test_the_aws_setup_command_writes_mlflow_credentials_from_secrets_manager(mo
                       f"get_default_host_creds as c; h = c(\"http://mlflow:5000\"); "
                       f"print(h.username, h.password)'", home)
     assert (read.returncode, read.stdout) == (0, f"{user} {password}\n"), read.stderr
+
+
+def test_the_checkpoint_filesystem_carries_no_keys_to_the_workers(moto_server, tiny_job, tmp_path,
+                                                                  monkeypatch):
+    """With an S3 endpoint of its own (MinIO, moto), the run storage's filesystem is pickled to
+    every Ray Train worker: it holds none of the driver's keys, and a process that unpickles it
+    uses its own credentials (here its environment's) to write checkpoints."""
+    import pickle
+
+    import boto3
+
+    from ran.train.rundir import storage_for
+
+    keys = {"AWS_ACCESS_KEY_ID": "AKIADRIVERKEY0000001", "AWS_SECRET_ACCESS_KEY": "driver-secret-xyz",
+            "AWS_SESSION_TOKEN": "driver-session-token-xyz"}
+    for key, value in keys.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="no-keys")
+    storage = storage_for(tiny_job("data", "s3://no-keys/runs"), resume=False)
+    pickled = pickle.dumps(storage.filesystem)
+    assert not [v for v in keys.values() if v.encode() in pickled]
+    blob = tmp_path / "fs.pkl"
+    blob.write_bytes(pickled)
+    worker = subprocess.run([sys.executable, "-c", (
+        "import pickle\n"
+        "import pyarrow.fs\n"
+        f"fs = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+        "with fs.open_output_stream('no-keys/runs/probe.txt') as out:\n"
+        "    out.write(b'written by a worker')\n"
+        "del fs, out\n"
+        "pyarrow.fs.finalize_s3()\n")],
+        env={**os.environ, "AWS_ACCESS_KEY_ID": "AKIAWORKERKEY0000001",
+             "AWS_SECRET_ACCESS_KEY": "worker-secret"}, capture_output=True, text=True, timeout=120)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    body = boto3.client("s3", endpoint_url=moto_server).get_object(Bucket="no-keys", Key="runs/probe.txt")
+    assert body["Body"].read() == b"written by a worker"
