@@ -20,7 +20,8 @@ every 10 s (the default). Its stack is started from cluster/tracking/ (postgres.
 mlflow-server.sh) on 127.0.0.1 with a moto_server bucket for artifacts, and stopped at the end.
 
     python benchmarks/train_overhead.py [--size 32] [--train 1536] [--batch 32] [--epochs 4]
-    python benchmarks/train_overhead.py --team-only    # sqlite, team, team, sqlite: ~10 min
+    python benchmarks/train_overhead.py --team-only    # sqlite, team, team without system
+                                                       # metrics, and back: ~6 min on an idle machine
 
 Prints one JSON object. The machine's load average is included: on a shared machine, timings are
 only comparable with others taken at a similar load.
@@ -41,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
+
+import psutil
 
 
 TRACKING = Path(__file__).resolve().parents[1] / "cluster" / "tracking"
@@ -106,22 +109,40 @@ def summarize(timed: list[float], steps: int, images_per_step: int) -> dict[str,
             "img_per_s": steps * images_per_step / median, "timed_epochs": len(timed)}
 
 
+SERVER_STACK = ("postgres", "mlflow", "gunicorn", "uvicorn", "moto_server", "huey")
+
+
+def server_stack_cpu_s() -> float:
+    """CPU seconds used so far by this machine's tracking-server processes (PostgreSQL, the
+    MLflow server and its workers, moto_server): what a colocated server takes from training."""
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if proc.info["cpu_times"] and any(word in line for word in SERVER_STACK) \
+                and "ran.cli" not in line:
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
+
+
 def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
-              server: dict[str, str] | None = None) -> dict[str, float]:
+              server: dict[str, str] | None = None,
+              system_metrics_s: float | None = None) -> dict[str, float]:
     """`ran train` as a user runs it (a subprocess starting its own local Ray), on the sqlite
     store, or with ``server`` (the MLFLOW_* environment of the team server) against it with
-    system metrics on."""
+    system metrics every ``system_metrics_s`` seconds (default: 10 with a server, else off)."""
     from mlflow.tracking import MlflowClient
 
-    name = f"overhead{workers}" + ("_team" if server else "")
+    if system_metrics_s is None:
+        system_metrics_s = 10.0 if server else 0.0
+    name = f"overhead{workers}" + ("_team" if server else "") + ("" if system_metrics_s else "_nosys")
     job = root / f"{name}.yaml"
-    job.write_text(job_yaml(data, args, workers, name, 10.0 if server else 0.0))
+    job.write_text(job_yaml(data, args, workers, name, system_metrics_s))
     tracking = server or {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **tracking}
-    start = time.time()
+    start, stack_before = time.time(), server_stack_cpu_s()
     done = subprocess.run([sys.executable, "-m", "ran.cli", "train", str(job)], cwd=root, env=env,
                           capture_output=True, text=True)
-    wall = time.time() - start
+    wall, stack_cpu = time.time() - start, server_stack_cpu_s() - stack_before
     if done.returncode != 0:
         raise RuntimeError(f"ran train ({name}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     with mock.patch.dict(os.environ, tracking):  # the server's login, for reading the run back
@@ -135,27 +156,38 @@ def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
         system = sorted(k for k in run.data.metrics if k.startswith("system/"))
     return {**summarize([v for _, v in history][1:], steps, args.batch * workers),
             "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall,
-            "system_metrics": len(system), "epoch_times_s": [v for _, v in history]}
+            "system_metrics": len(system), "epoch_times_s": [v for _, v in history],
+            "server_stack_cpu_s": stack_cpu, "server_stack_cores": stack_cpu / wall}
 
 
 def team_only(data: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """sqlite, team server, team server, sqlite (1 worker each; ABBA cancels a steady drift of the
-    machine's load); each side's step time is the median of its timed epochs, both runs pooled."""
-    runs: dict[str, list[dict[str, Any]]] = {"sqlite": [], "team_server": []}
+    """sqlite, team server with system metrics, team server without, and back in reverse order
+    (1 worker each; the mirrored order cancels a steady drift of the machine's load); each side's
+    step time is the median of its timed epochs, its two runs pooled. The server stack runs on
+    this machine, so its CPU use while each run trains is reported beside the step times."""
+    sides = {"sqlite": (None, 0.0), "team_server": ("team", 10.0),
+             "team_server_no_system_metrics": ("team", 0.0)}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     with team_server(root) as server:
-        for side in ("sqlite", "team_server", "team_server", "sqlite"):
-            runs[side].append(ran_train(data, args, 1, root, server if side == "team_server" else None))
+        order = list(sides)
+        for side in order + order[::-1]:
+            where, every = sides[side]
+            runs[side].append(ran_train(data, args, 1, root, server if where else None, every))
     results: dict[str, Any] = {}
     for side, done in runs.items():
         timed = [t for run in done for t in run["epoch_times_s"][1:]]
         results[side] = {**summarize(timed, done[0]["steps_per_epoch"], args.batch),
                          "step_time_per_run_s": [run["step_time_s"] for run in done],
                          "first_step_s": [run["first_step_s"] for run in done],
-                         "system_metrics": [run["system_metrics"] for run in done]}
+                         "system_metrics": [run["system_metrics"] for run in done],
+                         "server_stack_cores": [run["server_stack_cores"] for run in done]}
     sqlite, team = results["sqlite"], results["team_server"]
+    quiet = results["team_server_no_system_metrics"]
     results["ratios"] = {
         "step_time_team_server_vs_sqlite": team["step_time_s"] / sqlite["step_time_s"],
-        "step_time_min_team_server_vs_sqlite": team["step_time_min_s"] / sqlite["step_time_min_s"]}
+        "step_time_min_team_server_vs_sqlite": team["step_time_min_s"] / sqlite["step_time_min_s"],
+        "step_time_team_server_no_system_metrics_vs_sqlite": quiet["step_time_s"] / sqlite["step_time_s"],
+        "step_time_system_metrics_on_vs_off": team["step_time_s"] / quiet["step_time_s"]}
     results["goals"] = {"team_server_within_2pct": team["step_time_s"] <= 1.02 * sqlite["step_time_s"]}
     return results
 
@@ -249,7 +281,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="train.precision of both loops (auto: bf16 only on bf16 hardware)")
     parser.add_argument("--team-only", action="store_true",
-                        help="only `ran train` on sqlite vs the team server, in ABBA order")
+                        help="only `ran train` on sqlite vs the team server (system metrics on "
+                             "and off), in mirrored order")
     args = parser.parse_args()
 
     from ran.data.synth import write_synthetic
