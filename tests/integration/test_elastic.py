@@ -39,22 +39,21 @@ def _the_run(uri: str):
     return runs[0]
 
 
-def _assert_finished_as_planned(uri: str, run, steps: int, exact: bool = True,
-                                epoch_ends: list[int] | None = None) -> None:
+def _assert_finished_as_planned(uri: str, run, steps: int, exact: bool = True) -> None:
     """FINISHED; 3 epochs logged once each (epoch 1 at step 12, 2 workers' 12 steps), in order,
     with 384 samples each; cosine lr ends at 0; one step_loss per step 1..steps (``exact=False``:
     and maybe more, see below); no plan params (they would have changed).
 
     Where epochs 2 and 3 end depends on the plan of the attempt that logged them, and a killed
     worker group may train (and log) on for a moment before it dies (see below): an epoch is
-    logged once, by whichever attempt finished it first, so its step is asserted only where the
-    test knows it (``epoch_ends``)."""
+    logged once, by whichever attempt finished it first (the group that lost a node may finish
+    epoch 2 at step 24 before the kill lands, or the one-worker group at 36), so its step is not
+    asserted: the step-loss history below is exact either way."""
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     epochs = _values(uri, run_id, "epoch")
     assert [e for _, e in epochs] == [1, 2, 3] and epochs[0][0] == 12, epochs
     ends = [step for step, _ in epochs]
-    assert epoch_ends is None or ends == epoch_ends, ends
     for key in ("train_loss", "val_top1", "lr", "img_per_s", "epoch_samples", "samples"):
         assert [s for s, _ in _values(uri, run_id, key)] == ends, key  # beside its epoch
     assert [v for _, v in _values(uri, run_id, "epoch_samples")] == [384, 384, 384]
@@ -164,9 +163,7 @@ def test_an_elastic_group_that_loses_a_node_continues_with_one_worker(
                      r"workers: global_batch 32 -> 16, peak_lr 0.1 -> 0.05, total_steps 36 -> 60",
                      out), out[-4000:]
     run = _the_run(uri)
-    # Held back by its dead peer, the survivor trains nothing past the epoch-1 checkpoint; from
-    # it, one worker's epochs of 24 steps end at 36 and 60.
-    _assert_finished_as_planned(uri, run, steps=60, epoch_ends=[12, 36, 60])
+    _assert_finished_as_planned(uri, run, steps=60)
     assert _values(uri, run.info.run_id, "plan_world_size") == [(0, 2), (12, 1)]
     assert run.data.tags["ran.resumed_from"] == "epoch=1 step=12"
 

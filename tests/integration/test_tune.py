@@ -120,10 +120,11 @@ def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search, wor
     assert all(r.info.status == "FINISHED" for r in children)
     assert all("val_top1" in r.data.metrics for r in children)
     assert [t.status for t in outcome.trials] == ["completed"] * 4
-    # Params are the options used: the tiny job's cosine schedule places no milestones.
+    # Params are the options used: the search's constant lr has no milestones, gamma, final lr
+    # or length in steps (train.epochs sets it).
     for run in (*parents, *children):
-        assert run.data.params["schedule.kind"] == "cosine", run.info.run_id
-        assert {"schedule.milestones", "schedule.gamma", "schedule.total_steps"} & \
+        assert run.data.params["schedule.kind"] == "constant", run.info.run_id
+        assert {"schedule.milestones", "schedule.gamma", "schedule.total_steps", "schedule.min_lr"} & \
             set(run.data.params) == set(), run.info.run_id
 
 
