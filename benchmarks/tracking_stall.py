@@ -45,9 +45,9 @@ def run(mode: str, uri: str, args: argparse.Namespace) -> list[float]:
             metrics = {"step_loss": 1.0, "step_lr": 0.1}
             writer.log_metrics(metrics, step) if writer else tracker.log_metrics(metrics, step)
         start = time.perf_counter()
-        if writer is not None:
-            writer.log_metrics(_epoch_metrics(epoch), epoch)
-        else:
+        if writer is not None:  # now: at the global step, with the epoch beside them
+            writer.log_metrics({**_epoch_metrics(epoch), "epoch": epoch}, step)
+        else:  # before: at step = epoch, then the curves from the whole history
             tracker.log_metrics(_epoch_metrics(epoch), epoch)
             tracker.log_curves()
         stalls.append(time.perf_counter() - start)
