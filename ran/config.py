@@ -293,23 +293,38 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key {key!r}; valid keys: {', '.join(keys)}"
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
+def _format_validation_error(err: ValidationError, source: str,
+                             overridden: frozenset[str] = frozenset()) -> str:
+    """One line for every problem: those of keys given with ``--set`` (``overridden``) under
+    ``invalid --set``, the rest under ``invalid job config SOURCE``."""
+    from_file, from_set = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(_unknown_key_message(loc))
+            line = _unknown_key_message(loc)
         else:
             where = f"{loc}: " if loc else ""
-            lines.append(f"{where}{e['msg']} (got {e.get('input')!r})")
-    return f"invalid job config {source}: " + "; ".join(lines)
+            line = f"{where}{e['msg']} (got {e.get('input')!r})"
+        given = any(loc == key or loc.startswith(key + ".") for key in overridden)
+        (from_set if given else from_file).append(line)
+    parts = [f"invalid --set {'; '.join(from_set)}"] if from_set else []
+    if from_file:
+        parts.append(f"invalid job config {source}: " + "; ".join(from_file))
+    return "; ".join(parts)
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+def parse_config(raw: dict[str, Any], source: str = "<dict>",
+                 overridden: frozenset[str] = frozenset()) -> JobConfig:
+    """Validate a raw config tree from ``source`` (named in errors); ``overridden``: the dotted
+    keys the user gave with ``--set``, whose errors are named as theirs.
+
+    Raises:
+        ConfigError: one line naming each invalid value and where it came from.
+    """
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, overridden)) from None
 
 
 def load_config(
@@ -331,5 +346,8 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"job config {path} must be a mapping of sections, got {type(raw).__name__}")
         raw.setdefault("name", Path(path).stem)
-    raw = apply_overrides(raw, overrides or {})
-    return parse_config(raw, source)
+    overrides = overrides or {}
+    raw = apply_overrides(raw, overrides)
+    given = frozenset(item.split("=", 1)[0].strip() for item in overrides) \
+        if isinstance(overrides, list) else frozenset(overrides)
+    return parse_config(raw, source, given)

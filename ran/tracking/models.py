@@ -188,10 +188,24 @@ def example_jpeg_base64(size: int) -> str:
 
 def request_error(message: str) -> Exception:
     """The exception a served model raises for a bad request: MLflow's scoring server answers it
-    with HTTP 400 and ``message`` (one line saying what to send instead)."""
-    from mlflow.exceptions import MlflowException
+    with HTTP 400 and ``message`` (one line saying what to send instead), and only that.
 
-    return MlflowException.invalid_parameter_value(message)
+    MLflow 3.17's scoring server rewrites the message of any ``MlflowException`` from ``predict``
+    to ``Failed to predict data '<the whole request>'. \\nError: <message>``
+    (``mlflow/pyfunc/scoring_server``): a 400 KB bad request came back as a 400 KB answer. This
+    exception keeps the part after ``Error: ``."""
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    class BadRequest(MlflowException):
+        @property
+        def message(self) -> str:
+            return self._own
+
+        @message.setter
+        def message(self, value: str) -> None:
+            self._own = value.rsplit("\nError: ", 1)[-1] if hasattr(self, "_own") else value
+
+    return BadRequest(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,16 +415,18 @@ def model_version(name: str, version: str) -> Any:
     """The ``ModelVersion`` ``name/version``.
 
     Raises:
-        ModelRefError: no such version (the message lists the versions there are).
+        ModelRefError: no such model, or no such version (different messages, each naming the
+            tracking URI; the second lists the versions there are).
     """
     from mlflow.exceptions import MlflowException
 
     try:
         return store.client().get_model_version(name, str(version))
     except MlflowException:
+        registered_model(name)  # a name nobody registered says so, not "no version"
         known = ", ".join(sorted((str(v.version) for v in model_versions(name)), key=int)) or "none"
-        raise ModelRefError(f"registered model {name!r} has no version {version} "
-                            f"(versions: {known})") from None
+        raise ModelRefError(f"registered model {name!r} in {store.shown(store.tracking_uri())} has "
+                            f"no version {version} (versions: {known})") from None
 
 
 def model_versions(name: str) -> list[Any]:
@@ -423,7 +439,8 @@ def registered_model(name: str) -> Any:
     """The ``RegisteredModel`` ``name``.
 
     Raises:
-        ModelRefError: no such model (the message lists the models there are).
+        ModelRefError: no such model (the message names the tracking URI and lists the models
+            there are).
     """
     from mlflow.exceptions import MlflowException
 
@@ -431,7 +448,8 @@ def registered_model(name: str) -> Any:
         return store.client().get_registered_model(name)
     except MlflowException:
         known = ", ".join(m.name for m in registered_models()) or "none"
-        raise ModelRefError(f"no registered model {name!r} (registered: {known})") from None
+        raise ModelRefError(f"no registered model {name!r} in {store.shown(store.tracking_uri())} "
+                            f"(registered: {known})") from None
 
 
 def registered_models() -> list[Any]:

@@ -47,6 +47,40 @@ def shown(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores besides sqlite
+
+
+def is_database(uri: str) -> bool:
+    """Whether ``uri`` is a database MLflow opens through SQLAlchemy (``postgresql://``,
+    ``mysql+pymysql://``, ...), other than sqlite."""
+    return uri.split("://", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES and "://" in uri
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """One connection to the database store at ``uri``.
+
+    Raises:
+        ConnectionError: it does not answer or refuses us (one line: the store, the driver's
+            reason, what to do; the password shown as ``***``).
+    """
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout))},
+                                          poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except Exception as err:  # the driver's own errors (OperationalError, ImportError of it, ...)
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+        password = urllib.parse.urlsplit(uri).password
+        if password:  # a driver may quote the URL it could not use
+            reason = [line.replace(password, "***") for line in reason]
+        why = reason[0] if reason else type(err).__name__
+        raise ConnectionError(
+            f"MLflow store {shown(uri)} does not answer ({why}): start the database, or set "
+            "MLFLOW_TRACKING_URI to a store or server that is up") from None
+
+
 def is_server(uri: str) -> bool:
     """Whether ``uri`` is an MLflow tracking server (``http(s)://``), not a store ``ran`` opens."""
     return uri.startswith(("http://", "https://"))
@@ -63,6 +97,10 @@ def check_server(uri: str | None = None, *, experiment: str | None = None,
     """Check an MLflow server before any work starts; returns the user it knows us as (None for a
     server without basic-auth, or a URI that is not a server, which is not checked).
 
+    A database store (``postgresql://``, ``mysql://``, ``mssql://``; not sqlite) is checked
+    for answering: one connection with a ``timeout`` of at most 10 s (MLflow itself retries for
+    minutes and then raises a traceback).
+
     In order: the server answers ``/health``; it accepts the credentials of the environment
     (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or a token); the user may create
     runs in ``experiment`` and versions of ``registered_model`` where those exist (EDIT or more;
@@ -73,6 +111,11 @@ def check_server(uri: str | None = None, *, experiment: str | None = None,
         PermissionError: credentials missing or refused, or too little permission (one line).
     """
     uri = uri or tracking_uri()
+    if is_database(uri):
+        if (uri,) not in _CHECKED:
+            _check_database(uri, min(timeout, 10.0))
+            _CHECKED[(uri,)] = None
+        return None
     if not is_server(uri):
         return None
     key = (uri, experiment, registered_model, os.environ.get("MLFLOW_TRACKING_USERNAME"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -366,6 +367,15 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     return gate
 
 
+def mlflow_command() -> str:
+    """``mlflow`` if the shell finds it, else the full path of the one beside this Python (a venv
+    that is not activated), so that the printed command can be pasted as it is."""
+    if shutil.which("mlflow"):
+        return "mlflow"
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.exists() else "mlflow"
+
+
 def where_to_look(outcome: TrainOutcome) -> str:
     """Where the run's results are: MLflow UI command, run id, registered version, checkpoints."""
     m = outcome.metrics
@@ -380,7 +390,7 @@ def where_to_look(outcome: TrainOutcome) -> str:
         lines.append(f"registered model: {name} version {version} (models:/{name}/{version})")
     uri = tracking.shown(outcome.tracking_uri)  # no password on the console
     if uri.startswith("sqlite:///"):
-        lines.append(f"look:             mlflow ui --backend-store-uri {uri}")
+        lines.append(f"look:             {mlflow_command()} ui --backend-store-uri {uri}")
     else:
         lines.append(f"look:             {uri}")
     if outcome.registration and not outcome.registered:

@@ -150,7 +150,12 @@ def test_min_top1_and_unknown_versions_are_refused_clearly(store, capsys):
     assert main(["promote", MODEL, "--version", "1", "--alias", "gate", "--min-top1", "0.999"]) == 1
     assert "below --min-top1 0.9990" in capsys.readouterr().out
     assert main(["promote", MODEL, "--version", "9", "--alias", "gate"]) == 2
-    assert "has no version 9 (versions: 1, 2)" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: registered model '{MODEL}' in {store['uri']} has no "
+                                       "version 9 (versions: 1, 2)\n")
+    # A model nobody registered is not "a model without that version".
+    assert main(["promote", "nope", "--version", "1", "--alias", "gate"]) == 2
+    assert capsys.readouterr().err == (f"error: no registered model 'nope' in {store['uri']} "
+                                       f"(registered: {MODEL})\n")
     assert main(["promote", MODEL, "--version", "1", "--min-top1", "75"]) == 2
     assert "as a fraction" in capsys.readouterr().err
     assert "gate" not in _client(store["uri"]).get_registered_model(MODEL).aliases
@@ -167,7 +172,8 @@ def test_registry_lists_versions_aliases_and_metrics(store, capsys):
     assert "listed" in rows["2"][2].split(",")
     assert float(rows["2"][3]) == pytest.approx(float(client.get_model_version(MODEL, "2").tags["val_top1"]), abs=1e-4)
     assert main(["registry", "nope"]) == 2
-    assert f"no registered model 'nope' (registered: {MODEL})" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: no registered model 'nope' in {store['uri']} "
+                                       f"(registered: {MODEL})\n")
 
 
 @pytest.fixture

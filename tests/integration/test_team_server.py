@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -291,6 +292,27 @@ def test_no_login_no_permission_no_server_are_one_line_errors(trained, stack):
     assert str(unreachable.value) == (
         f"MLflow server {nothing} does not answer (ConnectionRefusedError): start it "
         "(cluster/tracking/README.md) or point MLFLOW_TRACKING_URI at a running one")
+
+
+def test_the_database_as_the_tracking_uri_is_checked_first(trained, postgres, capsys):
+    """MLFLOW_TRACKING_URI may name the database itself (as `mlflow server` is given it): the
+    registry reads through it, and a database that does not answer is one line after one
+    connection attempt (MLflow alone retries for about 2 minutes, then raises a traceback), the
+    password shown as ***."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"{postgres}/mlflow")
+        assert tracking.check_server() is None
+        assert main(["registry", MODEL]) == 0
+        assert re.search(rf"^{MODEL}\s+1\s", capsys.readouterr().out, re.M)
+        closed = f"postgresql://mlflow:{DB_PASSWORD}@127.0.0.1:{free_port()}/mlflow"
+        mp.setenv("MLFLOW_TRACKING_URI", closed)
+        assert main(["registry"]) == 2
+    err = capsys.readouterr().err
+    shown = closed.replace(DB_PASSWORD, "***")
+    assert err.startswith(f"error: MLflow store {shown} does not answer (") and \
+        err.rstrip().endswith("start the database, or set MLFLOW_TRACKING_URI to a store or server "
+                              "that is up"), err
+    assert len(err.strip().splitlines()) == 1 and DB_PASSWORD not in err
 
 
 def parse_unlogged(text: str) -> dict[str, list[int]]:

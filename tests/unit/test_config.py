@@ -78,6 +78,21 @@ def test_negative_lr_names_the_key():
         load_config(None, ["optim.lr=-0.1"])
 
 
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("optim:\n  momentum: -1\n")
+    with pytest.raises(ConfigError) as from_set:
+        load_config(job, ["optim.lr=abc"])
+    assert str(from_set.value) == (
+        "invalid --set optim.lr: Input should be a valid number, unable to parse string as a number "
+        f"(got 'abc'); invalid job config {job}: optim.momentum: Input should be greater than or "
+        "equal to 0 (got -1)")
+    with pytest.raises(ConfigError) as from_file:
+        load_config(job)
+    assert str(from_file.value) == (f"invalid job config {job}: optim.momentum: Input should be "
+                                    "greater than or equal to 0 (got -1)")
+
+
 def test_fp16_needs_a_gpu():
     with pytest.raises(ConfigError, match="fp16 needs scaling.use_gpu"):
         load_config(None, ["train.precision=fp16"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,15 @@ def test_close_run_ends_open_runs_only(tmp_path: Path):
     close_run(finished, "FAILED")  # e.g. --resume of a finished run, then Ray failed to start
     assert running.status == "FAILED"
     assert finished.status == "FINISHED"
+
+
+def test_the_printed_mlflow_command_runs_without_an_activated_venv(monkeypatch, tmp_path):
+    from ran.train.launch import mlflow_command
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a shell that finds no mlflow
+    command = mlflow_command()
+    assert command == str(Path(sys.executable).parent / "mlflow")
+    assert os.access(command, os.X_OK)
+    (tmp_path / "mlflow").write_text("#!/bin/sh\n")
+    (tmp_path / "mlflow").chmod(0o755)
+    assert mlflow_command() == "mlflow"  # the shell's own, when there is one
