@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "RAN_LOG_LEVEL=INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _verb(sub, "models", "list registered models with depth, params and GMACs")
+    p = _verb(sub, "models", "list the model zoo's networks with depth, params and GMACs")
     p.add_argument("names", nargs="*", help="models to show (default: all)")
     p.add_argument("--stem", choices=["imagenet", "cifar"], help="input stem (default: each model's own)")
     p.set_defaults(func=cmd_models)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from ran.config import JobConfig
 
 PANEL_INCHES = 2.4  # one image or mask panel (its colour bar and title take a little of it)
+TITLE_CHARS = 30  # characters of a 7-point title line that fit a panel's width
 TITLE_INCHES = 0.4  # the figure's two-line title
 DPI = 100
 HEATMAP = "inferno"  # perceptually uniform, dark (low) to bright (high), readable in greyscale
@@ -183,8 +185,10 @@ def _draw_row(fig: Figure, axes: Sequence, e: Explanation,
     picture = e.image.permute(1, 2, 0).numpy()
     grey = picture.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     axes[0].imshow(picture)
-    axes[0].set_title(f"{e.name}\npredicted {class_label(e.predicted, class_names)} "
-                      f"p={e.probability:.2f}\ntrue {class_label(e.true, class_names)}", fontsize=7)
+    # Wrapped to the panel's width: the first column's title cannot spill past the figure's edge.
+    label = [e.name, f"predicted {class_label(e.predicted, class_names)} p={e.probability:.2f}",
+             f"true {class_label(e.true, class_names)}"]
+    axes[0].set_title("\n".join(textwrap.fill(line, TITLE_CHARS) for line in label), fontsize=7)
     axes[0].set_axis_off()
     for ax, panel in zip(axes[1:], e.panels):
         low, high, flat = stretch(panel.mask)
@@ -210,8 +214,8 @@ def mask_activation(model: "nn.Module") -> str:
 
 
 def output_name(images: Sequence[str | Path]) -> str:
-    """``attention_<first image stem>.png`` (``..._+N.png`` with N more images)."""
-    more = f"_+{len(images) - 1}" if len(images) > 1 else ""
+    """``attention_<first image stem>.png`` (``..._and_N_more.png`` with N more images)."""
+    more = f"_and_{len(images) - 1}_more" if len(images) > 1 else ""
     return f"attention_{Path(images[0]).stem}{more}.png"
 
 

@@ -129,7 +129,7 @@ def test_one_row_per_image_one_column_per_module_with_a_colour_bar_each(image, t
     other = _save(tmp_path / "dog" / "x.png", np.zeros((20, 20, 3), dtype=np.uint8))
     png = explain_images(model, _cfg("attention92"), CLASSES, [image, other], tmp_path / "out")
 
-    assert png.name == "attention_cat_+1.png"
+    assert png.name == "attention_cat_and_1_more.png"
     width, height = Image.open(png).size
     assert (width, height) == (round(7 * PANEL_INCHES * DPI), round((2 * PANEL_INCHES + TITLE_INCHES) * DPI))
     results = [explain(model, read_image(p, "cifar", 32), "cifar") for p in (image, other)]
@@ -215,8 +215,8 @@ def test_cli_explains_a_checkpoint(image, tmp_path, capsys):
     out = tmp_path / "pictures"
 
     assert main(["explain", str(ckpt), str(image), str(image), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["attention_cat_+1.png"]
-    assert capsys.readouterr().out.strip() == str(out / "attention_cat_+1.png")
+    assert sorted(p.name for p in out.iterdir()) == ["attention_cat_and_1_more.png"]
+    assert capsys.readouterr().out.strip() == str(out / "attention_cat_and_1_more.png")
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
