@@ -66,8 +66,10 @@ def _check_database(uri: str, timeout: float) -> None:
     import sqlalchemy
 
     try:
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout))},
-                                          poolclass=sqlalchemy.pool.NullPool)
+        dialect = uri.split("://", 1)[0].split("+", 1)[0]
+        # psycopg and the MySQL drivers take connect_timeout; other drivers keep their own default
+        timeouts = {"connect_timeout": max(1, int(timeout))} if dialect in ("postgresql", "mysql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=timeouts, poolclass=sqlalchemy.pool.NullPool)
         with engine.connect():
             pass
     except Exception as err:  # the driver's own errors (OperationalError, ImportError of it, ...)
