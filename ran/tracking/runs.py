@@ -139,7 +139,8 @@ class RunTracker:
                 self.client.log_inputs(self.run_id, datasets=inputs)
                 return
             except MlflowException as e:
-                if attempt == 2 or "UNIQUE" not in str(e).upper() and "DUPLICATE" not in str(e).upper():
+                shared_row = any(word in str(e).upper() for word in ("UNIQUE", "DUPLICATE"))
+                if attempt == 2 or not shared_row:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
