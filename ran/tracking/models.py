@@ -95,24 +95,26 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
         (side / "classes.json").write_text(json.dumps(class_names))
         torch.save(model.state_dict(), side / "state_dict.pt")
         notices = io.StringIO()
-        with mlflow.start_run(run_id=tracker.run_id), \
-                (contextlib.redirect_stderr(notices) if quiet else contextlib.nullcontext()):
-            # ^ MLflow prints its notices to stderr directly (mlflow.utils.logging_utils.eprint),
-            # not through a logger that a level could silence. start_run: the logged model joins
-            # the run's experiment.
-            info = Model.log(
-                None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
-                registered_model_name=name,
-                pytorch_model=model, tensor_example=input_example,
-                tensor_signature=infer_signature(input_example, output), side_dir=str(side),
-                image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
-                signature=image_signature(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
-                                  "pillow"],
-            )
-    for line in notices.getvalue().splitlines(keepends=True):
-        if not REGISTRATION_NOTICE.search(line):
-            sys.stderr.write(line)
+        try:
+            with mlflow.start_run(run_id=tracker.run_id), \
+                    (contextlib.redirect_stderr(notices) if quiet else contextlib.nullcontext()):
+                # ^ MLflow prints its notices to stderr directly (mlflow.utils.logging_utils
+                # .eprint), not through a logger that a level could silence. start_run: the
+                # logged model joins the run's experiment.
+                info = Model.log(
+                    None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
+                    registered_model_name=name,
+                    pytorch_model=model, tensor_example=input_example,
+                    tensor_signature=infer_signature(input_example, output), side_dir=str(side),
+                    image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
+                    signature=image_signature(),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
+                                      "pillow"],
+                )
+        finally:  # what MLflow said besides its notices, also when it failed
+            for line in notices.getvalue().splitlines(keepends=True):
+                if not REGISTRATION_NOTICE.search(line):
+                    sys.stderr.write(line)
     if not name:
         return None
     version = str(info.registered_model_version)
