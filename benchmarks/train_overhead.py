@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import psutil
 
 TRACKING = Path(__file__).resolve().parents[1] / "cluster" / "tracking"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from processes import free_port, local_server  # noqa: E402 - the tests' server harness
+from processes import free_port, local_server, postgres_server  # noqa: E402 - the tests' harness
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = "benchmark-admin-1"
 
@@ -197,43 +196,26 @@ def team_server(root: Path) -> Iterator[dict[str, str]]:
     """PostgreSQL (postgres.sh), a moto_server bucket and mlflow-server.sh (basic-auth) on
     127.0.0.1; yields the MLFLOW_* environment of a client logged in as the admin."""
     import boto3
-    import psycopg
 
-    pg_dir = Path(tempfile.mkdtemp(prefix="ran-pg-"))  # not under root: PostgreSQL's user reads it
-    pg_port, s3_port, port = free_port(), free_port(), free_port()
-    db = f"postgresql://mlflow:benchmark-db-1@127.0.0.1:{pg_port}"
-
-    def pg_ready() -> bool:
-        try:
-            psycopg.connect(f"{db}/mlflow", connect_timeout=2).close()
-            return True
-        except psycopg.OperationalError:
-            return False
-
+    s3_port, port = free_port(), free_port()
     s3_env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
               "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        with local_server([str(TRACKING / "postgres.sh"), str(pg_dir)], port=pg_port, ready=pg_ready,
-                          log=root / "postgres.log", timeout=300,
-                          env={**os.environ, "RAN_PG_PASSWORD": "benchmark-db-1",
-                               "RAN_PG_PORT": str(pg_port)}), \
-                local_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                             port=s3_port, ready="/moto-api/", log=root / "moto.log") as s3:
-            boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in s3_env.items()
-                                                   if k != "AWS_DEFAULT_REGION"},
-                         region_name="us-east-1").create_bucket(Bucket="overhead")
-            env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3,
-                   "MLFLOW_BACKEND_STORE_URI": f"{db}/mlflow",
-                   "MLFLOW_AUTH_DATABASE_URI": f"{db}/mlflow_auth",
-                   "MLFLOW_ARTIFACTS_DESTINATION": "s3://overhead/mlflow",
-                   "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "RAN_MLFLOW_PORT": str(port),
-                   "RAN_MLFLOW_WORKERS": "2", "RAN_MLFLOW_BIN": str(BIN / "mlflow"), "TMPDIR": str(root)}
-            with local_server([str(TRACKING / "mlflow-server.sh")], port=port, ready="/health",
-                              log=root / "mlflow-server.log", env=env, timeout=300) as url:
-                yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
-                       "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
-    finally:
-        shutil.rmtree(pg_dir, ignore_errors=True)
+    with postgres_server("benchmark-db-1", root / "postgres.log") as db, \
+            local_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                         port=s3_port, ready="/moto-api/", log=root / "moto.log") as s3:
+        boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in s3_env.items()
+                                               if k != "AWS_DEFAULT_REGION"},
+                     region_name="us-east-1").create_bucket(Bucket="overhead")
+        env = {**os.environ, **s3_env, "MLFLOW_S3_ENDPOINT_URL": s3,
+               "MLFLOW_BACKEND_STORE_URI": f"{db}/mlflow",
+               "MLFLOW_AUTH_DATABASE_URI": f"{db}/mlflow_auth",
+               "MLFLOW_ARTIFACTS_DESTINATION": "s3://overhead/mlflow",
+               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "RAN_MLFLOW_PORT": str(port),
+               "RAN_MLFLOW_WORKERS": "2", "RAN_MLFLOW_BIN": str(BIN / "mlflow"), "TMPDIR": str(root)}
+        with local_server([str(TRACKING / "mlflow-server.sh")], port=port, ready="/health",
+                          log=root / "mlflow-server.log", env=env, timeout=300) as url:
+            yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
+                   "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
 
 
 BARE_RAY_TRAIN = """

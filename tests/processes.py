@@ -10,6 +10,7 @@ psutil: one way for every fixture and benchmark (benchmarks/ put this folder on 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -103,3 +104,37 @@ def local_server(argv: list[str], *, port: int, ready: str | Callable[[], bool],
     finally:
         stop_tree(proc.pid)
         proc.wait(5)
+
+
+TRACKING = Path(__file__).resolve().parents[1] / "cluster" / "tracking"
+
+
+@contextlib.contextmanager
+def postgres_server(password: str, log: Path, timeout: float = 300.0) -> Iterator[str]:
+    """PostgreSQL from cluster/tracking/postgres.sh on a free 127.0.0.1 port for the block, its
+    data in a new temporary directory (not under pytest's: PostgreSQL runs as the postgres user,
+    who cannot enter it), removed afterwards; yields ``postgresql://mlflow:PASSWORD@127.0.0.1:PORT``
+    once its ``mlflow`` database takes a connection."""
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    data = Path(tempfile.mkdtemp(prefix="ran-pg-"))
+    port = free_port()
+    base = f"postgresql://mlflow:{password}@127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            psycopg.connect(f"{base}/mlflow", connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    env = {**os.environ, "RAN_PG_PASSWORD": password, "RAN_PG_PORT": str(port)}
+    try:
+        with local_server([str(TRACKING / "postgres.sh"), str(data)], port=port, ready=ready,
+                          log=log, env=env, timeout=timeout):
+            yield base
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

@@ -57,11 +57,5 @@ SYSTEM_METRICS_NODE = "node_{rank}"
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
 DATA_PARAMS = ("data.path", "data.val_split")
 
-# Metrics: all at the global optimizer step (one x-axis); epoch metrics with `epoch` beside them.
-EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s",
-                 "data_wait_frac", "skipped", "epoch_time_s", "epoch_samples", "ckpt_wait_s")
-STEP_METRICS = ("step_loss", "step_lr", "step_ckpt_wait_s")
-# Per-attempt metrics, at the step where a worker group began (its world size may differ).
-PLAN_METRICS = ("plan_world_size", "plan_global_batch", "plan_peak_lr", "plan_total_steps")
 # Key of rank 0's final report naming the metric values MLflow lacks (the server went away).
 REPORT_UNLOGGED = "mlflow_unlogged"

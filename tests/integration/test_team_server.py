@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from conftest import BIN, free_port, local_server, stop_tree
+from processes import postgres_server
 from ran import tracking
 from ran.cli import main
 from ran.data.read import read_manifest
@@ -80,28 +81,8 @@ def mlflow_server(env: dict[str, str], log: Path) -> contextlib.AbstractContextM
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """PostgreSQL from postgres.sh on 127.0.0.1; yields ``postgresql://mlflow:PW@127.0.0.1:PORT``."""
-    import psycopg
-
-    # Run as root, PostgreSQL runs as the postgres user, who cannot enter pytest's tmp_path.
-    data = Path(tempfile.mkdtemp(prefix="ran-pg-"))
-    port = free_port()
-    base = f"postgresql://mlflow:{DB_PASSWORD}@127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            psycopg.connect(f"{base}/mlflow", connect_timeout=2).close()
-            return True
-        except psycopg.OperationalError:
-            return False
-
-    log = tmp_path_factory.mktemp("postgres") / "postgres.log"
-    env = {**os.environ, "RAN_PG_PASSWORD": DB_PASSWORD, "RAN_PG_PORT": str(port)}
-    try:
-        with local_server([str(TRACKING / "postgres.sh"), str(data)], port=port, ready=ready,
-                          log=log, env=env):
-            yield base
-    finally:
-        shutil.rmtree(data, ignore_errors=True)
+    with postgres_server(DB_PASSWORD, tmp_path_factory.mktemp("postgres") / "postgres.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
