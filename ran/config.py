@@ -78,11 +78,19 @@ class ScheduleConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int | None = Field(None, ge=1)  # None: schedule.total_steps (rescaled) sets the length
-    # autocast dtype; auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU
-    # with AMX or AVX512-BF16), else fp32. fp16 (GPU only) adds a grad scaler.
+    # autocast dtype; auto: what `ran bench` measured fastest on this device kind (the step table,
+    # ran/steptable.py), else bf16 where the hardware computes it natively (a GPU with bf16, a CPU
+    # with AMX or AVX512-BF16), else fp32; the run's ran.precision_reason tag says which. fp16 adds
+    # a grad scaler (its loss scale is checkpointed).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # NHWC memory format (fastest on AMX CPUs and tensor cores)
-    compile: bool = False  # torch.compile the model
+    # torch.compile mode; off: eager; auto: the mode `ran bench` measured fastest for this model on
+    # this device kind, else off. true/false are read as default/off.
+    compile: Literal["off", "auto", "default", "reduce-overhead", "max-autotune",
+                     "max-autotune-no-cudagraphs"] = "off"
+    # capture the whole step (forward, backward, optimizer, BN statistics) as one CUDA graph and
+    # replay it: no launch overhead (GPU only; bf16 or fp32; train.grad_accum 1)
+    cuda_graph: bool = False
     sync_batchnorm: bool = False  # SyncBatchNorm across workers
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     seed: int = 0  # seeds model init, data order and augmentation
@@ -94,6 +102,14 @@ class TrainConfig(_Section):
     # checkpoint_upload_mode, one upload at a time); sync: they wait for each upload.
     checkpoint_upload: Literal["async", "sync"] = "async"
     keep_checkpoints: int = Field(2, ge=1)  # best checkpoints kept besides the latest
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value: Any) -> Any:
+        # Jobs and checkpoints written before the modes existed say true/false.
+        if isinstance(value, bool):
+            return "default" if value else "off"
+        return value
 
 
 class ScalingConfig(_Section):
@@ -160,8 +176,21 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
-        if self.train.precision == "fp16" and not self.scaling.use_gpu:
-            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        t = self.train
+        if t.cuda_graph:
+            if not self.scaling.use_gpu:
+                raise ValueError("train.cuda_graph=true needs scaling.use_gpu=true (it captures GPU "
+                                 "work); on a CPU, train.compile=default removes most launch overhead")
+            if t.precision == "fp16":
+                raise ValueError("train.cuda_graph=true runs bf16 or fp32 steps (fp16's grad scaler "
+                                 "checks for infs on the host inside the step); set train.precision=bf16")
+            if t.grad_accum != 1:
+                raise ValueError("train.cuda_graph=true captures one micro-batch a step; set "
+                                 "train.grad_accum=1")
+            if t.compile in ("reduce-overhead", "max-autotune"):
+                raise ValueError(f"train.compile={t.compile} makes CUDA graphs of its own; with "
+                                 "train.cuda_graph=true use train.compile=default, "
+                                 "max-autotune-no-cudagraphs or off")
         if self.schedule.kind == "step" and sorted(self.schedule.milestones) != list(
             self.schedule.milestones
         ):

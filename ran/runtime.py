@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import nn
 
-from ran import tracking
+from ran import steptable, tracking
 from ran.config import ConfigError, JobConfig, parse_config
 from ran.data import DataError
 from ran.data.read import Batch, make_loader, read_manifest
@@ -93,11 +93,61 @@ def native_bf16(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision`` as it runs on ``device``: ``auto`` becomes ``bf16`` or ``fp32``."""
+def device_kind(device: torch.device) -> str:
+    """The step table's name for the kind of ``device`` (:mod:`ran.steptable`): the GPU's name
+    (``NVIDIA H200``), or the CPU's name, cores and bf16 hardware (``cpu Intel Xeon, 2 cores,
+    amx_bf16``), since the same model name covers CPUs with and without bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    name = caps.get("cpu_name") or "cpu"
+    unit = next((u for u in ("amx_bf16", "avx512_bf16") if caps.get(u)),
+                "bf16" if native_bf16(device) else "no native bf16")
+    return f"cpu {name}, {os.cpu_count()} cores, {unit}"
+
+
+def model_key(cfg: JobConfig) -> str:
+    """The step table's name for a job's model: ``<model.name>/<stem>``."""
+    return f"{cfg.model.name}/{cfg.resolved_stem()}"
+
+
+def choose_precision(precision: str, device: torch.device,
+                     model: str | None = None) -> tuple[str, str]:
+    """``train.precision`` as it runs on ``device``, and why (the run's ``ran.precision_reason``
+    tag): ``auto`` takes what ``ran bench`` measured fastest on this device kind
+    (:func:`ran.steptable.lookup`, for ``model`` (``"attention56/imagenet"``) where measured),
+    else bf16 where the hardware computes it natively (:func:`native_bf16`), else fp32."""
     if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
+        return precision, "set by train.precision"
+    kind = device_kind(device)
+    found = steptable.lookup(kind, model or "")
+    if found and found[0].get("precision") in ("fp32", "bf16", "fp16"):
+        entry, table = found
+        return entry["precision"], (f"auto: fastest in ran bench on {kind} "
+                                    f"({entry.get('measured', '?')}, {table})")
+    if native_bf16(device):
+        return "bf16", f"auto: no ran bench measurement for {kind}; bf16, which it computes natively"
+    return "fp32", f"auto: no ran bench measurement for {kind}; fp32, as it has no native bf16"
+
+
+def resolve_precision(precision: str, device: torch.device, model: str | None = None) -> str:
+    """``train.precision`` as it runs on ``device`` (:func:`choose_precision` without the why)."""
+    return choose_precision(precision, device, model)[0]
+
+
+def choose_compile(mode: str, device: torch.device, model: str) -> tuple[str, str]:
+    """``train.compile`` as it runs: ``auto`` takes the mode ``ran bench`` measured fastest for
+    ``model`` on this device kind, else ``off`` (eager: nothing is assumed faster unmeasured)."""
+    if mode != "auto":
+        return mode, "set by train.compile"
+    kind = device_kind(device)
+    found = steptable.lookup(kind, model)
+    entry = found[0] if found else {}
+    if found and entry.get("model") == model and entry.get("compile"):
+        return str(entry["compile"]), f"auto: fastest in ran bench on {kind} ({found[1]})"
+    return "off", f"auto: no ran bench measurement of {model} on {kind}; eager"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -101,7 +101,12 @@ class HourglassMask(nn.Module):
 
 def _upsample(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
     # align_corners=True matches Caffe's Interp layer used by the official release.
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    # Autocast off: CUDA's autocast runs upsample_bilinear2d in fp32, and the fp32 map then made
+    # the skip add, the up-path units' residual adds and the mask's first BatchNorm fp32 too (6
+    # of Attention-56's BN layers took cuDNN's fp32 kernels, with casts around them, in the H200
+    # profile). The kernel accumulates in fp32 either way; the CPU already kept bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class AttentionModule(nn.Module):
@@ -157,7 +162,7 @@ class AttentionModule(nn.Module):
     def combine(self, trunk: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ARL: (1 + M) * T; NAL: M * T."""
         if self.combination == "arl":
-            return trunk + mask * trunk
+            return torch.addcmul(trunk, mask, trunk)  # T + M * T in one kernel
         return mask * trunk
 
     def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

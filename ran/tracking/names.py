@@ -26,6 +26,8 @@ TAG_STORAGE = "ran.storage"  # storage path/name of the Ray Train run: the key -
 TAG_JOB = "ran.job"
 TAG_VERSION = "ran.registered_version"  # "name/version" registered from a run
 TAG_PRECISION = "ran.precision"  # what train.precision ran as
+TAG_PRECISION_REASON = "ran.precision_reason"  # why: set, or auto's step-table entry or rule
+TAG_COMPILE = "ran.compile"  # the torch.compile mode the step ran with, and why
 TAG_RESUMED_FROM = "ran.resumed_from"  # epoch/step a restarted worker group continued from
 TAG_PLAN = "ran.plan"  # prefix: ran.plan.<field> = the latest attempt's run plan (world_size, ...)
 TAG_REPLANNED = "ran.replanned"  # prefix: ran.replanned.step_<N> = what a restart at step N changed

@@ -192,8 +192,12 @@ class SampleScheduler:
         lr = lr_at(self.plan, samples)
         if size is not None and size < self.plan.global_batch:
             lr *= size / self.plan.global_batch
+        self.lr = lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # a captured CUDA graph reads it in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def state_dict(self) -> dict[str, Any]:

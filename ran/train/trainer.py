@@ -72,6 +72,7 @@ from ran.config import JobConfig, parse_config
 from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
 from ran.train.schedule import RunPlan, build_scheduler, plan_run, step_shares, step_size
+from ran.train.step import MicroBatch, TrainStep, build_optimizer, check_device, compile_model
 
 # Steps between polls of Ray's preemption notice: a collective through Ray Train's synchronization
 # actor (milliseconds), while a spot reclaim gives minutes.
@@ -80,22 +81,6 @@ PREEMPTION_POLL_STEPS = 10
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def build_optimizer(model: nn.Module, cfg: JobConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum by default); optionally no weight decay on BN and bias parameters.
-    Fused (one kernel for all parameters) when the model is on a GPU."""
-    o = cfg.optim
-    if o.no_decay_bn_bias:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups: Any = [{"params": decay, "weight_decay": o.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
-    fused = next(model.parameters()).is_cuda or None
-    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
-                           fused=fused)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -285,6 +270,12 @@ class Trainer:
         self._preemption_seen = False  # Ray announced a preemption (one checkpoint per attempt)
         self._ckpt_wait = 0.0  # seconds this epoch's training waited on checkpoints
 
+        check_device(cfg, self.device)  # before any work: no CUDA graph on a CPU
+        model = runtime.model_key(cfg)
+        self.precision, self.precision_reason = runtime.choose_precision(cfg.train.precision,
+                                                                         self.device, model)
+        self.compile_mode, self.compile_reason = runtime.choose_compile(cfg.train.compile,
+                                                                        self.device, model)
         _seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.raw_model = self._build_model()
         self.model = self._wrap(self.raw_model)
@@ -305,9 +296,11 @@ class Trainer:
         self.plan: RunPlan = plan_run(cfg, self.train_samples, self.world_size)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.plan.peak_lr)
         self.scheduler = build_scheduler(self.optimizer, self.plan)
-        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.step_fn = TrainStep(self.model, self.optimizer, self.criterion, self.normalize,
+                                 device=self.device, precision=self.precision,
+                                 channels_last=cfg.train.channels_last,
+                                 cuda_graph=cfg.train.cuda_graph, ddp=self.ddp)
         # Notices are agreed on every step: on CPU, so that a GPU run never waits for its device.
         self._cpu_group = (dist.new_group(backend="gloo")
                            if self.distributed and dist.get_backend() != "gloo" else None)
@@ -329,9 +322,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
             model = self.ddp
-        if self.cfg.train.compile:
-            model = torch.compile(model)
-        return model
+        return compile_model(model, self.compile_mode)
 
     # -- one batch
 
@@ -348,25 +339,14 @@ class Trainer:
         """
         size = size or self.plan.global_batch
         self.scheduler.update(self.samples, size)
-        loss_sum, samples = torch.zeros((), device=self.device), 0
+        micro = []
         for i, batch in enumerate(micro_batches):
             share = len(batch.labels) if shares is None else shares[i]
             if share < len(batch.labels):
                 batch = batch._replace(images=batch.images[:max(share, 1)],
                                        labels=batch.labels[:max(share, 1)])
-            images, labels = runtime.prepare_batch(batch, self.device, self.normalize,
-                                                   self.cfg.train.channels_last)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
-                with runtime.autocast(self.precision, self.device):
-                    loss = self.criterion(self.model(images), labels)
-                self.scaler.scale(loss * (share * self.world_size / size)).backward()
-            loss_sum += loss.detach().float() * share
-            samples += share
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+            micro.append(MicroBatch(batch.images, batch.labels, share * self.world_size / size, share))
+        loss_sum, samples = self.step_fn(micro)
         self.step += 1
         self.samples += size
         self.scheduler.update(self.samples)
@@ -409,7 +389,7 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0:
                 if self.run_log is not None:
                     self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
-                                              "step_lr": self.optimizer.param_groups[0]["lr"]},
+                                              "step_lr": self.scheduler.lr},
                                              self.step)
                 window_loss, window_n = 0.0, 0
             self._due = self._checkpoint_due(reporter)
@@ -435,7 +415,7 @@ class Trainer:
             "skipped": epoch[2],
             "epoch_time_s": elapsed,
             "ckpt_wait_s": total[5] / self.world_size,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.scheduler.lr,
         }
 
     def _epoch_batches(self, resumed_at: int | None) -> Iterator[Any]:
@@ -556,7 +536,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.step_fn.state_dict(),
             "step": self.step,
             "samples": self.samples,
             "epoch": self.epoch,
@@ -574,7 +554,7 @@ class Trainer:
         if the world size is unchanged."""
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.step_fn.load_state_dict(state.get("scaler") or {})
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.previous_plan = dict(state.get("plan") or {})
         # Checkpoints from before progress was counted in samples were all at epoch ends.
@@ -625,7 +605,8 @@ class Trainer:
                                  f"(sample {self.samples} of {self.plan.total_samples})"
                                  + (f"; {self.replanned()}" if self.replanned() else ""))
         if self.cfg.train.precision == "auto":
-            self.console.say(f"train.precision=auto runs as {self.precision} on {self.device.type}")
+            self.console.say(f"train.precision=auto runs as {self.precision} on {self.device.type} "
+                             f"({self.precision_reason.removeprefix('auto: ')})")
         if self.run_log is not None:
             self._log_plan()
         metrics: dict[str, float] = {}
@@ -652,6 +633,8 @@ class Trainer:
         plan = self.plan
         tags = {f"{tracking.TAG_PLAN}.{k}": v for k, v in plan.to_dict().items()}
         tags[tracking.TAG_PRECISION] = self.precision
+        tags[tracking.TAG_PRECISION_REASON] = self.precision_reason
+        tags[tracking.TAG_COMPILE] = f"{self.compile_mode} ({self.compile_reason})"
         if self.step:  # a restart: say from where, for people reading the run later
             tags[tracking.TAG_RESUMED_FROM] = f"epoch={self.epoch} step={self.step}"
         if self.replanned():

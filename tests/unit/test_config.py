@@ -93,10 +93,27 @@ def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
                                     "greater than or equal to 0 (got -1)")
 
 
-def test_fp16_needs_a_gpu():
-    with pytest.raises(ConfigError, match="fp16 needs scaling.use_gpu"):
-        load_config(None, ["train.precision=fp16"])
-    assert load_config(None, ["train.precision=fp16", "scaling.use_gpu=true"]).train.precision == "fp16"
+def test_fp16_runs_anywhere_but_cuda_graphs_need_a_gpu_and_bf16_or_fp32():
+    assert load_config(None, ["train.precision=fp16"]).train.precision == "fp16"  # CPU autocast
+    with pytest.raises(ConfigError, match="train.cuda_graph=true needs scaling.use_gpu=true"):
+        load_config(None, ["train.cuda_graph=true"])
+    with pytest.raises(ConfigError, match="runs bf16 or fp32 steps"):
+        load_config(None, ["train.cuda_graph=true", "scaling.use_gpu=true", "train.precision=fp16"])
+    with pytest.raises(ConfigError, match="set train.grad_accum=1"):
+        load_config(None, ["train.cuda_graph=true", "scaling.use_gpu=true", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="makes CUDA graphs of its own"):
+        load_config(None, ["train.cuda_graph=true", "scaling.use_gpu=true",
+                           "train.compile=reduce-overhead"])
+    assert load_config(None, ["train.cuda_graph=true", "scaling.use_gpu=true"]).train.cuda_graph
+
+
+def test_compile_takes_a_mode_and_reads_old_booleans():
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"
+    assert load_config(None, ["train.compile=false"]).train.compile == "off"
+    assert load_config(None, ["train.compile=max-autotune-no-cudagraphs"]).train.compile == \
+        "max-autotune-no-cudagraphs"
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ["train.compile=fastest"])
 
 
 def test_milestones_must_be_increasing_and_within_the_run():

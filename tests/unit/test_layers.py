@@ -1,7 +1,7 @@
 """Layers point one way (shared/DESIGN.md): walk every module's imports and fail on a back edge.
 
-cli -> {tune, cluster} -> {train, evaluate, explain, promotion, serving} -> runtime -> tracking
-    -> {models, data, config}
+cli -> {tune, cluster, bench} -> {train, evaluate, explain, promotion, serving} -> runtime -> tracking
+    -> {models, data, config, steptable}
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ran"
 # Higher numbers sit above lower ones; a module may import its own level or below.
 LEVELS = {
     "ran.cli": 6,
-    "ran.tune": 5, "ran.cluster": 5,
+    "ran.tune": 5, "ran.cluster": 5, "ran.bench": 5,
     "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4, "ran.serving": 4,
     "ran.runtime": 3,
     "ran.tracking": 2,
-    "ran.models": 1, "ran.data": 1, "ran.config": 1,
+    "ran.models": 1, "ran.data": 1, "ran.config": 1, "ran.steptable": 1,
 }
 PURE = ("ran.models", "ran.data")  # import neither Ray nor MLflow
 
