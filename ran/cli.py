@@ -68,6 +68,9 @@ EXAMPLES = {
     "train": ["ran train jobs/demo.yaml",
               "ran train jobs/cifar10_attention56.yaml --set optim.lr=0.05 --set scaling.num_workers=4",
               "ran train jobs/demo.yaml --resume"],
+    "bench": ["ran bench jobs/demo.yaml --baseline none",
+              "ran bench jobs/imagenet_attention56.yaml --batch 64,128,256 --data --json",
+              "ran bench jobs/cifar10_attention92.yaml --set data.batch_size=64 --modes eager,cuda_graph"],
     "tune": ["ran tune tune_spaces/depth_mask.yaml --job jobs/cifar10_attention56.yaml",
              "ran tune tune_spaces/depth_mask.yaml --job jobs/demo.yaml --resume"],
     "eval": ["ran eval models:/ran-demo@champion --data data/synth",
@@ -136,6 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(p)
     _add_ray_args(p, "continue the job's latest run from its latest checkpoint (default: a new run)")
     p.set_defaults(func=_lazy("ran.train.launch:cli_train"))
+
+    p = _verb(sub, "bench", "time the job's training step on this machine, every precision, "
+                            "compile mode and CUDA graph beside ResNet-50, without Ray")
+    _add_job_args(p)
+    p.add_argument("--batch", help="per-device batch sizes, e.g. 64,128,256 (default: the job's "
+                                   "data.batch_size)")
+    p.add_argument("--precision", help="precisions to time, e.g. bf16,fp16 (default: fp32 and the "
+                                       "ones this device computes natively)")
+    p.add_argument("--modes", help="step modes, e.g. eager,default,cuda_graph (default: eager and "
+                                   "compile=default; on a GPU also reduce-overhead, cuda_graph and "
+                                   "default+cuda_graph)")
+    p.add_argument("--baseline", default="resnet50",
+                   help="torchvision model timed beside the job's under each setting, or none "
+                        "(default: resnet50)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per setting, after the 20 "
+                                                          "whose loss is checked (default: 20)")
+    p.add_argument("--data", action="store_true", help="also time the job's loader alone and the "
+                                                       "fastest step fed by it (default: off)")
+    p.add_argument("--data-steps", type=int, default=30, help="batches timed for --data, the "
+                                                               "loader alone and fed (default: 30)")
+    p.add_argument("--budget-s", type=float, help="start no new setting after this many seconds "
+                                                  "(default: no limit)")
+    p.add_argument("--no-save", action="store_true", help="do not record the fastest setting in "
+                                                          "the step table auto reads (default: record)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON (default: "
+                                                       "a table and the fastest setting)")
+    p.set_defaults(func=_lazy("ran.bench:cli_bench"))
 
     p = _verb(sub, "tune", "search a Tune space over a job")
     p.add_argument("space", help="search space YAML (see tune_spaces/)")

@@ -27,6 +27,34 @@ Stem = Literal["imagenet", "cifar"]
 STEMS = ("imagenet", "cifar")
 
 
+class _GlobalAvgPool(torch.autograd.Function):
+    """Mean over H and W whose gradient keeps the input's memory format. Autograd's own gradient
+    of a mean is an expanded view that the next element-wise op writes out in NCHW, so the head's
+    BatchNorm backward received an NCHW gradient for a channels_last input (found by
+    ran.train.step.layout_walk)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.shape = x.shape
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        n, c, h, w = ctx.shape
+        full = (grad / (h * w)).view(n, c, 1, 1).expand(n, c, h, w)
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return full.contiguous(memory_format=fmt)
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W) -> (N, C)``, the mean over H and W; when training, its gradient keeps the
+    input's memory format (:class:`_GlobalAvgPool`); otherwise a plain mean (what export traces)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GlobalAvgPool.apply(x)
+    return x.mean(dim=(2, 3))
+
+
 @dataclass(frozen=True)
 class StageSpec:
     channels: int  # output channels of every unit in the stage
@@ -96,7 +124,6 @@ class ResidualAttentionNet(nn.Module):
                 )
         self.blocks = nn.Sequential(*blocks)
         self.head_act = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
         self.reset_parameters()
@@ -140,7 +167,7 @@ class ResidualAttentionNet(nn.Module):
         return self.head_act(x), masks
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.fc(global_avg_pool(x))
 
     def forward(self, x: torch.Tensor, return_masks: bool = False):
         features, masks = self.forward_features(x, return_masks)

@@ -30,6 +30,7 @@ with DDP, 11 warm-up iterations before capture ("Usage with DistributedDataParal
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -96,6 +97,8 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "off":
         return model
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(steptable.cache_dir() / "inductor"))
+    # A CUDA build of torch compiling CPU kernels warns "No CUDA runtime is found" once: noise.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
@@ -246,7 +249,8 @@ def layout_walk(model: nn.Module, images: torch.Tensor, precision: str,
         ``{"activations": int, "detours": {"op dtype format": count}, "dtype": str}``; a tensor
         counts as an activation when its batch dimension is N and it has more than 3 channels and
         a spatial size above 1x1 (so weights, their gradients and pooled vectors are left out).
-        Integer tensors (max-pool's indices) are left out.
+        Integer tensors (max-pool's indices) and broadcast views (a zero stride: nothing is
+        written) are left out.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -261,8 +265,8 @@ def layout_walk(model: nn.Module, images: torch.Tensor, precision: str,
             for t in tree_flatten(out)[0]:
                 if (not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != n
                         or t.shape[1] <= 3 or t.shape[2] * t.shape[3] <= 1
-                        or not t.is_floating_point()):
-                    continue
+                        or not t.is_floating_point() or 0 in t.stride()):
+                    continue  # not an activation, or a broadcast view (nothing materialised)
                 found["activations"] += 1
                 cl = t.is_contiguous(memory_format=torch.channels_last)
                 if not cl or t.dtype != want:
