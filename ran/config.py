@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ran.data import DEFAULT_MAX_PIXELS
+
 
 class ConfigError(ValueError):
     """A job config that cannot be used; the message says what to change."""
@@ -50,6 +52,8 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1)  # per worker
     workers: int = Field(2, ge=0)  # DataLoader processes per training worker
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more samples than this are bad
+    # Images whose header gives more pixels are bad samples, never decoded (also in serving).
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
     # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
     decode: Literal["cpu", "gpu", "auto"] = "cpu"

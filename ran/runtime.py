@@ -485,7 +485,7 @@ def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val
         recipe=cfg.data.recipe, crop=crop or eval_crop(cfg),
         workers=cfg.data.workers if workers is None else workers,
         max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=device.type == "cuda",
-        decode=cfg.data.decode, device=device,
+        decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
     )
     start = time.perf_counter()
     try:
