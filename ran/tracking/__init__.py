@@ -38,5 +38,6 @@ __all__ = [
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
     "ensure_experiment", "existing_store", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
     "SystemMetrics", "dataset_digest", "describe_unlogged", "shard_datasets", "answers",
-    "check_server", "is_server", "shown", "refuse_password", "ProvenanceError", "check_ran_model", "download_checked",
+    "check_server", "is_server", "shown", "refuse_password", "ProvenanceError", "check_ran_model",
+    "download_checked",
 ]

@@ -23,7 +23,6 @@ import textwrap
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -314,4 +313,5 @@ def test_a_tar_member_over_the_cap_is_skipped_while_streaming(tmp_path):
             tar.addfile(info, io.BytesIO(payload))
     report = io.StringIO()
     assert not verify_shards(path, workers=1, progress=False, out=report)
-    assert "sample 0002: ValueError: .png member of 68157440 bytes, above the tar member cap" in report.getvalue()
+    assert ("sample 0002: ValueError: .png member of 68157440 bytes, above the tar member cap"
+            in report.getvalue())
