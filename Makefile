@@ -59,7 +59,7 @@ MODEL ?= models:/ran-demo@champion
 PORT  ?= 5001
 .PHONY: serve
 serve: setup
-	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && \
+	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && trap 'exit 130' INT && trap 'exit 143' TERM && \
 	export MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false && \
 	checked=$$($(BIN)/python -m ran.tracking "$(MODEL)" --to "$$dir") && \

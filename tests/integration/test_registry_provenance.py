@@ -190,7 +190,9 @@ def test_make_serve_refuses_it_and_runs_nothing(store):
 
 def test_make_serve_serves_the_checked_copy_of_ran_own_version(store):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tmp = store["root"] / "make-serve-tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp)}
     with local_server(_make_serve(f"models:/{MODEL}/1", port), port=port, ready="/ping",
                       log=store["root"] / "make-serve.log", env=env):
         from PIL import Image
@@ -204,5 +206,7 @@ def test_make_serve_serves_the_checked_copy_of_ran_own_version(store):
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
+        assert len(list(tmp.iterdir())) == 1  # the checked copy it serves
     assert len(answer["predictions"][0]["indices"]) == 4
+    assert list(tmp.iterdir()) == []  # removed when the server stopped
     assert not store["marker"].exists()
