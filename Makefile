@@ -51,13 +51,20 @@ clean:
 
 # Serve a registered model on 127.0.0.1:$(PORT) with MLflow's scoring server (POST JPEGs as base64
 # JSON to /invocations; README). The server starts `uvicorn` by name, so the venv's bin directory
-# goes on PATH; the store is MLFLOW_TRACKING_URI or the embedded ./mlflow.db.
+# goes on PATH; the store is MLFLOW_TRACKING_URI or the embedded ./mlflow.db. Only ran's own models
+# are served: ran.tracking.provenance downloads the version and checks it (pyfunc loader ran.serving,
+# no pickled python_model, no code_paths, consistent side files), and the server serves that checked
+# copy, never what the alias may point at a moment later; MLflow's pickle loading stays off.
 MODEL ?= models:/ran-demo@champion
 PORT  ?= 5001
 .PHONY: serve
 serve: setup
-	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-	  MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false $(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && trap 'exit 130' INT && trap 'exit 143' TERM && \
+	export MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false && \
+	checked=$$($(BIN)/python -m ran.tracking "$(MODEL)" --to "$$dir") && \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow models serve -m "$$checked" --env-manager local \
+	  -h 127.0.0.1 -p $(PORT)
 
 # The embedded MLflow store (what `ran train` writes without MLFLOW_TRACKING_URI) on 127.0.0.1:5000.
 .PHONY: mlflow-ui

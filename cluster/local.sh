@@ -9,8 +9,21 @@
 # (default: all cores), RAN_RAY_GPUS, RAN_RAY_TEMP (Ray's temp dir, /tmp/ran-ray),
 # RAN_RAY_ARGS (more `ray start` flags, e.g. other ports).
 #
-# The dashboard (whose Jobs API runs any code it is sent) listens on 127.0.0.1 only. The head and
-# its jobs inherit this shell's environment, and read this machine's ~/.aws and
+# Token authentication is always on (RAY_AUTH_MODE=token): every request to the dashboard, the
+# Jobs API, the dashboard agent, the GCS and Ray Client must carry the cluster's token, or is
+# refused. The token is RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH (default
+# ~/.ray/auth_token, where Ray and `ran submit` look for it); when there is none, `start` creates
+# one (64 hex digits of /dev/urandom) readable by its owner only (0600, in a 0700 folder), and
+# makes an existing file 0600 (Ray writes its own with the default umask, 0644). RAY_AUTH_MODE=
+# disabled is refused.
+#
+# What listens where (cluster/README.md, "Ports"): the dashboard (whose Jobs API runs any code it
+# is sent) on 127.0.0.1 only; Ray Client (10001) and the dashboard agent (52365) on 127.0.0.1 and
+# the machine's address; the GCS (RAN_RAY_PORT), raylet, object manager, agent gRPC and metrics
+# ports on every interface, as Ray binds them (Ray 2.60 has no flag for their address): the token
+# guards them. Firewall them off on machines others can reach.
+#
+# The head and its jobs inherit this shell's environment, and read this machine's ~/.aws and
 # ~/.mlflow/credentials: that is how they get storage and MLflow credentials (`ran submit` sends
 # none, cluster/README.md).
 #
@@ -109,6 +122,22 @@ auth_header() {
   return 0
 }
 
+# The token every request must carry: RAY_AUTH_TOKEN, else the token file, created private when
+# there is none.
+token_file="${RAY_AUTH_TOKEN_PATH:-${HOME}/.ray/auth_token}"
+ensure_token() {
+  [[ "${RAY_AUTH_MODE:-token}" == token ]] ||
+    die "RAY_AUTH_MODE=${RAY_AUTH_MODE}: this head runs with token authentication only (unset it)"
+  [[ -n "${RAY_AUTH_TOKEN:-}" ]] && return 0
+  if [[ ! -s "$token_file" ]]; then
+    (umask 077 && mkdir -p "$(dirname "$token_file")" &&
+      od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$token_file") ||
+      die "cannot write the Ray auth token to ${token_file}"
+    echo "created the Ray auth token ${token_file} (0600); clients send it (ran submit reads it there)"
+  fi
+  chmod 600 "$token_file" || die "cannot make ${token_file} private (chmod 600)"
+}
+
 dashboard_up() {
   local header
   header="$(auth_header)"
@@ -120,6 +149,7 @@ start() {
   local pids
   pids="$(procs list)"
   [[ -z "$pids" ]] || die "a head is already running (temp dir ${temp}); \`$0 stop\` first"
+  ensure_token
   mkdir -p "$temp"
   local cpus=() gpus=()
   [[ -n "${RAN_RAY_CPUS:-}" ]] && cpus=(--num-cpus "$RAN_RAY_CPUS")
@@ -127,7 +157,8 @@ start() {
   # shellcheck disable=SC2086  # RAN_RAY_ARGS is a list of flags
   # RAY_ADDRESS reaches every process of the head: with other Ray instances on this machine (a
   # `ran train` with its own local Ray), the State API that Ray Train uses cannot pick one itself.
-  RAN_LOCAL_HEAD="$temp" RAY_ADDRESS="127.0.0.1:${port}" PATH="${bin}:${PATH}" "${bin}/ray" start --head \
+  RAN_LOCAL_HEAD="$temp" RAY_ADDRESS="127.0.0.1:${port}" RAY_AUTH_MODE=token PATH="${bin}:${PATH}" \
+    "${bin}/ray" start --head \
     --node-ip-address 127.0.0.1 --port "$port" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" \
     --temp-dir "$temp" --disable-usage-stats "${cpus[@]}" "${gpus[@]}" ${RAN_RAY_ARGS:-} > "${temp}/start.log" 2>&1 \

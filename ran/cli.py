@@ -206,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the PNG (required)")
     p.add_argument("--crop", type=int, help="input size (default: the model's eval crop)")
     p.add_argument("--log-mlflow", action="store_true",
-                   help="also log the picture to the model's training run, under attention/ "
-                        "(default: off)")
+                   help="also log the picture, under attention/, to a new MLflow run tagged with "
+                        "the model (default: off)")
+    p.add_argument("--mlflow-run", metavar="RUN_ID",
+                   help="log the picture to this existing run, one you name, instead of a new "
+                        "one; implies --log-mlflow (default: a new run)")
     p.set_defaults(func=_lazy("ran.explain:cli_explain"))
 
     p = _verb(sub, "submit", "submit `ran train` (or `ran tune`) as a Ray Job")

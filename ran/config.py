@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ran.data import DEFAULT_MAX_PIXELS
+
 
 class ConfigError(ValueError):
     """A job config that cannot be used; the message says what to change."""
@@ -50,6 +52,8 @@ class DataConfig(_Section):
     batch_size: int = Field(64, ge=1)  # per worker
     workers: int = Field(2, ge=0)  # DataLoader processes per training worker
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # fail when more samples than this are bad
+    # Images whose header gives more pixels are bad samples, never decoded (also in serving).
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # Who decodes JPEGs: cpu, the loader workers; gpu, the training device (nvJPEG on a GPU, the
     # same pipeline on a CPU; imagenet recipe only); auto, gpu when the workers have GPUs.
     decode: Literal["cpu", "gpu", "auto"] = "cpu"
@@ -306,7 +310,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) 
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
             key, text = item.split("=", 1)
-            pairs[key.strip()] = yaml.safe_load(text) if text else None
+            pairs[key.strip()] = _override_value(item, text)
         overrides = pairs
     keys = set(valid_keys())
     for key, value in overrides.items():
@@ -314,6 +318,24 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) 
             raise ConfigError(_unknown_key_message(key))
         _set_dotted(raw, key, value)
     return raw
+
+
+def _override_value(item: str, text: str) -> Any:
+    """The value of ``--set KEY=TEXT``: ``TEXT`` read as plain YAML (safe_load: no tags).
+
+    Raises:
+        ConfigError: one line when ``TEXT`` is not plain YAML, such as a tag (``!!python/object``,
+            ``!foo``) or an unclosed bracket.
+    """
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: not a plain YAML value ({problem}); give a number, a "
+                          "word, true/false or a list like [a, b], quoted if it has special "
+                          "characters (YAML tags such as !!python/object are never read)") from None
 
 
 def _unknown_key_message(key: str) -> str:

@@ -252,7 +252,7 @@ def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[s
 
 
 def cli_explain(args: argparse.Namespace) -> int:
-    """``ran explain MODEL IMAGE... --out DIR [--crop N] [--log-mlflow]``."""
+    """``ran explain MODEL IMAGE... --out DIR [--crop N] [--log-mlflow] [--mlflow-run RUN_ID]``."""
     for image in args.images:  # before any model or tracking store is touched
         if not Path(image).is_file():
             raise ImageError(f"image {image}: no such file")
@@ -260,20 +260,23 @@ def cli_explain(args: argparse.Namespace) -> int:
     path = explain_images(loaded.model, loaded.config, loaded.class_names, args.images, args.out,
                           crop=getattr(args, "crop", None))
     print(path)
-    if args.log_mlflow:
-        run_id = log_explanation(path, loaded.source, loaded.config)
+    named = getattr(args, "mlflow_run", None)
+    if args.log_mlflow or named:
+        run_id = log_explanation(path, loaded.source, loaded.config, run_id=named)
         print(f"logged {path.name} to MLflow run {run_id} (attention/)")
     return 0
 
 
-def log_explanation(path: Path, source: tracking.ModelSource, cfg: "JobConfig") -> str:
-    """Log the picture under ``attention/`` of the training run of the model it explains; a model
-    that knows no run (a checkpoint written outside ``ran train``) gets a new run tagged with it.
-    Returns the run id."""
-    if source.run_id:
-        tracking.RunTracker(source.run_id).log_artifact(path, "attention")
-        return source.run_id
-    with tracking.linked_run(cfg.tracking.experiment, kind="explain",
+def log_explanation(path: Path, source: tracking.ModelSource, cfg: "JobConfig",
+                    run_id: str | None = None) -> str:
+    """Log the picture under ``attention/`` of the run the user named (``run_id``), else of a new
+    run (kind ``explain``) in ``<experiment>-explanations``, tagged with the model it explains.
+    Never into a run the model names itself (a checkpoint's embedded run id, a version's training
+    run, maybe another user's). Returns the run id."""
+    if run_id:
+        tracking.RunTracker(run_id).log_artifact(path, "attention")
+        return run_id
+    with tracking.linked_run(f"{cfg.tracking.experiment}-explanations", kind="explain",
                              run_name=f"explain {source.label}", tags=source.tags()) as run:
         run.log_artifact(path, "attention")
     return run.run_id

@@ -139,12 +139,20 @@ def promotion_tags(decision: Decision, alias: str, user: str, reason: str,
 
 def promote(name: str, version: str, alias: str = "champion", *, min_top1: float | None = None,
             eval_data: str | None = None, reason: str = "", user: str | None = None) -> Decision:
-    """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring."""
+    """Move ``alias`` of ``name`` to ``version`` if it passes the gate; see the module docstring.
+
+    Raises:
+        PromotionError: no comparable metrics; tracking.ProvenanceError: ``version`` is not a
+            model ran logged (:func:`ran.tracking.provenance.check_ran_model`); the alias stays.
+    """
     check_alias(alias, "--alias")
     tracking.existing_store()
     if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
         raise PromotionError(f"--min-top1 {min_top1}: give top-1 as a fraction, e.g. 0.75 for 75%")
     mv = tracking.model_version(name, version)
+    # Only ran's own models are promoted: the gate's metrics say nothing about a version whose
+    # pyfunc would serve something else (a pickled python_model, shipped code).
+    tracking.download_checked(tracking.version_source(f"models:/{name}/{mv.version}", mv))
     holder_mv = tracking.alias_holder(name, alias)
     if holder_mv is not None and str(holder_mv.version) == str(mv.version):
         return Decision("unchanged", f"version {mv.version} already holds {alias!r}")

@@ -246,8 +246,9 @@ def _checkpoint_file(path: Path) -> Path:
 def load_model(ref: str | tracking.ModelSource) -> LoadedModel:
     """The model a reference names (see :func:`resolve_model`), ours, on the CPU, in eval mode.
 
-    Class names come with a logged model; for a checkpoint they are read from the manifest of the
-    data it was trained on when that is still reachable (else None).
+    Class names come with a logged model's side files; for a checkpoint they are read from the
+    manifest of the data it was trained on when that is a local directory (else None: nothing a
+    checkpoint names is fetched).
 
     Raises:
         tracking.ModelRefError: nothing loadable there, or a file that is not a ``ran`` checkpoint.
@@ -272,6 +273,10 @@ def load_model(ref: str | tracking.ModelSource) -> LoadedModel:
 
 
 def _manifest_classes(path: str) -> list[str] | None:
+    """Class names from the manifest of a checkpoint's training data, read only where that is a
+    local directory: the config a checkpoint carries never makes ran fetch a URL."""
+    if "://" in path or not Path(path).is_dir():
+        return None
     try:
         return list(read_manifest(path)["classes"])
     except (DataError, OSError):
@@ -535,7 +540,7 @@ def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val
         recipe=cfg.data.recipe, crop=crop or eval_crop(cfg),
         workers=cfg.data.workers if workers is None else workers,
         max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=device.type == "cuda",
-        decode=cfg.data.decode, device=device,
+        decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
     )
     start = time.perf_counter()
     try:

@@ -44,7 +44,7 @@ from torch import nn
 
 from ran import runtime
 from ran.config import JobConfig
-from ran.data.transforms import make_transform, normalizer, to_rgb
+from ran.data.transforms import ImageTooLarge, check_pixels, make_transform, normalizer, to_rgb
 from ran.tracking.models import request_error
 
 TOP_K = 5  # classes answered per image (fewer when the model has fewer)
@@ -76,7 +76,8 @@ class ImageClassifier:
         model = model.eval().to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.crop = runtime.eval_crop(cfg)
-        self.transform = make_transform(cfg.data.recipe, train=False, crop=self.crop)
+        self.transform = make_transform(cfg.data.recipe, train=False, crop=self.crop,
+                                        max_pixels=cfg.data.max_pixels)
         self.normalize = normalizer(cfg.data.recipe)
         self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
         outputs = int(cfg.model.num_classes or len(class_names or []))
@@ -122,9 +123,12 @@ class ImageClassifier:
         if isinstance(item, (bytes, bytearray, memoryview)):
             data = bytes(item)
         else:
-            data = _array_as_ppm(item, index)
+            data = _array_as_ppm(item, index, self.transform.max_pixels)
         try:
             return self.transform.sample(data, _RNG)
+        except ImageTooLarge as err:  # judged from the header: nothing was decoded
+            raise RequestError(f"image {index}: too large: {err}; send an image of at most "
+                               f"{self.transform.max_pixels} pixels") from None
         except UnidentifiedImageError:
             reason = f"{len(data)} bytes in no image format Pillow reads"
         except (OSError, ValueError, SyntaxError) as err:
@@ -228,9 +232,10 @@ def _from_base64(text: str, index: int) -> bytes:
                            "base64 strings") from None
 
 
-def _array_as_ppm(item: Any, index: int) -> bytes:
+def _array_as_ppm(item: Any, index: int, max_pixels: int | None) -> bytes:
     """uint8 ``(H, W, 3)`` pixels (or nested lists of 0..255) as a lossless PPM: the eval
-    transform then treats them as it treats a stored image."""
+    transform then treats them as it treats a stored image. RequestError for anything else, or
+    for more than ``max_pixels`` pixels."""
     try:
         pixels = np.asarray(item)
     except (ValueError, TypeError):
@@ -240,6 +245,11 @@ def _array_as_ppm(item: Any, index: int) -> bytes:
                 else f"a {type(item).__name__}")
         raise RequestError(f"image {index}: {what}; send (H, W, 3) uint8 RGB pixels, or JPEG or "
                            "PNG bytes (base64 in JSON)")
+    try:
+        check_pixels(pixels.shape[1], pixels.shape[0], max_pixels)
+    except ImageTooLarge as err:
+        raise RequestError(f"image {index}: too large: {err}; send an image of at most {max_pixels} "
+                           "pixels") from None
     if pixels.dtype != np.uint8:
         if not np.issubdtype(pixels.dtype, np.integer) or pixels.min() < 0 or pixels.max() > 255:
             raise RequestError(f"image {index}: {pixels.dtype} pixels; send uint8 values 0..255")

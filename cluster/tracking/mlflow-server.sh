@@ -9,7 +9,8 @@
 #   cluster/tracking/mlflow-server.sh
 #
 # What it does: `mlflow db upgrade` (creates or migrates the schema), writes the basic-auth
-# config, then becomes `mlflow server --app-name basic-auth` (exec: SIGTERM stops it).
+# config, then becomes `mlflow server --app-name basic-auth` (exec: SIGTERM stops it). No password
+# ever appears on a command line: both read the database from their environment.
 #
 # Settings (environment):
 #   MLFLOW_BACKEND_STORE_URI      required: postgresql://USER:PASSWORD@HOST:PORT/DB
@@ -48,7 +49,20 @@ if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
   export MLFLOW_FLASK_SERVER_SECRET_KEY
 fi
 
-"$mlflow" db upgrade "$store" >&2 || die "mlflow db upgrade failed on the backend store (see above)"
+# No password on any command line (every local user reads those with ps): `mlflow server` reads
+# its store from MLFLOW_BACKEND_STORE_URI in its environment, and `mlflow db upgrade` is given the
+# URI without its password, which libpq takes from PGPASSWORD (a process's environment is private
+# to its user). The password is percent-decoded as libpq expects it.
+export MLFLOW_BACKEND_STORE_URI="$store"
+upgrade_uri="$store" db_password=""
+if [[ "$store" =~ ^([^:/]+://)([^:@/]*):([^@/]*)@(.*)$ ]]; then
+  upgrade_uri="${BASH_REMATCH[1]}${BASH_REMATCH[2]}@${BASH_REMATCH[4]}"
+  db_password="${BASH_REMATCH[3]//\\/\\\\}"
+  db_password="$(printf '%b' "${db_password//%/\\x}")"
+fi
+PGPASSWORD="${db_password:-${PGPASSWORD:-}}" "$mlflow" db upgrade "$upgrade_uri" >&2 ||
+  die "mlflow db upgrade failed on the backend store (see above)"
+unset db_password
 
 if [[ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
   # The config holds the auth database's password: a private file, removed when we stop.
@@ -66,8 +80,7 @@ EOF
   )
 fi
 
-args=(server --app-name basic-auth
-      --backend-store-uri "$store" --artifacts-destination "$artifacts"
+args=(server --app-name basic-auth --artifacts-destination "$artifacts"
       --host "${RAN_MLFLOW_HOST:-127.0.0.1}" --port "${RAN_MLFLOW_PORT:-5000}"
       --workers "${RAN_MLFLOW_WORKERS:-4}")
 [[ -z "${RAN_MLFLOW_ALLOWED_HOSTS:-}" ]] || args+=(--allowed-hosts "$RAN_MLFLOW_ALLOWED_HOSTS")

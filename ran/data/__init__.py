@@ -19,6 +19,15 @@ class DataError(ValueError):
     """Bad input or unreachable data, with a one-line message that says what to do."""
 
 
+# The one pixel cap (config ``data.max_pixels``, ``--max-pixels``): an image whose header says it
+# has more pixels is never decoded (build: skipped; readers: a bad sample; serving: HTTP 400).
+# Well under Pillow's bomb limits (89 Mpx warns, 179 Mpx refuses); 50 Mpx decoded to RGB is 150 MB.
+DEFAULT_MAX_PIXELS = 50_000_000
+# Tar members larger than this are skipped while streaming, never held in memory (ImageNet's
+# largest JPEG is under 16 MB).
+MAX_MEMBER_BYTES = 64 << 20
+
+
 _LAZY = {
     "Batch": "ran.data.read",
     "Loader": "ran.data.read",
@@ -30,7 +39,7 @@ _LAZY = {
     "write_synthetic": "ran.data.synth",
 }
 
-__all__ = ["DataError", *_LAZY]
+__all__ = ["DataError", "DEFAULT_MAX_PIXELS", "MAX_MEMBER_BYTES", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

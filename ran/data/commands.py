@@ -11,7 +11,7 @@ import functools
 import sys
 from typing import Callable
 
-from ran.data import DataError
+from ran.data import DEFAULT_MAX_PIXELS, DataError
 
 SOURCES = ("imagenet", "imagefolder", "cifar10", "cifar100")
 
@@ -36,7 +36,7 @@ def build_command(args: argparse.Namespace) -> int:
 
     build_shards(args.source, args.input, args.output, samples_per_shard=args.samples_per_shard,
                  max_shard_mb=args.shard_size_mb, max_size=args.max_size, val_fraction=args.val_fraction,
-                 seed=args.seed, workers=args.workers, progress=not args.quiet)
+                 seed=args.seed, workers=args.workers, progress=not args.quiet, max_pixels=args.max_pixels)
     return 0
 
 
@@ -54,7 +54,7 @@ def synth_command(args: argparse.Namespace) -> int:
 def verify_command(args: argparse.Namespace) -> int:
     from ran.data.read import verify_shards
 
-    ok = verify_shards(args.path, workers=args.workers, progress=not args.quiet)
+    ok = verify_shards(args.path, workers=args.workers, progress=not args.quiet, max_pixels=args.max_pixels)
     if not ok:
         print(f"error: {args.path}: shards do not match the manifest (see above)", file=sys.stderr)
     return 0 if ok else 1
@@ -87,6 +87,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
                        help="split this fraction of each class off as val, for sources without val/ "
                             "(default: 0)")
+    _max_pixels(build, "skipped undecoded, listed as too large")
     _common(build)
     build.set_defaults(func=build_command)
 
@@ -111,7 +112,14 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("path", metavar="PATH", help="directory, s3:// prefix or URL with manifest.json")
     verify.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
     verify.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    _max_pixels(verify, "a problem, never decoded")
     verify.set_defaults(func=verify_command)
+
+
+def _max_pixels(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"images whose header gives more pixels are {what}; the same cap as "
+                             f"a job's data.max_pixels (default: {DEFAULT_MAX_PIXELS})")
 
 
 def _examples(*lines: str) -> str:

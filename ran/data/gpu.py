@@ -46,7 +46,7 @@ from ran.data import DataError
 from ran.data.read import (MIN_SAMPLES_FOR_BAD_CHECK, Batch, Loader, ShardDataset, _batch_tensor,
                            _Health)
 from ran.data.transforms import (ImageNetEval, ImageNetTrain, Transform, add_saturating, center_box,
-                                 jpeg_header, random_resized_box)
+                                 check_pixels, jpeg_header, random_resized_box)
 
 log = logging.getLogger("ran.data")
 
@@ -147,12 +147,14 @@ class _RawCollector:
         return len(self.labels)
 
     def add(self, key: str, data: bytes, label: int, rng: random.Random) -> None:
-        """Queue a JPEG for the device, or decode anything else here (exceptions: unreadable)."""
+        """Queue a JPEG for the device, or decode anything else here (exceptions: unreadable;
+        ImageTooLarge when the header is over ``data.max_pixels``, before any decode)."""
         size = device_jpeg_size(data)
         if size is None:
             self.decoded.append(self.transform.sample(data, rng))
             self.decoded_slots.append(len(self.labels))
         else:
+            check_pixels(size[0], size[1], self.transform.max_pixels)
             box, flip = jpeg_params(self.transform, size[0], size[1], rng)
             self.jpegs.append(data)
             self.keys.append(key)

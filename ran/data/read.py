@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import os
+import posixpath
 import random
+import re
 import sys
 import time
 from typing import Any, Iterator, NamedTuple
@@ -29,7 +31,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ran.data import DataError, storage
+from ran.data import DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, DataError, storage
 from ran.data.transforms import Transform, check_image, check_recipe, make_transform
 
 log = logging.getLogger("ran.data")
@@ -74,12 +76,42 @@ def read_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # also catches Windows drive letters (C:)
+
+
+def shard_url(path: str, name: Any) -> str:
+    """The URL of the shard ``name`` (as ``manifest.json`` gives it) of the dataset at ``path``.
+
+    A manifest is data, not instructions: a shard name is a relative path that stays inside the
+    dataset root after normalising. DataError naming the shard for an absolute path, a ``..`` that
+    leaves the root, a URL scheme or a name that is not a string.
+    """
+    where = storage.join(path, MANIFEST)
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{where}: shard name {name!r} is not a file name; rebuild the manifest "
+                        "with `ran data build`")
+    text = name.replace("\\", "/")
+    normal = posixpath.normpath(text)
+    why = ("is an absolute path" if text.startswith("/") else
+           "has a URL scheme" if _SCHEME.match(text) else
+           "leaves the dataset root" if normal == ".." or normal.startswith("../") else
+           "names the dataset root" if normal == "." else None)
+    if why is not None:
+        raise DataError(f"{where}: shard name {name!r} {why}: shard names must be relative paths "
+                        f"inside {path}; refusing to read it (rebuild the manifest with `ran data build`)")
+    return storage.join(path, normal)
+
+
 def split_shards(path: str, manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
-    """(URL, sample count) of every shard of ``split``."""
+    """(URL, sample count) of every shard of ``split``.
+
+    Raises:
+        DataError: no such split, or a shard name outside the dataset root (:func:`shard_url`).
+    """
     if split not in manifest["splits"]:
         raise DataError(f"{path}: no split {split!r} in {MANIFEST} "
                         f"(it has {', '.join(manifest['splits']) or 'none'})")
-    return [(storage.join(path, s["name"]), int(s["samples"]))
+    return [(shard_url(path, s["name"]), int(s["samples"]))
             for s in manifest["splits"][split]["shards"]]
 
 
@@ -118,6 +150,28 @@ class _BufferedStream:
         self.buffer, self.pos = b"".join(parts), min(n, have)
         return self.buffer[:self.pos]
 
+    def skip(self, n: int) -> int:
+        """Pass over ``n`` bytes, holding at most one chunk at a time; returns how many there were."""
+        kept = len(self.buffer) - self.pos
+        if n <= kept:
+            self.pos += n
+            return n
+        self.buffer, self.pos = b"", 0
+        done = kept
+        while done < n:
+            data = self.stream.read(min(self.chunk, n - done))
+            if not data:
+                break
+            done += len(data)
+        return done
+
+
+class OversizeMember(NamedTuple):
+    """Stands in for the data of a tar member over the size cap, which was never read."""
+
+    size: int  # bytes
+    cap: int  # bytes
+
 
 def _octal(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
@@ -139,11 +193,14 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+def iter_tar_members(stream: Any, max_member_bytes: int = MAX_MEMBER_BYTES,
+                     ) -> Iterator[tuple[str, bytes | OversizeMember]]:
     """(name, data) of the regular files in an uncompressed tar stream.
 
     A small reader for ustar/GNU/PAX archives: ``tarfile`` spends more time parsing headers than
-    PNG decoding takes for CIFAR-size images. TarFormatError on truncation or a bad header.
+    PNG decoding takes for CIFAR-size images. A member over ``max_member_bytes`` is passed over
+    while streaming (never held whole) and yields an :class:`OversizeMember` instead of its data.
+    TarFormatError on truncation or a bad header.
     """
     reader = _BufferedStream(stream)
     long_name = None
@@ -161,11 +218,21 @@ def iter_tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             valid = False
         if not valid:
             raise TarFormatError("bad tar header checksum (not a tar file, or corrupt)")
-        data = reader.read(size)
-        if len(data) < size:
-            raise TarFormatError(f"unexpected end of data ({len(data)} of {size} bytes)")
-        reader.read((512 - size % 512) % 512)
+        padded = size + (512 - size % 512) % 512
+        if size > max_member_bytes:
+            got = reader.skip(padded)
+            if got < size:
+                raise TarFormatError(f"unexpected end of data ({got} of {size} bytes)")
+            data: bytes | OversizeMember = OversizeMember(size, max_member_bytes)
+        else:
+            data = reader.read(size)
+            if len(data) < size:
+                raise TarFormatError(f"unexpected end of data ({len(data)} of {size} bytes)")
+            reader.read(padded - size)
         kind = header[156:157]
+        if isinstance(data, OversizeMember) and kind not in (b"0", b"\0", b"7"):
+            long_name = None  # an oversized long name or PAX header: its member keeps its own name
+            continue
         if kind == b"L":  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind == b"x":  # PAX extended header for the next member
@@ -182,10 +249,11 @@ def iter_tar_members(stream: Any) -> Iterator[tuple[str, bytes]]:
             long_name = None  # directories, links, global headers: nothing to read
 
 
-def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream, grouping consecutive members."""
+def iter_tar(stream: Any, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {extension: bytes}) for each sample of a tar stream, grouping consecutive members;
+    a member over ``max_member_bytes`` is an :class:`OversizeMember` (see :func:`iter_tar_members`)."""
     key, sample = None, {}
-    for name, data in iter_tar_members(stream):
+    for name, data in iter_tar_members(stream, max_member_bytes):
         parts = _key_and_ext(name)
         if parts is None:
             continue
@@ -198,8 +266,13 @@ def iter_tar(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, sample
 
 
-def parse_sample(sample: dict[str, bytes], num_classes: int) -> tuple[bytes, int]:
-    """(image bytes, label); ValueError with the reason if either is missing or invalid."""
+def parse_sample(sample: dict[str, Any], num_classes: int) -> tuple[bytes, int]:
+    """(image bytes, label); ValueError with the reason if either is missing, invalid or was
+    over the member size cap (:class:`OversizeMember`)."""
+    for ext, value in sample.items():
+        if isinstance(value, OversizeMember):
+            raise ValueError(f".{ext} member of {value.size} bytes, above the tar member cap of "
+                             f"{value.cap} bytes: not read")
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
         raise ValueError(f"no image (has {', '.join(sorted(sample))})")
@@ -527,7 +600,8 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
                 crop: int | None = None, rank: int = 0, world_size: int = 1, workers: int = 2,
                 seed: int = 0, pin_memory: bool = False, max_bad_fraction: float = 0.01,
                 shuffle_buffer: int = 500, prefetch: int = 2, decode: str = "cpu",
-                device: torch.device | str | None = None) -> Loader:
+                device: torch.device | str | None = None,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Loader:
     """Batches of ``split`` of the shards at ``path`` (directory, ``s3://`` prefix or URL) for one rank.
 
     ``train=True``: resampled shards, ``total // (batch_size * world_size)`` full batches on every
@@ -536,6 +610,8 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
     output size (224 / 32 by default). ``decode`` (``data.decode``): ``cpu``, the loader workers
     decode and batches come as uint8 CPU tensors; ``gpu``, ``device`` decodes JPEGs and batches come
     on ``device`` (:mod:`ran.data.gpu`); ``auto``, gpu on a CUDA device with the imagenet recipe.
+    ``max_pixels`` (``data.max_pixels``): an image whose header says more is a bad sample, never
+    decoded, on every path. DataError for bad arguments, a manifest or a shard name outside ``path``.
     """
     check_recipe(recipe)
     gpu = None  # ran.data.gpu when the device decodes
@@ -566,7 +642,8 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
         num_batches = sum(math.ceil(n / batch_size) for n in per_reader)
         num_samples = sum(per_reader)
     dataset = (gpu.RawShardDataset if gpu else ShardDataset)(
-        shards, train=train, batch_size=batch_size, transform=make_transform(recipe, train=train, crop=crop),
+        shards, train=train, batch_size=batch_size,
+        transform=make_transform(recipe, train=train, crop=crop, max_pixels=max_pixels),
         num_classes=int(manifest["num_classes"]), rank=rank, world_size=world_size, seed=seed,
         batches_per_rank=num_batches, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
     # Device decoding: nvJPEG stages the JPEG bytes through its own pinned buffers.
@@ -581,8 +658,10 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
 # Verification
 
 
-def verify_shard(url: str, expected: int, num_classes: int) -> tuple[int, list[str]]:
-    """(samples found, problems) for one shard: readable tar, decodable images, labels in range."""
+def verify_shard(url: str, expected: int, num_classes: int,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, list[str]]:
+    """(samples found, problems) for one shard: readable tar, decodable images no larger than
+    ``max_pixels`` (judged from the header, never decoded), labels in range."""
     problems, samples = [], 0
     name = url.rsplit("/", 1)[-1]
     try:
@@ -597,7 +676,7 @@ def verify_shard(url: str, expected: int, num_classes: int) -> tuple[int, list[s
                 samples += 1
                 try:
                     data, _ = parse_sample(sample, num_classes)
-                    check_image(data)  # as the build checked it: every byte decoded, mode convertible
+                    check_image(data, max_pixels=max_pixels)  # as the build: every byte decoded
                 except Exception as exc:
                     problems.append(f"{name}: sample {key}: {_reason(exc)}")
     except Exception as exc:
@@ -608,8 +687,12 @@ def verify_shard(url: str, expected: int, num_classes: int) -> tuple[int, list[s
 
 
 def verify_shards(path: str, *, workers: int | None = None, progress: bool = True,
-                  out: Any = None) -> bool:
-    """Check every shard under ``path`` against its manifest; print a summary; True if all is well."""
+                  out: Any = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bool:
+    """Check every shard under ``path`` against its manifest; print a summary; True if all is well.
+
+    Raises:
+        DataError: no readable manifest, or a shard name outside ``path`` (nothing is opened then).
+    """
     from tqdm import tqdm
 
     out = out or sys.stdout
@@ -621,7 +704,7 @@ def verify_shards(path: str, *, workers: int | None = None, progress: bool = Tru
     bar = tqdm(total=len(jobs), unit="shard", desc="verifying", disable=not progress, file=sys.stderr)
     results: dict[str, tuple[int, list[str]]] = {}
     with concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        calls = [(url, (pool.submit if pool else _now)(verify_shard, url, count, num_classes))
+        calls = [(url, (pool.submit if pool else _now)(verify_shard, url, count, num_classes, max_pixels))
                  for _, url, count in jobs]
         for url, call in calls:
             results[url] = call.result()

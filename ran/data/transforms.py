@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import warnings
 from typing import Callable
 
@@ -28,6 +29,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from ran.data import DEFAULT_MAX_PIXELS
+
+# The pixel cap below (data.max_pixels) decides which images are decoded, well under Pillow's
+# limits: its warning between 89 and 179 Mpx would only repeat what the cap already refused.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Same values as ran.models.registry; ran.data does not depend on ran.models.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +70,37 @@ def _readonly_tensor(make: Callable[[], torch.Tensor], kind: str) -> torch.Tenso
         tensor = make()
     _quiet_readonly.add(kind)
     return tensor
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header gives more pixels than the cap (``data.max_pixels``); never decoded."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise :class:`ImageTooLarge` if a ``width`` x ``height`` image is over ``max_pixels``
+    (None: no cap). The message gives the size, e.g. ``13000x13000 pixels (169.0 Mpx), above
+    data.max_pixels=50000000``."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx), above "
+                            f"data.max_pixels={max_pixels}")
+
+
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``data`` opened by Pillow with only its header read, its size checked against ``max_pixels``
+    before anything is decoded.
+
+    Raises:
+        ImageTooLarge: over the cap (or over Pillow's own bomb limit).
+        PIL.UnidentifiedImageError: not an image format Pillow reads.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.1f} Mpx" if found else "more pixels than Pillow allows"
+        raise ImageTooLarge(f"{size}, above data.max_pixels={max_pixels}") from None
+    check_pixels(image.size[0], image.size[1], max_pixels)
+    return image
 
 
 class PixelRangeError(ValueError):
@@ -232,23 +270,25 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int, int] | None:
 
 
 def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int, int]],
-                  size: tuple[int, int]) -> torch.Tensor:
+                  size: tuple[int, int], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode ``data`` and resize the box ``region(width, height) -> (left, top, w, h)`` to ``size``.
 
     Returns a uint8 ``(3, size[0], size[1])`` tensor. JPEGs whose box is at least twice the output
     size are decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling), which is much cheaper than a
     full decode followed by a downscale. Every mode becomes RGB through :func:`to_rgb`; full-size
     grey and YCbCr JPEGs are decoded by libjpeg straight to RGB (the same values, one copy less).
+    Raises :class:`ImageTooLarge` (from the header, before any decode) over ``max_pixels``.
     """
     jpeg = jpeg_frame(data)
     if jpeg is not None:
         width, height, components = jpeg
+        check_pixels(width, height, max_pixels)
         left, top, w, h = region(width, height)
         scale = _draft_scale(w, h, size[1], size[0])
     if jpeg is not None and scale == 1 and components in (1, 3):
         pixels = _decode_jpeg(data)
     else:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = open_image(data, max_pixels)  # reads the header only
         if jpeg is None:
             width, height = image.size
             left, top, w, h = region(width, height)
@@ -267,25 +307,28 @@ def decode_region(data: bytes, region: Callable[[int, int], tuple[int, int, int,
                          align_corners=False)[0]
 
 
-def decode_full(data: bytes) -> torch.Tensor:
+def decode_full(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode ``data`` (any format and mode Pillow opens) to a uint8 ``(3, H, W)`` RGB tensor.
 
     The first frame of animated or multi-page files; modes become RGB through :func:`to_rgb`.
-    Raises PIL.UnidentifiedImageError for data that is not an image, OSError for a broken one.
+    Raises PIL.UnidentifiedImageError for data that is not an image, OSError for a broken one,
+    :class:`ImageTooLarge` (from the header, nothing decoded) over ``max_pixels``.
     """
-    return _pixels(to_rgb(Image.open(io.BytesIO(data)))).contiguous()
+    return _pixels(to_rgb(open_image(data, max_pixels))).contiguous()
 
 
-def check_image(data: bytes, strict: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+def check_image(data: bytes, strict: bool = True,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Decode all of ``data`` as the readers will, cheaply: (loaded image, (width, height)).
 
     JPEGs are decoded at 1/8 scale (every entropy-coded byte is still read, so truncation shows),
     other formats at full size; the size returned is the source's. The pixels go through
     :func:`to_rgb` (``strict``: pixels without a defined 8-bit form raise PixelRangeError); the
     image returned keeps its own mode and ``format``. Raises PIL.UnidentifiedImageError, OSError
-    or ValueError with the reason.
+    or ValueError with the reason; :class:`ImageTooLarge` (a ValueError) over ``max_pixels``,
+    judged from the header before anything is decoded.
     """
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data, max_pixels)
     size = image.size
     if image.format in ("JPEG", "MPO"):
         image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
@@ -347,12 +390,14 @@ class ImageNetTrain:
     """Random-resized crop and flip per sample; PCA lighting per batch."""
 
     def __init__(self, crop: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), lighting: float = 0.1):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), lighting: float = 0.1,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.crop, self.scale, self.ratio, self.lighting = crop, scale, ratio, lighting
+        self.max_pixels = max_pixels
 
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
         image = decode_region(data, lambda w, h: random_resized_box(w, h, rng, self.scale, self.ratio),
-                              (self.crop, self.crop))
+                              (self.crop, self.crop), self.max_pixels)
         if rng.random() < 0.5:
             image = image.flip(-1)
         return image
@@ -374,11 +419,13 @@ class ImageNetTrain:
 class ImageNetEval:
     """Resize to ``crop / 0.875`` then centre crop ``crop`` (done as crop-then-resize)."""
 
-    def __init__(self, crop: int = 224, fraction: float = EVAL_CROP_FRACTION):
-        self.crop, self.fraction = crop, fraction
+    def __init__(self, crop: int = 224, fraction: float = EVAL_CROP_FRACTION,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.crop, self.fraction, self.max_pixels = crop, fraction, max_pixels
 
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
-        return decode_region(data, lambda w, h: center_box(w, h, self.fraction), (self.crop, self.crop))
+        return decode_region(data, lambda w, h: center_box(w, h, self.fraction), (self.crop, self.crop),
+                             self.max_pixels)
 
     def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return images
@@ -387,11 +434,11 @@ class ImageNetEval:
 class CifarTrain:
     """Zero-pad ``crop // 8`` px (4 at 32), random ``crop`` crop, horizontal flip."""
 
-    def __init__(self, crop: int = 32):
-        self.crop, self.pad = crop, max(1, crop // 8)
+    def __init__(self, crop: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.crop, self.pad, self.max_pixels = crop, max(1, crop // 8), max_pixels
 
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
-        return _decode_at(data, self.crop)
+        return _decode_at(data, self.crop, self.max_pixels)
 
     def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
         n, pad, crop = len(images), self.pad, self.crop
@@ -407,18 +454,18 @@ class CifarTrain:
 class CifarEval:
     """The image itself (resized only if it is not ``crop`` x ``crop``)."""
 
-    def __init__(self, crop: int = 32):
-        self.crop = crop
+    def __init__(self, crop: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.crop, self.max_pixels = crop, max_pixels
 
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
-        return _decode_at(data, self.crop)
+        return _decode_at(data, self.crop, self.max_pixels)
 
     def batch(self, images: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return images
 
 
-def _decode_at(data: bytes, crop: int) -> torch.Tensor:
-    image = decode_full(data)
+def _decode_at(data: bytes, crop: int, max_pixels: int | None) -> torch.Tensor:
+    image = decode_full(data, max_pixels)
     if image.shape[1:] != (crop, crop):
         image = F.interpolate(image[None], size=(crop, crop), mode="bilinear", antialias=True,
                               align_corners=False)[0]
@@ -428,9 +475,12 @@ def _decode_at(data: bytes, crop: int) -> torch.Tensor:
 Transform = ImageNetTrain | ImageNetEval | CifarTrain | CifarEval
 
 
-def make_transform(recipe: str, *, train: bool, crop: int | None = None) -> Transform:
-    """The train or eval transform of a recipe ("imagenet" or "cifar") at ``crop`` pixels."""
+def make_transform(recipe: str, *, train: bool, crop: int | None = None,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Transform:
+    """The train or eval transform of a recipe ("imagenet" or "cifar") at ``crop`` pixels; images
+    over ``max_pixels`` (``data.max_pixels``) raise :class:`ImageTooLarge` undecoded."""
     crop = crop or default_crop(recipe)
     if recipe == "imagenet":
-        return ImageNetTrain(crop) if train else ImageNetEval(crop)
-    return CifarTrain(crop) if train else CifarEval(crop)
+        return (ImageNetTrain(crop, max_pixels=max_pixels) if train
+                else ImageNetEval(crop, max_pixels=max_pixels))
+    return CifarTrain(crop, max_pixels) if train else CifarEval(crop, max_pixels)

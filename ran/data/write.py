@@ -40,8 +40,8 @@ from typing import IO, Any, Callable, Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ran.data import DataError, storage
-from ran.data.transforms import PixelRangeError, check_image, to_rgb
+from ran.data import DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, DataError, storage
+from ran.data.transforms import ImageTooLarge, PixelRangeError, check_image, to_rgb
 
 SOURCES = ("imagenet", "imagefolder", "cifar10", "cifar100")
 # File names taken as images: torchvision ImageFolder's IMG_EXTENSIONS, plus GIF. Any other file
@@ -177,7 +177,13 @@ def _file_problem(path: str) -> tuple[str | None, os.stat_result | None]:
         return "not a regular file", None
     if st.st_size == 0:
         return "empty file", None
+    if st.st_size > MAX_MEMBER_BYTES:
+        return _too_many_bytes(st.st_size), None
     return None, st
+
+
+def _too_many_bytes(size: int) -> str:
+    return f"too large: {size} bytes, above the {MAX_MEMBER_BYTES}-byte cap on one image file"
 
 
 def _image_files(root: str, split: str) -> tuple[list[tuple[str, os.stat_result]], list[dict[str, str]]]:
@@ -311,7 +317,8 @@ def _member_items(archive: str, members: list[tuple[str, int, int]], where: str,
     for name, offset, size in members:
         label = label_of(name)
         problem = (f"unsupported format ({_ext(name)})" if not _is_image(name) else
-                   "empty file" if size == 0 else label if isinstance(label, str) else None)
+                   "empty file" if size == 0 else _too_many_bytes(size) if size > MAX_MEMBER_BYTES else
+                   label if isinstance(label, str) else None)
         if problem is not None:
             skipped.append(_skip(f"{where}:{name}", problem, split))
             continue
@@ -541,14 +548,51 @@ def _class_tars(folder: str) -> dict[str, str]:
     return {e.name[:-4]: e.path for e in os.scandir(folder) if e.name.endswith(".tar") and e.is_file()}
 
 
-def _unpickle(path: str) -> dict[bytes, Any]:
+# What the python CIFAR batches (pickled by Python 2 and numpy) name: numpy's array
+# reconstruction (numpy 2 spells numpy.core as numpy._core; protocol 5 pickles use _frombuffer).
+# Dicts, lists, bytes, str and ints need no names. Anything else a pickle asks for is refused.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """A pickle reader that builds only dicts, lists, bytes, str, numbers and numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: str, keys: tuple[bytes, ...]) -> dict[bytes, Any]:
+    """A CIFAR batch or meta file: the dict in ``path``, read without running any code.
+
+    Raises:
+        DataError: missing, not a pickle, a pickle that asks for anything but numpy's array
+            reconstruction (it is refused before it runs), or a dict without ``keys``.
+    """
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing CIFAR batch file") from None
+    except _RefusedGlobal as exc:
+        raise DataError(f"{path}: not a CIFAR batch: the pickle asks to load {exc}, which CIFAR files "
+                        "never do (they hold dicts, lists, bytes and numpy arrays); refusing to read "
+                        "it: re-download the dataset") from None
     except Exception as exc:
         raise DataError(f"{path}: not a CIFAR pickle ({type(exc).__name__}: {exc})") from None
+    missing = [k.decode() for k in keys if not isinstance(batch, dict) or k not in batch]
+    if missing:
+        raise DataError(f"{path}: not a CIFAR batch (no {', '.join(missing)}); re-download the dataset")
+    return batch
 
 
 def scan_cifar(root: str, variant: str) -> Source:
@@ -566,15 +610,20 @@ def scan_cifar(root: str, variant: str) -> Source:
         root = os.path.join(root, folder)
     meta_path = os.path.join(root, meta_file)
     classes = [n.decode() if isinstance(n, bytes) else str(n)
-               for n in _unpickle(meta_path)[names_key]] if os.path.exists(meta_path) else None
+               for n in _unpickle(meta_path, (names_key,))[names_key]] if os.path.exists(meta_path) else None
     splits = {}
     for split, files in (("train", train_files), ("val", test_files)):
         if split == "val" and not os.path.exists(os.path.join(root, files[0])):
             continue
         items = []
         for name in files:
-            batch = _unpickle(os.path.join(root, name))
-            pixels = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            path = os.path.join(root, name)
+            batch = _unpickle(path, (b"data", label_key))
+            try:
+                rows = np.asarray(batch[b"data"], dtype=np.uint8)
+                pixels = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"{path}: not a CIFAR batch ({exc}); re-download the dataset") from None
             for label, image in zip(batch[label_key], pixels):
                 items.append(Item(f"{len(items):06d}", int(label), pixels=image))
         splits[split] = items
@@ -648,8 +697,13 @@ def plan_shards(items: list[Item], samples_per_shard: int, max_shard_bytes: int 
     return shards
 
 
-def _encode(item: Item, max_size: int | None) -> tuple[bytes, str]:
-    """(bytes, extension) for one sample: the source bytes unless it must be downsized."""
+def _encode(item: Item, max_size: int | None,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """(bytes, extension) for one sample: the source bytes unless it must be downsized.
+
+    _Skip with the reason for a file that cannot be a sample, among them an image whose header
+    gives more than ``max_pixels`` (it is never decoded).
+    """
     if item.pixels is not None:
         image = Image.fromarray(item.pixels)
         if max_size and max(image.size) > max_size:
@@ -664,7 +718,9 @@ def _encode(item: Item, max_size: int | None) -> tuple[bytes, str]:
     if not data:
         raise _Skip("empty file")
     try:
-        image, size = check_image(data)  # every byte decoded (JPEGs at 1/8 scale), modes checked
+        image, size = check_image(data, max_pixels=max_pixels)  # every byte decoded (JPEGs at 1/8)
+    except ImageTooLarge as exc:
+        raise _Skip(f"too large: {exc}") from None
     except UnidentifiedImageError:
         raise _Skip("cannot decode: not a recognised image format") from None
     except PixelRangeError as exc:
@@ -726,6 +782,7 @@ class ShardTask:
     items: list[Item]
     max_size: int | None
     fingerprint: str
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
@@ -735,7 +792,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         with tarfile.open(fileobj=f, mode="w|") as tar:
             for item in task.items:
                 try:
-                    data, ext = _encode(item, task.max_size)
+                    data, ext = _encode(item, task.max_size, task.max_pixels)
                 except _Skip as exc:
                     skipped.append({"path": item.source or item.key, "reason": str(exc)})
                     continue
@@ -766,8 +823,8 @@ def _finished(task: ShardTask) -> dict[str, Any] | None:
     return record
 
 
-def _fingerprint(items: list[Item], max_size: int | None) -> str:
-    digest = hashlib.sha1(f"v{MANIFEST_FORMAT}|{max_size}".encode())
+def _fingerprint(items: list[Item], max_size: int | None, max_pixels: int | None) -> str:
+    digest = hashlib.sha1(f"v{MANIFEST_FORMAT}|{max_size}|{max_pixels}".encode())
     for item in items:
         digest.update(item.fingerprint().encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
@@ -807,11 +864,13 @@ def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[dic
 def build_shards(source: str, input_path: str, output: str, *,
                  samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, max_shard_mb: float | None = None,
                  max_size: int | None = None, val_fraction: float = 0.0, seed: int = 0,
-                 workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 workers: int | None = None, progress: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Build shards of ``input_path`` (a ``source`` layout) in ``output`` and return the manifest.
 
     ``source`` is one of imagenet, imagefolder, cifar10, cifar100. ``output`` is a directory or an
     ``s3://bucket/prefix``. Shards already written by an earlier run with the same plan are kept.
+    Images whose header gives more than ``max_pixels`` are skipped undecoded ("too large").
     """
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
@@ -826,14 +885,16 @@ def build_shards(source: str, input_path: str, output: str, *,
             scanned.splits["train"], val_fraction, seed)
     return write_dataset(scanned, output, source=source, samples_per_shard=samples_per_shard,
                          max_shard_mb=max_shard_mb, max_size=max_size, seed=seed, workers=workers,
-                         progress=progress, options={"val_fraction": val_fraction})
+                         progress=progress, options={"val_fraction": val_fraction}, max_pixels=max_pixels)
 
 
 def write_dataset(scanned: Source, output: str, *, source: str, samples_per_shard: int,
                   max_shard_mb: float | None = None, max_size: int | None = None, seed: int = 0,
                   workers: int | None = None, progress: bool = True,
-                  options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the splits of a scanned source as shards, then the manifest (last, atomically)."""
+                  options: dict[str, Any] | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Write the splits of a scanned source as shards, then the manifest (last, atomically);
+    images over ``max_pixels`` are skipped from their header."""
     storage.check_writable(output)
     manifest_path = storage.join(output, MANIFEST)
     storage.remove(manifest_path)  # a manifest must never describe shards of a half-done build
@@ -842,7 +903,8 @@ def write_dataset(scanned: Source, output: str, *, source: str, samples_per_shar
     for split, items in scanned.splits.items():
         shards = plan_shards(items, samples_per_shard, max_bytes, seed, split)
         tasks[split] = [ShardTask(output, f"{split}-{i:06d}.tar", shard, max_size,
-                                  _fingerprint(shard, max_size)) for i, shard in enumerate(shards)]
+                                  _fingerprint(shard, max_size, max_pixels), max_pixels)
+                        for i, shard in enumerate(shards)]
     all_tasks = [t for split_tasks in tasks.values() for t in split_tasks]
     done = {t.name: r for t in all_tasks if (r := _finished(t)) is not None}
     todo = [t for t in all_tasks if t.name not in done]
@@ -869,7 +931,7 @@ def write_dataset(scanned: Source, output: str, *, source: str, samples_per_shar
         "skipped": skipped,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": {"samples_per_shard": samples_per_shard, "max_shard_mb": max_shard_mb,
-                    "max_size": max_size, "seed": seed, **(options or {})},
+                    "max_size": max_size, "max_pixels": max_pixels, "seed": seed, **(options or {})},
     }
     storage.write_bytes_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
     if progress:

@@ -19,6 +19,7 @@ from ran.tracking.models import (
     registered_model, registered_models, registry_source, run_params, run_source, tag_version,
     version_source,
 )
+from ran.tracking.provenance import ProvenanceError, check_ran_model, download_checked
 from ran.tracking.names import *  # noqa: F401,F403 - the names are this package's vocabulary
 from ran.tracking.runs import (
     RunLogger, RunTracker, SystemMetrics, child_runs, dataset_digest, describe_unlogged,
@@ -26,7 +27,7 @@ from ran.tracking.runs import (
 )
 from ran.tracking.store import (
     answers, check_server, client, default_artifact_location, ensure_experiment, existing_store,
-    git_commit, is_server, ray_job_tags, shown, tracking_uri, use_uri,
+    git_commit, is_server, ray_job_tags, refuse_password, shown, tracking_uri, use_uri,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
     "ensure_experiment", "existing_store", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",
     "SystemMetrics", "dataset_digest", "describe_unlogged", "shard_datasets", "answers",
-    "check_server", "is_server", "shown",
+    "check_server", "is_server", "shown", "refuse_password", "ProvenanceError", "check_ran_model",
+    "download_checked",
 ]

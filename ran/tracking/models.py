@@ -389,20 +389,16 @@ class ModelFiles:
 
 
 def download_model_files(source: ModelSource) -> ModelFiles:
-    """Download a logged model's side files (registered version or logged model).
+    """Download a logged model (registered version or logged model), check that it is ran's own
+    (:func:`ran.tracking.provenance.check_ran_model`) and return its side files.
 
     Raises:
-        ModelRefError: the model has no ``state_dict.pt`` (not logged by ``ran train``).
+        ProvenanceError: (a ModelRefError) a model ``ran train`` did not log, named with why.
     """
-    import mlflow
+    from ran.tracking.provenance import download_checked
 
-    store.use_uri()
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source.model_uri))
-    found = next((p.parent for p in local.rglob("state_dict.pt")), None)
-    if found is None:
-        raise ModelRefError(f"{source.model_uri}: no state_dict.pt beside the model; was it "
-                            "logged by ran?")
-    return ModelFiles(found / "config.yaml", found / "classes.json", found / "state_dict.pt")
+    side = download_checked(source) / "data" / SIDE_DIR
+    return ModelFiles(side / "config.yaml", side / "classes.json", side / "state_dict.pt")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,22 @@ def shown(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def refuse_password(uri: str, verb: str) -> None:
+    """Refuse an MLflow server URI that carries a password (``https://alice:PW@host``): MLflow
+    prints it in its own "View run at" lines and it reaches every process of the job; the login
+    belongs in ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``. A database URI (the
+    store itself, as ``mlflow server`` is given it) keeps its own credentials.
+
+    Raises:
+        ValueError: one line naming ``verb`` and what to set instead (the password never shown).
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.password:
+        raise ValueError(f"{verb}: MLFLOW_TRACKING_URI {shown(uri)} holds a password, which MLflow "
+                         "would print with every run's link: drop it from the URI and set "
+                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+
+
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores besides sqlite
 
 

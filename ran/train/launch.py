@@ -411,6 +411,7 @@ def process_start_time(pid: int | None = None) -> float:
 def cli_train(args: argparse.Namespace) -> int:
     """``ran train JOB.yaml [--set k=v]... [--address RAY] [--resume]``."""
     started = process_start_time()  # startup_s counts the command's imports too
+    tracking.refuse_password(tracking.tracking_uri(), "ran train")
     cfg = load_config(args.job, args.overrides)
     try:
         outcome = run_training(cfg, resume=args.resume, address=args.address,

@@ -44,12 +44,31 @@ def auth_token() -> str | None:
         return None
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
         try:
-            token = path.read_text().strip()
+            token = token_path().read_text().strip()
         except OSError:
             return None
     return token or None
+
+
+def token_path() -> Path:
+    """The token file Ray reads: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def make_token_private() -> bool:
+    """Make the Ray token file readable by its owner only (0600) when it is ours and wider: Ray
+    2.60 writes ``~/.ray/auth_token`` with the default umask (0644), where every local user could
+    read the token that runs code on the cluster. Returns whether it changed the mode."""
+    path = token_path()
+    try:
+        st = path.stat()
+        if not path.is_file() or st.st_uid != os.getuid() or not st.st_mode & 0o077:
+            return False
+        path.chmod(0o600)
+        return True
+    except OSError:
+        return False
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -169,6 +188,7 @@ class LocalRay:
         try:
             with _token_notice(shown=console.verbose()):
                 ray.init(address="local", log_to_driver=self.log_to_driver, **kwargs)
+            make_token_private()  # the token Ray may just have written, 0644
         except BaseException:
             self._restore_env()
             raise

@@ -285,7 +285,7 @@ class Trainer:
         common = dict(batch_size=d.batch_size, recipe=d.recipe, rank=self.rank,
                       world_size=self.world_size, workers=d.workers, seed=cfg.train.seed,
                       pin_memory=self.device.type == "cuda", max_bad_fraction=d.max_bad_fraction,
-                      decode=d.decode, device=self.device)
+                      decode=d.decode, device=self.device, max_pixels=d.max_pixels)
         self.eval_crop = runtime.eval_crop(cfg)
         self.train_loader = make_loader(d.path, d.train_split, train=True, crop=d.crop, **common)
         self.val_loader = make_loader(d.path, d.val_split, train=False, crop=self.eval_crop, **common)

@@ -725,6 +725,7 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
 
 def cli_tune(args: argparse.Namespace) -> int:
     """``ran tune SPACE.yaml --job JOB.yaml [--set k=v]... [--address A] [--resume]``."""
+    tracking.refuse_password(tracking.tracking_uri(), "ran tune")
     space = load_space(args.space)
     job_raw = load_config(args.job, args.overrides).model_dump()
     outcome = run_search(space, job_raw, address=args.address, resume=args.resume)

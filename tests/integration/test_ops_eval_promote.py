@@ -218,8 +218,9 @@ def test_explain_a_registered_model_and_log_the_pictures(store, tmp_path, capsys
     assert Image.open(out / "attention_shape.png").size == (960, 280)  # input + 3 modules, 1 row
 
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", capsys.readouterr().out).group(1)
-    assert run_id == store["trained"].run_id  # logged into the training run of version 1
+    assert run_id != store["trained"].run_id  # a new run, not the training run of version 1
     client = _client(store["uri"])
+    assert client.get_run(run_id).data.tags["ran.kind"] == "explain"
     assert [a.path for a in client.list_artifacts(run_id, "attention")] == ["attention/attention_shape.png"]
 
 

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -248,11 +249,25 @@ def test_malformed_requests_get_a_400_that_says_what_is_wrong_and_the_server_kee
     assert status == 200 and len(answer["predictions"]) == 1  # still serving
 
 
+def test_an_image_over_the_pixel_cap_gets_rans_one_line_400_from_its_header(server, store):
+    from untrusted import png_bomb
+
+    status, answer = _post(server, {"inputs": [base64.b64encode(png_bomb()).decode()]})
+    assert status == 400
+    assert answer["message"] == ("image 0: too large: 13000x13000 pixels (169.0 Mpx), above "
+                                 "data.max_pixels=50000000; send an image of at most 50000000 pixels")
+    # Over Pillow's own limit (179 Mpx), which raised through MLflow as a stack trace before.
+    status, answer = _post(server, {"inputs": [base64.b64encode(png_bomb(14_000, 14_000)).decode()]})
+    assert status == 400
+    assert answer["message"].startswith("image 0: too large: 196.0 Mpx, above data.max_pixels=")
+    assert "Traceback" not in answer["message"] and "\n" not in answer["message"]
+
+
 # ---------------------------------------------------------------------------------------------
 # ran explain into the model's run
 
 
-def test_explain_logs_its_grid_into_the_training_run_of_the_model(store, tmp_path, capsys):
+def test_explain_logs_its_grid_into_a_new_run_or_the_run_named(store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from ran.cli import main
@@ -263,12 +278,23 @@ def test_explain_logs_its_grid_into_the_training_run_of_the_model(store, tmp_pat
     folder.mkdir()
     (folder / "first.png").write_bytes(data)
     out = tmp_path / "pictures"
+    client = MlflowClient(store["uri"])
+    training_run = store["outcome"].run_id
 
     assert main(["explain", f"models:/{MODEL}@champion", str(folder / "first.png"), "--out",
                  str(out), "--log-mlflow"]) == 0
-    printed = capsys.readouterr().out
-    run_id = store["outcome"].run_id
-    assert f"logged attention_first.png to MLflow run {run_id} (attention/)" in printed
-    artifacts = [a.path for a in MlflowClient(store["uri"]).list_artifacts(run_id, "attention")]
-    assert artifacts == ["attention/attention_first.png"]
+    run_id = re.search(r"logged attention_first.png to MLflow run ([0-9a-f]{32}) \(attention/\)",
+                       capsys.readouterr().out).group(1)
+    assert run_id != training_run  # the model does not choose the run it is written into
+    run = client.get_run(run_id)
+    assert run.data.tags["ran.kind"] == "explain"
+    assert client.get_experiment(run.info.experiment_id).name.endswith("-explanations")
+    assert [a.path for a in client.list_artifacts(run_id, "attention")] == ["attention/attention_first.png"]
+    assert client.list_artifacts(training_run, "attention") == []
+
+    assert main(["explain", f"models:/{MODEL}@champion", str(folder / "first.png"), "--out",
+                 str(out), "--mlflow-run", training_run]) == 0  # a run the user names
+    assert f"to MLflow run {training_run}" in capsys.readouterr().out
+    assert [a.path for a in client.list_artifacts(training_run, "attention")] == [
+        "attention/attention_first.png"]
     assert Image.open(out / "attention_first.png").size[0] > 0

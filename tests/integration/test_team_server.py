@@ -365,3 +365,42 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
     assert named["step_loss"][-1] == 24 and named["step_lr"][-1] == 24
     assert f"MLflow at {b} did not answer at the end" in out
     assert status == "RUNNING"  # the driver could not close it; --resume will
+
+
+def test_no_password_on_any_command_line_while_the_server_starts(postgres, moto_server, tmp_path):
+    """`ps` (what every local user can run) never shows the database or admin password while
+    mlflow-server.sh upgrades the schema and starts the server."""
+    import threading
+
+    boto3.client("s3").create_bucket(Bucket="ps-check")
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"{postgres}/mlflow",
+           "MLFLOW_AUTH_DATABASE_URI": f"{postgres}/mlflow_auth",
+           "MLFLOW_ARTIFACTS_DESTINATION": "s3://ps-check/mlflow", "MLFLOW_S3_ENDPOINT_URL": moto_server,
+           "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "RAN_MLFLOW_WORKERS": "1",
+           "RAN_MLFLOW_BIN": str(BIN / "mlflow"), "TMPDIR": str(tmp_path)}
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            listing = subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True)
+            seen.update(line for line in listing.stdout.splitlines() if "mlflow" in line)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with mlflow_server(env, tmp_path / "server.log") as url:
+            time.sleep(1.0)  # the workers, started once the server answers, are sampled too
+            with as_user(ADMIN, url):  # the store the server took from its environment is ours
+                tracking.client(url).create_experiment("ps-check")
+    finally:
+        stop.set()
+        watcher.join()
+    assert any(" db upgrade postgresql://mlflow@127.0.0.1:" in line for line in seen), seen
+    assert any(" server --app-name basic-auth" in line for line in seen), seen
+    leaked = [line for line in seen if DB_PASSWORD in line or ADMIN[1] in line]
+    assert leaked == []
+    import psycopg
+
+    with psycopg.connect(f"{postgres}/mlflow") as db:
+        assert ("ps-check",) in db.execute("SELECT name FROM experiments").fetchall()

@@ -323,13 +323,23 @@ def test_shipped_yaml_parses_and_dashboards_stay_on_loopback_unless_token_auth_i
     files = shipped_yaml()
     heads = {name: [h for doc in docs for h in dashboards(doc)] for name, docs in files.items()}
     assert {k: v for k, v in heads.items() if v} == {
-        "aws-gpu.yaml": [("127.0.0.1", False)],  # reached through `ray dashboard` (SSH)
-        "kuberay/raycluster.yaml": [("127.0.0.1", False)],  # reached through kubectl port-forward
-        "kuberay/rayjob.yaml": [("0.0.0.0", True)],  # the submitter pod needs it: token auth on
+        "aws-gpu.yaml": [("127.0.0.1", True)],  # reached through `ray dashboard` (SSH)
+        "kuberay/raycluster.yaml": [("127.0.0.1", True)],  # reached through kubectl port-forward
+        "kuberay/rayjob.yaml": [("0.0.0.0", True)],  # the submitter pod needs it
     }
     for name, found in heads.items():
         for host, token_auth in found:
-            assert host == "127.0.0.1" or token_auth, f"{name}: dashboard on {host} without token auth"
+            assert token_auth, f"{name}: a Ray head without token auth (dashboard on {host})"
+
+
+def test_every_aws_node_starts_with_token_auth_and_the_token_from_a_secret_file(aws):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in aws[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    (command,) = [c for c in aws["setup_commands"] if "auth_token" in c]
+    code = re.fullmatch(r'python -c "(.*)"', command).group(1)
+    compile(code, "setup_commands", "exec")
+    assert "SecretId='ran/ray-token'" in code and "0o600" in code
 
 
 def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:

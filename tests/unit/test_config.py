@@ -159,3 +159,25 @@ def test_parse_config_rejects_a_wrong_type_with_the_input():
     with pytest.raises(ConfigError, match=r"data\.batch_size.*'many'"):
         parse_config({"data": {"batch_size": "many"}})
     assert isinstance(parse_config({}), JobConfig)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("!!python/object/apply:os.system ['touch {marker}']",
+     "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("!foo 3", "could not determine a constructor for the tag '!foo'"),
+    ("[1", "expected ',' or ']', but got '<stream end>'"),
+])
+def test_a_set_value_that_is_not_plain_yaml_is_one_line_and_runs_nothing(tmp_path, value, problem):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "MARKER"
+    item = f"optim.lr={value.format(marker=marker)}"
+    result = subprocess.run([sys.executable, "-m", "ran.cli", "train", "jobs/demo.yaml", "--set", item],
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --set {item!r}: not a plain YAML value ({problem}); give a "
+                             "number, a word, true/false or a list like [a, b], quoted if it has "
+                             "special characters (YAML tags such as !!python/object are never read)\n")
+    assert not marker.exists()

@@ -105,3 +105,14 @@ def test_a_bad_item_is_refused_with_one_line_naming_it(classifier, model_input, 
     with pytest.raises(RequestError) as err:
         classifier.predict(model_input)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(classifier):
+    from untrusted import png_bomb
+
+    with pytest.raises(RequestError) as err:
+        classifier.predict([_png(_pixels(0)), png_bomb()])
+    assert str(err.value) == ("image 1: too large: 13000x13000 pixels (169.0 Mpx), above "
+                              "data.max_pixels=50000000; send an image of at most 50000000 pixels")
+    with pytest.raises(RequestError, match=r"image 0: too large: 8000x7000 pixels \(56\.0 Mpx\)"):
+        classifier.images(np.broadcast_to(np.zeros(3, dtype=np.uint8), (7000, 8000, 3)))
