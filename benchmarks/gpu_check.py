@@ -1,15 +1,17 @@
-"""The GPU check (issue 16): model speed and MFU, the data path, and a short ``ran train`` on one GPU.
+"""The GPU check (issues 16 and 25): the training step, the data path, and a short ``ran train`` on one GPU.
 
 Run it through ``benchmarks/gpu_check.sh`` (which caps it at 8 minutes); it prints one JSON object
 on stdout, progress on stderr. Three parts:
 
-1. model: training steps (forward, cross-entropy, backward, fused SGD) of torchvision's
-   ``resnet50``, Attention-56 and Attention-92 (ImageNet stems, 224 px) in bf16 autocast +
-   channels_last, eager and under ``torch.compile``; img/s, peak memory and model FLOP utilisation
-   ``3 x 2 x forward MACs x img/s / peak``, against the GPU's datasheet bf16 peak (where known) and a
-   measured bf16 matmul; the figure the issue asks for is each model's MFU relative to ResNet-50's.
-   Each model runs in its own process; all three compile at once, and the timed steps take turns
-   under a lock (``fcntl``), so nothing else runs on the GPU while one is timed.
+1. bench: ``ran bench`` (ran/bench.py) of Attention-56 beside torchvision's ResNet-50 and of
+   Attention-92 (ImageNet stems, 224 px, batch 256; bf16 and fp16, eager, compiled and as a
+   whole-step CUDA graph) and of CIFAR-stem Attention-92 at the paper's batch 64 (bf16, eager,
+   compiled, CUDA graph, both); each bench reports img/s, MFU against a bf16 matmul measured in
+   the same run, peak memory, compile or capture time, the 20-step loss check and the layout walk
+   (every activation channels_last and in the autocast dtype); Attention-56's also the profile by
+   op family of its fastest setting. The goals of issue 25 are summarised as ratios from this run.
+   Each bench runs in its own process; they compile at once, and the timed steps take turns under
+   a lock (``RAN_BENCH_LOCK``), so nothing else runs on the GPU while one is timed.
 2. data: ImageNet-size synthetic JPEGs (about 500x375, quality 90, 10 learnable classes): bare
    libjpeg-turbo full-size decode per core, the CPU path's training transform per core (goal: at
    least 90% of the bare decode), the CPU path's loader with every core, and the device path
@@ -21,7 +23,7 @@ on stdout, progress on stderr. Three parts:
    registers the model, then evaluates the registered model on the CPU (``ran eval``, the CPU
    decode path) and compares top-1 with the run's own validation. Runs while part 1 compiles.
 
-``--cpu-only`` runs every part on the CPU at CI size (fewer images, 64 px models, no compile, the
+``--cpu-only`` runs every part on the CPU at CI size (fewer images, 64 px models, fp32 eager, the
 device path in its CPU form), so the script and its JSON are tested where there is no GPU. Fields
 that only a GPU fills are then null, and ``not_measured`` says why.
 """
@@ -38,7 +40,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,17 +51,11 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-RESULT_TAG = "GPU_CHECK_RESULT "
-MODELS = ("resnet50", "attention56", "attention92")
-MODES = ("eager", "compile")
 CLASSES = 10
 # Dense bf16 tensor-core peaks from the datasheets, TFLOP/s (SXM parts; first match wins).
-SPEC_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0),
-                    ("L40S", 362.05), ("L4", 121.0), ("A10", 125.0))
 GOAL_DATA_IMG_S = 2500  # per GPU
 GOAL_DATA_CORES = 4  # CPU cores per GPU
 GOAL_CPU_TRANSFORM_VS_DECODE = 0.9
-GOAL_MFU_VS_RESNET50 = {"attention56": 1.0, "attention92": 0.9}
 
 
 def log(message: str) -> None:
@@ -74,14 +69,12 @@ def log(message: str) -> None:
 def settings(cpu_only: bool) -> dict[str, Any]:
     """Sizes of every part: GPU (default) or CI size on the CPU."""
     if cpu_only:
-        return {"train_images": 96, "val_images": 32, "model_batch": 2, "model_size": 64,
-                "model_steps": 2, "model_warmup": 1, "compile": False, "loader_batch": 32,
+        return {"train_images": 96, "val_images": 32, "loader_batch": 32,
                 "loader_epochs": 2, "gpu_path_workers": [1], "train_crop": 64, "train_batch": 16,
-                "train_workers": 1, "matmul_size": 1024}
-    return {"train_images": 2048, "val_images": 256, "model_batch": 128, "model_size": 224,
-            "model_steps": 10, "model_warmup": 3, "compile": True, "loader_batch": 256,
+                "train_workers": 1}
+    return {"train_images": 2048, "val_images": 256, "loader_batch": 256,
             "loader_epochs": 3, "gpu_path_workers": [1, 3], "train_crop": 224, "train_batch": 64,
-            "train_workers": 3, "matmul_size": 8192}
+            "train_workers": 3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +242,7 @@ def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bo
 
 
 # ---------------------------------------------------------------------------------------------
-# Part 1: model speed (children, one per model)
+# Part 1: the training step (`ran bench`, one process per model)
 
 
 @contextlib.contextmanager
@@ -263,195 +256,100 @@ def gpu_lock(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def emit(result: dict[str, Any]) -> None:
-    print(RESULT_TAG + json.dumps(result), flush=True)
+# The benches of the step (issue 25): name -> (model, stem, crop, batch, precisions, modes, baseline).
+# On a GPU the modes are those the issue's goals need (eager, compiled, a whole-step CUDA graph);
+# every other mode is a `ran bench --modes` away. On the CPU: fp32 eager at CI size.
+BENCHES = {
+    "attention56": ("attention56", "imagenet", 224, 256, "bf16,fp16", "eager,default,cuda_graph", "resnet50"),
+    "attention92": ("attention92", "imagenet", 224, 256, "bf16,fp16", "eager,default,cuda_graph", "none"),
+    "attention92_cifar": ("attention92", "cifar", 32, 64, "bf16",
+                          "eager,default,cuda_graph,default+cuda_graph", "none"),
+}
+GOALS = {"attention56_mfu_vs_resnet50": 1.0, "attention92_mfu_vs_resnet50": 0.9,
+         "attention56_img_per_s": 3600, "attention92_cifar_b64_img_per_s": 6000}
 
 
-def model_child(spec: dict[str, Any]) -> None:
-    """Time one model's training steps; prints a tagged JSON line after each stage, so a child
-    stopped at the deadline still reports what it measured."""
-    import torch
-    import torch.nn.functional as F
-    import torchvision
+def bench_job(work: Path, name: str, cpu_only: bool) -> tuple[Path, list[str]]:
+    """The job file and the `ran bench` arguments of one bench."""
+    import yaml
 
-    from ran.models import count_macs, create_model
-
-    name, size, batch = spec["model"], spec["size"], spec["batch"]
-    device = torch.device(spec["device"])
-    torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    model = (torchvision.models.resnet50() if name == "resnet50"
-             else create_model(name, stem="imagenet", num_classes=1000))
-    result: dict[str, Any] = {"model": name, "forward_gmacs": round(count_macs(model, size) / 1e9, 3),
-                              "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                                fused=device.type == "cuda" or None)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step(forward: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        optimizer.step()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed(forward: Any) -> dict[str, Any]:
-        """img/s over ``steps`` steps with no host sync between them (as the training loop runs);
-        per-step times from CUDA events (on the CPU, from the clock: it runs synchronously)."""
-        for _ in range(spec["warmup"]):
-            step(forward)
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(spec["steps"] + 1)]
-        times, start = [], time.perf_counter()
-        for i in range(spec["steps"]):
-            if device.type == "cuda":
-                events[i].record()
-                step(forward)
-            else:
-                begin = time.perf_counter()
-                step(forward)
-                times.append(time.perf_counter() - begin)
-        if device.type == "cuda":
-            events[-1].record()
-        sync()
-        total = time.perf_counter() - start
-        if device.type == "cuda":
-            times = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(spec["steps"])]
-        out = {"img_per_s": round(batch * spec["steps"] / total, 2),
-               "step_ms_median": round(statistics.median(times) * 1e3, 2),
-               "step_ms_min": round(min(times) * 1e3, 2)}
-        if device.type == "cuda":
-            out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        return out
-
-    compiled = None
-    if spec["compile"]:  # compile (mostly CPU work) before taking the GPU lock
-        compiled = torch.compile(model)
-        start = time.perf_counter()
-        try:
-            step(compiled)
-            sync()
-            result["compile_first_step_s"] = round(time.perf_counter() - start, 1)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # hold only weights and optimizer state while waiting
-        except Exception as exc:  # noqa: BLE001 - report, and still time eager
-            result["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            compiled = None
-    with gpu_lock(spec["lock"]):
-        if spec.get("matmul_size"):
-            result["bf16_matmul_tflops"] = matmul_tflops(device, spec["matmul_size"])
-        result["eager"] = timed(model)
-        emit(result)
-        if compiled is not None:
-            result["compile"] = timed(compiled)
-            result["compile"]["compile_s"] = round(
-                result.pop("compile_first_step_s") - result["compile"]["step_ms_median"] / 1e3, 1)
-    emit(result)
+    model, stem, crop, batch, precisions, modes, baseline = BENCHES[name]
+    if cpu_only:
+        crop, batch, precisions, modes = (64 if stem == "imagenet" else 32), 2, "fp32", "eager"
+    job = {"name": f"bench-{name}", "model": {"name": model, "stem": stem, "num_classes": CLASSES},
+           "data": {"recipe": stem, "crop": crop, "batch_size": batch},
+           "train": {"epochs": 1, "channels_last": True},
+           "scaling": {"num_workers": 1, "use_gpu": not cpu_only}}
+    path = work / f"bench-{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    args = [str(path), "--precision", precisions, "--modes", modes, "--baseline", baseline,
+            "--steps", "3" if cpu_only else "30", "--json"]
+    if name == "attention56":
+        args.append("--profile")
+    return path, args
 
 
-def matmul_tflops(device: Any, size: int) -> float:
-    """Best bf16 matmul rate of ``size`` x ``size`` matrices, TFLOP/s."""
-    import torch
-
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 10 * 2 * size**3 / (time.perf_counter() - start) / 1e12)
-    return round(best, 2)
-
-
-def start_model_child(spec: dict[str, Any], work: Path) -> tuple[subprocess.Popen, Path]:
-    output = work / f"model-{spec['model']}.out"
+def start_bench(work: Path, name: str, cpu_only: bool, budget_s: float, lock: str) -> tuple[subprocess.Popen, Path]:
+    """`ran bench` of one model in its own process: the benches compile at once (CPU work) and
+    take turns on the GPU (RAN_BENCH_LOCK, shared with the training part)."""
+    _, args = bench_job(work, name, cpu_only)
+    output = work / f"bench-{name}.json"
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+           "RAN_BENCH_LOCK": lock, "RAN_CACHE_DIR": str(work / "cache")}
+    ran = str(Path(sys.executable).with_name("ran"))
     with open(output, "w") as stdout:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        proc = subprocess.Popen([ran, "bench", *args, "--budget-s", str(int(budget_s))],
                                 stdout=stdout, cwd=REPO, env=env)
     return proc, output
 
 
-def collect_model_child(proc: subprocess.Popen, output: Path, deadline: float) -> dict[str, Any]:
+def collect_bench(proc: subprocess.Popen, output: Path, deadline: float) -> dict[str, Any]:
     try:
         proc.wait(timeout=max(1.0, deadline - time.time()))
-        stopped = None
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        stopped = "stopped at the time budget"
-    lines = [line for line in output.read_text().splitlines() if line.startswith(RESULT_TAG)]
-    result = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {}
-    if proc.returncode not in (0, None) and stopped is None:
-        stopped = f"exit code {proc.returncode} (its stderr is above)"
-    if stopped:
-        result["incomplete"] = stopped
-    return result
+        return {"incomplete": "stopped at the time budget"}
+    try:
+        return json.loads(output.read_text())
+    except ValueError:
+        return {"incomplete": f"exit code {proc.returncode} (its stderr is above)"}
 
 
-def achieved(result: dict[str, Any], modes: Any) -> float:
-    """Training FLOP/s of a model result in the fastest of ``modes`` (0 if none ran)."""
-    rates = [(result.get(m) or {}).get("img_per_s", 0.0) for m in modes]
-    return 3 * 2 * result.get("forward_gmacs", 0.0) * 1e9 * max(rates, default=0.0)
+def _best(report: dict[str, Any], model: str, **match: Any) -> dict[str, Any] | None:
+    rows = [r for r in report.get("rows", []) if r["model"] == model and r.get("img_per_s")
+            and all(r.get(k) == v for k, v in match.items())]
+    return max(rows, key=lambda r: r["img_per_s"]) if rows else None
 
 
-def _ratio(ours: float, theirs: float) -> float | None:
-    return round(ours / theirs, 3) if ours and theirs else None
-
-
-def summarise_models(results: dict[str, dict[str, Any]], cfg: dict[str, Any], device_name: str,
-                     cpu_only: bool) -> dict[str, Any]:
-    spec = None if cpu_only else next((v for k, v in SPEC_BF16_TFLOPS if k in device_name), None)
-    matmul = results.get("resnet50", {}).get("bf16_matmul_tflops")
-    for res in results.values():
-        flop_per_img = 3 * 2 * res.get("forward_gmacs", 0) * 1e9
-        for mode in MODES:
-            entry = res.get(mode)
-            if not entry:
-                res[mode] = None
-                continue
-            tflops = flop_per_img * entry["img_per_s"] / 1e12
-            entry["achieved_tflops"] = round(tflops, 4)
-            entry["mfu_vs_spec"] = round(tflops / spec, 4) if spec else None
-            entry["mfu_vs_bf16_matmul"] = round(tflops / matmul, 4) if matmul else None
-    relative: dict[str, Any] = {}
+def summarise_benches(benches: dict[str, dict[str, Any]], cpu_only: bool) -> dict[str, Any]:
+    """The issue's goals, each as a ratio from this one run."""
+    a56, a92, cifar = (benches.get(n, {}) for n in ("attention56", "attention92", "attention92_cifar"))
+    base = _best(a56, "resnet50")
     goals: dict[str, Any] = {}
-    base = results.get("resnet50", {})
-    for name in ("attention56", "attention92"):
-        res = results.get(name, {})
-        entry = {}
-        for mode in MODES:
-            entry[mode] = _ratio(achieved(res, [mode]), achieved(base, [mode]))
-        # Each model in its faster mode against ResNet-50 in its faster mode.
-        entry["best_vs_best"] = _ratio(achieved(res, MODES), achieved(base, MODES))
-        relative[name] = entry
-        goal = GOAL_MFU_VS_RESNET50[name]
-        goals[f"{name}_mfu_vs_resnet50"] = {
-            "goal": goal, "measured": entry["best_vs_best"],
-            "met": None if cpu_only or entry["best_vs_best"] is None else entry["best_vs_best"] >= goal}
-    faster = {name: (None if not (r.get("eager") and r.get("compile"))
-                     else r["compile"]["img_per_s"] > r["eager"]["img_per_s"])
-              for name, r in results.items()}
-    return {"batch_size": cfg["model_batch"], "image_size": cfg["model_size"], "precision": "bf16",
-            "channels_last": True, "optimizer": "SGD momentum 0.9, fused on CUDA",
-            "peak_tflops": {"spec_bf16_dense": spec, "bf16_matmul_measured": matmul},
-            "mfu_formula": "3 x 2 x forward MACs x img/s / peak", "results": results,
-            "mfu_relative_to_resnet50": relative, "compile_faster": faster, "goals": goals}
+
+    def goal(name: str, measured: float | None) -> None:
+        target = GOALS[name]
+        goals[name] = {"goal": target, "measured": measured,
+                       "met": None if cpu_only or measured is None else measured >= target}
+
+    for key, report, model in (("attention56", a56, "attention56"), ("attention92", a92, "attention92")):
+        mine = _best(report, model)
+        goal(f"{key}_mfu_vs_resnet50",
+             round(mine["mfu"] / base["mfu"], 3) if mine and base and base["mfu"] else None)
+    best56 = _best(a56, "attention56")
+    goal("attention56_img_per_s", best56["img_per_s"] if best56 else None)
+    best_cifar = _best(cifar, "attention92")
+    goal("attention92_cifar_b64_img_per_s", best_cifar["img_per_s"] if best_cifar else None)
+    compile_vs_eager = {}
+    for name, report in benches.items():
+        model = BENCHES[name][0]
+        eager = _best(report, model, compile="off", cuda_graph=False)
+        comp = _best(report, model, compile="default", cuda_graph=False)
+        compile_vs_eager[name] = round(comp["img_per_s"] / eager["img_per_s"], 3) if eager and comp else None
+    return {"goals": goals, "compile_over_eager": compile_vs_eager,
+            "fastest": {n: (r.get("fastest") or {}).get("set") for n, r in benches.items()},
+            "layout_detours": {n: (r.get("layout") or {}).get("detours") for n, r in benches.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,13 +473,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the GPU: every part at CI size on the CPU")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="stop measuring after this many seconds and report (default 450)")
-    parser.add_argument("--parts", default="data,model,train", help="comma-separated subset")
+    parser.add_argument("--parts", default="data,bench,train", help="comma-separated subset")
     parser.add_argument("--keep", help="keep the work directory (shards, runs, mlflow.db) here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        model_child(json.loads(args.child))
-        return 0
     started = time.time()
     deadline = started + args.budget_s
     parts = set(args.parts.split(","))
@@ -595,8 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     not_measured: list[str] = []
     if args.cpu_only:
-        not_measured.append("GPU figures (--cpu-only): model MFU on a GPU, torch.compile, nvJPEG "
-                            "decode and the GPU training run; the same code ran on the CPU at CI size")
+        not_measured.append("GPU figures (--cpu-only): the step's settings on a GPU (bf16/fp16, "
+                            "torch.compile, CUDA graphs), nvJPEG decode and the GPU training run; "
+                            "the same code ran on the CPU at CI size")
     report: dict[str, Any] = {"benchmark": "gpu_check", "cpu_only": args.cpu_only, "machine": None,
                               "settings": cfg}
     try:
@@ -607,33 +502,25 @@ def main(argv: list[str] | None = None) -> int:
         jpegs = [p.read_bytes() for p in sorted((work / "images" / "train").glob("*/*.jpg"))][:256]
         report["data"] = data_part(shards, jpegs, cfg, args.cpu_only) if "data" in parts else None
         lock = str(work / "gpu.lock")
-        running, results = {}, {}
-        if "model" in parts:
-            for name in MODELS:
-                spec = {"model": name, "device": "cpu" if args.cpu_only else "cuda",
-                        "size": cfg["model_size"], "batch": cfg["model_batch"],
-                        "steps": cfg["model_steps"], "warmup": cfg["model_warmup"],
-                        "compile": cfg["compile"], "lock": lock,
-                        "matmul_size": cfg["matmul_size"] if name == "resnet50" else 0}
-                log(f"model: {name} ({'on the CPU' if args.cpu_only else 'compiling in the background'})")
-                running[name] = start_model_child(spec, work)
-                if args.cpu_only:  # nothing to compile: one model at a time
-                    results[name] = collect_model_child(*running.pop(name), deadline)
+        running: dict[str, Any] = {}
+        if "bench" in parts:
+            for name in BENCHES:
+                log(f"bench: ran bench {name} ({'on the CPU' if args.cpu_only else 'compiling in the background'})")
+                running[name] = start_bench(work, name, args.cpu_only, deadline - time.time() - 60, lock)
+                if args.cpu_only:  # nothing to compile: one at a time
+                    running[name] = collect_bench(*running[name], deadline)
         report["train"] = None
         if "train" in parts:
-            with gpu_lock(lock):  # the models compile meanwhile; their timed steps wait
+            with gpu_lock(lock):  # the benches compile meanwhile; their timed steps wait
                 report["train"] = train_part(work, shards, cfg, args.cpu_only,
                                              deadline - (60 if running else 0))
-        report["model"] = None
-        if "model" in parts:
-            for name, child in running.items():
-                results[name] = collect_model_child(*child, deadline)
-            results = {name: results[name] for name in MODELS}
-            report["model"] = summarise_models(results, cfg, info["gpu"] or "", args.cpu_only)
-            incomplete = [f"{n}: {r['incomplete']}" for n, r in results.items() if r.get("incomplete")]
-            not_measured += [f"model {text}" for text in incomplete]
-        else:
-            report["model"] = None
+        report["bench"] = None
+        if "bench" in parts:
+            benches = {name: (child if isinstance(child, dict) else collect_bench(*child, deadline))
+                       for name, child in running.items()}
+            report["bench"] = {"reports": benches, **summarise_benches(benches, args.cpu_only)}
+            not_measured += [f"bench {n}: {r['incomplete']}" for n, r in benches.items()
+                             if r.get("incomplete")]
     finally:
         report["not_measured"] = not_measured
         report["wall_s"] = round(time.time() - started, 1)

@@ -26,6 +26,8 @@ import contextlib
 import copy
 import datetime
 import json
+import os
+import re
 import statistics
 import sys
 import threading
@@ -112,6 +114,7 @@ class Report:
     relative_to_baseline: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
     step_table: str | None = None
 
 
@@ -137,13 +140,16 @@ def variants(device: torch.device, precisions: list[str] | None = None,
              modes: list[str] | None = None) -> list[Variant]:
     """Every setting to time on ``device``: ``precisions`` x ``modes`` (default: the native
     precisions x eager and compiled, plus reduce-overhead and CUDA graphs on a GPU), without the
-    combinations the step refuses (a CUDA graph with fp16).
+    combinations the step refuses (a CUDA graph with fp16). Eager is always among the modes: it is
+    the reference every other setting's loss is checked against.
 
     Raises:
         ConfigError: an unknown mode, or a CUDA graph asked for on a device that is not a GPU.
     """
     precisions = precisions or native_precisions(device)
     modes = modes or list(GPU_MODES if device.type == "cuda" else CPU_MODES)
+    if "eager" not in modes:  # every setting's loss is checked against eager's
+        modes = ["eager", *modes]
     for mode in modes:
         if mode not in ALL_MODES:
             raise ConfigError(f"--modes: unknown mode {mode!r}; valid: {', '.join(ALL_MODES)}")
@@ -182,6 +188,24 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
         _sync(device)
         best = min(best, (time.perf_counter() - start) / 3)
     return 2 * n**3 / best / 1e12, str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def device_lock() -> Iterator[None]:
+    """Hold the file lock ``RAN_BENCH_LOCK`` names (none when unset): benches run side by side
+    (benchmarks/gpu_check.py) compile at once but time their steps one at a time."""
+    path = os.environ.get("RAN_BENCH_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sync(device: torch.device) -> None:
@@ -267,15 +291,19 @@ def time_row(cfg: JobConfig, model_name: str, variant: Variant, batch: int, crop
                          channels_last=cfg.train.channels_last, cuda_graph=variant.cuda_graph)
         data = _batches(batch, crop, classes, device)
         losses, times = [], []
-        for i in range(CHECK_STEPS + steps):
-            images, labels = data[i % len(data)]
-            _sync(device)
-            start = time.perf_counter()
-            loss, n = step([MicroBatch(images, labels, 1.0, batch)])
-            if i < CHECK_STEPS:
-                losses.append(loss / n)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        lock = contextlib.ExitStack()
+        with lock:
+            for i in range(CHECK_STEPS + steps):
+                if i == 1:  # compiled or captured: the rest runs alone on the device
+                    lock.enter_context(device_lock())
+                images, labels = data[i % len(data)]
+                _sync(device)
+                start = time.perf_counter()
+                loss, n = step([MicroBatch(images, labels, 1.0, batch)])
+                if i < CHECK_STEPS:
+                    losses.append(loss / n)
+                _sync(device)
+                times.append(time.perf_counter() - start)
         step_s = statistics.median(times[CHECK_STEPS:])
         row.ms_per_step = round(step_s * 1e3, 3)
         row.img_per_s = round(batch / step_s, 1)
@@ -307,6 +335,8 @@ def check_losses(rows: list[Row]) -> None:
             continue
         is_eager = r.compile == "off" and not r.cuda_graph
         ref = eager.get((r.model, r.batch_size, "fp32" if is_eager else r.precision))
+        if ref is None and is_eager:  # no fp32 eager row to compare with: eager is the reference
+            ref = r
         if ref is None or ref is r:
             r.loss_ok = True if ref is r else None
             r.loss_reference = "itself" if ref is r else None
@@ -329,6 +359,69 @@ def set_line(row: Row, cfg: JobConfig, device: torch.device) -> str:
     if device.type == "cuda" and not cfg.scaling.use_gpu:
         pairs.append("scaling.use_gpu=true")
     return " ".join(f"--set {p}" for p in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the time goes
+
+# Op families of a step, matched on kernel or operator names, first match wins.
+FAMILIES = (("batch_norm", r"batch_norm|batchnorm|bn_fw|bn_bw"),
+            ("convolution", r"conv|xmma|cutlass|gemm|nvjet|sm\d+_|mm\b|addmm|matmul|linear"),
+            ("upsample", r"upsample|interp"),
+            ("max_pool", r"max_pool|maxpool"),
+            ("copy", r"copy|to_copy|contiguous|clone"),
+            ("optimizer", r"sgd|foreach|multi_tensor"),
+            ("elementwise", r"elementwise|add|mul|relu|threshold|sigmoid|div|clamp|fill|reduce|sum|mean|triton"))
+
+
+def family(name: str) -> str:
+    """The op family of a kernel or operator ``name`` (:data:`FAMILIES`), else ``other``."""
+    low = name.lower()
+    return next((fam for fam, pattern in FAMILIES if re.search(pattern, low)), "other")
+
+
+def profile_families(cfg: JobConfig, row: Row, crop: int, classes: int, device: torch.device,
+                     steps: int = 3) -> dict[str, Any]:
+    """``steps`` steps of ``row``'s setting under ``torch.profiler``: the share of device time (CPU
+    time on a CPU) per op family, and the kernels (operators) launched per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(cfg.train.seed)
+    model = runtime.build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg, cfg.optim.lr * row.batch_size / cfg.optim.reference_batch_size)
+    step = TrainStep(compile_model(model, row.compile), optimizer, nn.CrossEntropyLoss(),
+                     normalizer(cfg.data.recipe), device=device, precision=row.precision,
+                     channels_last=cfg.train.channels_last, cuda_graph=row.cuda_graph)
+    data = _batches(row.batch_size, crop, classes, device)
+    for i in range(3):
+        step([MicroBatch(*data[i % len(data)], 1.0, row.batch_size)])
+    _sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with device_lock(), profile(activities=activities) as prof:
+        for i in range(steps):
+            step([MicroBatch(*data[i % len(data)], 1.0, row.batch_size)])
+        _sync(device)
+    totals: dict[str, float] = {}
+    launches = 0
+    for event in prof.key_averages():
+        if cuda:
+            t = getattr(event, "self_device_time_total", 0.0) or 0.0
+            is_kernel = t > 0 and event.device_type.name == "CUDA"
+        else:
+            t = event.self_cpu_time_total
+            is_kernel = event.key.startswith("aten::")
+        if not is_kernel:
+            continue
+        launches += event.count
+        totals[family(event.key)] = totals.get(family(event.key), 0.0) + t
+    whole = sum(totals.values()) or 1.0
+    torch._dynamo.reset()
+    return {"setting": row.variant, "batch_size": row.batch_size, "steps": steps,
+            "time": "device" if cuda else "cpu",
+            "share": {k: round(v / whole, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "launches_per_step": round(launches / steps, 1),
+            "ms_per_step": round(whole / steps / 1e3, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +496,7 @@ def run_bench(cfg: JobConfig, job: str, *, batches: list[int], device: torch.dev
               precisions: list[str] | None = None, modes: list[str] | None = None,
               baseline: str | None = "resnet50", steps: int = 20, data: bool = False,
               data_steps: int = 30, budget_s: float | None = None, save: bool = True,
-              progress: Any = None) -> Report:
+              profile: bool = False, progress: Any = None) -> Report:
     """Time every setting of ``cfg``'s step on ``device`` (see the module docstring).
 
     Args:
@@ -415,6 +508,7 @@ def run_bench(cfg: JobConfig, job: str, *, batches: list[int], device: torch.dev
         budget_s: start no new row after this many seconds (rows not run are left out and
             counted in the report's ``skipped`` note).
         save: record the fastest setting in the user's step table.
+        profile: also profile the fastest setting by op family (:func:`profile_families`).
         progress: a callable taking one line per row (``print`` to stderr by default).
 
     Raises:
@@ -456,6 +550,8 @@ def run_bench(cfg: JobConfig, job: str, *, batches: list[int], device: torch.dev
         walk_model = runtime.build_model(cfg).to(device).to(memory_format=torch.channels_last)
         images = torch.randn(3, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
         report.layout = layout_walk(walk_model, images, best.precision)
+        if profile:
+            report.profile = profile_families(cfg, best, crop, classes, device)
         if data:
             report.data = time_data(cfg, best, device, data_steps)
         if save:
@@ -512,6 +608,10 @@ def _table(report: Report) -> str:
         lines.append(f"layout: {report.layout['activations']} activations, "
                      + ("all channels_last and " + report.layout["dtype"] if not detours
                         else f"detours: {detours}"))
+    if report.profile:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in report.profile["share"].items())
+        lines.append(f"profile ({report.profile['setting']}): {shares}; "
+                     f"{report.profile['launches_per_step']} launches a step")
     if report.data:
         d = report.data
         lines.append(f"data: loader alone {d['loader_img_per_s']} img/s; fed step "
@@ -546,7 +646,7 @@ def cli_bench(args: argparse.Namespace) -> int:
                        modes=_csv(args.modes) if args.modes else None,
                        baseline=None if args.baseline == "none" else args.baseline,
                        steps=args.steps, data=args.data, data_steps=args.data_steps,
-                       budget_s=args.budget_s,
+                       budget_s=args.budget_s, profile=args.profile,
                        save=not args.no_save)
     if args.json:
         print(json.dumps(asdict(report), indent=1))

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "fastest step fed by it (default: off)")
     p.add_argument("--data-steps", type=int, default=30, help="batches timed for --data, the "
                                                                "loader alone and fed (default: 30)")
+    p.add_argument("--profile", action="store_true", help="also profile the fastest setting: "
+                                                          "time per op family (default: off)")
     p.add_argument("--budget-s", type=float, help="start no new setting after this many seconds "
                                                   "(default: no limit)")
     p.add_argument("--no-save", action="store_true", help="do not record the fastest setting in "
