@@ -104,9 +104,11 @@ def _upsample(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
     # Autocast off: CUDA's autocast runs upsample_bilinear2d in fp32, and the fp32 map then made
     # the skip add, the up-path units' residual adds and the mask's first BatchNorm fp32 too (6
     # of Attention-56's BN layers took cuDNN's fp32 kernels, with casts around them, in the H200
-    # profile). The kernel accumulates in fp32 either way; the CPU already kept bf16.
-    with torch.autocast(x.device.type, enabled=False):
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    # profile). The kernel accumulates in fp32 either way; the CPU's autocast already keeps bf16.
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        with torch.autocast("cuda", enabled=False):
+            return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class AttentionModule(nn.Module):
