@@ -31,7 +31,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ran.config import ConfigError, JobConfig, apply_overrides, parse_config, valid_keys
+from ran.config import (
+    ConfigError, DuplicateKeyError, JobConfig, apply_overrides, load_yaml, parse_config, valid_keys,
+)
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -148,9 +150,11 @@ class SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and parse a space YAML; ConfigError says what is wrong and where."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read search space {path}: {err.strerror}") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"search space {path}: {err}; keep one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
     return parse_space(raw, source=str(path), name=Path(path).stem)

@@ -147,6 +147,16 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
         load_space(bad)
 
 
+def test_a_key_given_twice_in_a_space_is_refused_with_both_lines(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("space:\n  optim.lr: {loguniform: [0.01, 0.3]}\n"
+                     "  optim.lr: {choice: [0.1]}\nsearch:\n  num_samples: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_space(twice)
+    assert str(err.value) == (f"search space {twice}: key 'space.optim.lr' is given twice, at "
+                              "lines 2 and 3; keep one")
+
+
 # ---------------------------------------------------------------------------------------------
 # Search helpers (no Ray cluster): concurrency, ranking, the results table and plot, searchers
 
