@@ -45,6 +45,7 @@ TAG_TRIAL = "ran.trial_id"  # the Tune trial id, on trial runs
 TAG_TRIAL_STATUS = "ran.trial_status"  # completed | stopped | failed
 TAG_ERROR = "ran.error"  # first line of a failed trial's error
 TAG_BEST_RUN = "ran.best_run_id"  # on a search run
+TAG_DIVERGED = "ran.diverged"  # the step where the loss or weights stopped being finite, and why
 TAG_METRICS_GAP = "ran.metrics_gap"  # metric values that could not be logged (MLflow unreachable)
 
 # Dataset inputs of a training run: MLflow's context tag of its train and val splits.

@@ -45,7 +45,9 @@ from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
 from ran.data.transforms import normalizer
-from ran.tracking.models import Registration, record_registration, registration_gate
+from ran.tracking.models import (
+    Registration, nonfinite_tensors, record_registration, registration_gate,
+)
 from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
@@ -55,6 +57,11 @@ from ran.train.trainer import SigtermNotice, train_fn_per_worker
 
 class FinalizeError(RuntimeError):
     """Training finished and checkpointed, but logging or registering the model failed."""
+
+
+class DivergedError(RuntimeError):
+    """Training stopped because a loss or the weights stopped being finite (one line: the step,
+    the last finite checkpoint, what to do); nothing was registered and the run is FAILED."""
 
 
 @dataclass
@@ -223,6 +230,8 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
         ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
+        DivergedError: a loss or the weights stopped being finite (the run is FAILED, tagged
+            ``ran.diverged``; nothing is registered).
     """
     launched_at = launched_at or time.time()
     cfg, manifest, storage = preflight(cfg, resume=resume)
@@ -289,6 +298,9 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
+    returned = getattr(result, "return_value", None)
+    if isinstance(returned, dict) and returned.get("diverged"):
+        raise _diverged(cfg, tracker, str(returned["diverged"]), outcome.checkpoint)
     if not tracking.answers(tracker.uri):  # gone: say so (where_to_look), not minutes of retries
         outcome.mlflow_unreachable = True
         return outcome
@@ -305,6 +317,21 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
             "the same command with --resume to log and register it") from err
     tracker.finish("FINISHED")
     return outcome
+
+
+def _diverged(cfg: JobConfig, tracker: tracking.RunTracker, reason: str,
+              checkpoint: str | None) -> DivergedError:
+    """The one line of a diverged run, also set as the run's ``ran.diverged`` tag (the caller's
+    error handling then ends the run FAILED)."""
+    kept = (f"the last finite checkpoint {checkpoint} is kept" if checkpoint
+            else "no checkpoint was written before it")
+    message = (f"training diverged: {reason}; {kept}; nothing is registered; lower optim.lr "
+               f"({cfg.optim.lr:g}) or check the data, and start a fresh run")
+    try:
+        tracker.set_tags({tracking.TAG_DIVERGED: message})
+    except Exception as err:  # noqa: BLE001 - the divergence matters more than the tag
+        print(f"warning: could not tag MLflow run {tracker.run_id}: {err}", file=sys.stderr)
+    return DivergedError(message)
 
 
 def _checkpoint_uri(storage: Storage, path: str) -> str:
@@ -357,7 +384,7 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
     metrics = dict(state.get("last_val") or {})
     metrics.update(epoch=state["epoch"], step=state["step"])
-    gate = registration_gate(cfg, metrics)
+    gate = registration_gate(cfg, metrics, nonfinite_tensors(state["model"]), len(state["model"]))
     gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
                                             metrics, register=gate.register,
                                             quiet=not console.verbose())
@@ -421,7 +448,7 @@ def cli_train(args: argparse.Namespace) -> int:
               f"{text.splitlines()[-1] if text else repr(err)}; the latest checkpoint is kept: "
               "fix the cause and run the same command with --resume", file=sys.stderr)
         return 1
-    except FinalizeError as err:
+    except (FinalizeError, DivergedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(where_to_look(outcome), flush=True)

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import math
 import os
 import random
 import signal
@@ -207,6 +208,15 @@ class LocalReporter:
 
 # A SIGTERM reached this process (set by :class:`SigtermNotice`'s handler; read by the Trainer).
 NOTICE = threading.Event()
+
+
+class Diverged(RuntimeError):
+    """A loss or the weights stopped being finite: every rank stops at the same step, and no
+    checkpoint of this state is written (the last one written is the last finite one)."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"{reason} at step {step}")
+        self.step = step
 
 
 class Interrupted(RuntimeError):
@@ -407,6 +417,7 @@ class Trainer:
             self._running[2] += sum(b.skipped for b in micro)
             window_loss, window_n, done = window_loss + step_loss, window_n + n, done + 1
             if self.step % self.cfg.train.log_every == 0:
+                self._check_finite(window_loss, "the training loss")
                 if self.run_log is not None:
                     self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
                                               "step_lr": self.optimizer.param_groups[0]["lr"]},
@@ -427,6 +438,8 @@ class Trainer:
         total = self._all_reduce([loss, samples, skipped, wait, elapsed, self._ckpt_wait])
         epoch = [c + t for c, t in zip(self._carried, total[:3])]
         self._carried = [0.0, 0.0, 0.0]
+        if not math.isfinite(epoch[0]):  # the same sum on every rank: all stop here
+            raise Diverged(self.step, f"the training loss is {epoch[0] / max(epoch[1], 1)}")
         return {
             "train_loss": epoch[0] / max(epoch[1], 1),
             "epoch_samples": epoch[1],
@@ -454,6 +467,16 @@ class Trainer:
                          f"(global step {self.step}/{plan.total_steps}) loss {loss:.4f} "
                          f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
                          f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
+
+    # -- divergence
+
+    def _check_finite(self, loss: torch.Tensor | float, what: str) -> None:
+        """Raise :class:`Diverged` on every rank when ``loss`` (a device tensor) is not finite on
+        any rank: the test runs on the device, one host sync at the logging cadence, never per
+        step."""
+        finite = bool(torch.isfinite(torch.as_tensor(loss)).item())
+        if self._agree(not finite):
+            raise Diverged(self.step, f"{what} is {'not finite on another rank' if finite else float(loss)}")
 
     # -- checkpoints on cadence and on notice
 
@@ -493,6 +516,10 @@ class Trainer:
         epoch's ``ckpt_wait_s``)."""
         t0 = time.perf_counter()
         part = self._all_reduce([float(self._running[0]), self._running[1], self._running[2]])
+        if not math.isfinite(part[0]):  # a step since the last logging cadence went bad
+            raise Diverged(self.step, f"the training loss is {part[0] / max(part[1], 1)}")
+        if self._agree(not weights_finite(self.raw_model)):
+            raise Diverged(self.step, "the weights are not finite")
         progress = [c + p for c, p in zip(self._carried, part)]
         rng = self.gather_rng()
         snapshot = self.snapshot(rng, progress) if self.is_master else None
@@ -670,7 +697,10 @@ class Trainer:
         self.epoch += 1
         last = self.samples >= self.plan.total_samples
         if last or self.epoch % t.eval_every == 0:
-            self.last_val = self.validate()
+            val = self.validate()
+            if not math.isfinite(val.get("val_loss", 0.0)):  # summed across ranks: all agree
+                raise Diverged(self.step, f"the validation loss is {val['val_loss']}")
+            self.last_val = val
             metrics.update(self.last_val)
         metrics["samples"] = self.samples  # the run's, at the epoch's end
         if self.startup_s is not None:
@@ -699,6 +729,16 @@ class Trainer:
         self.console.say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
                          f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
                          f"skipped {int(m['skipped'])}")
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite (one device
+    sync; used before a checkpoint is written)."""
+    tensors = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _duration(seconds: float) -> str:
@@ -795,9 +835,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     NOTICE.set()
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What Ray Train runs on every worker: build a Trainer from the launcher's
-    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit."""
+    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit.
+
+    Returns None, or on divergence (:class:`Diverged`, raised on every rank at the same step)
+    ``{"diverged": reason, "step": step}`` once the last checkpoint reported is registered: the
+    group ends without an error, so that Ray Train does not restart it into the same divergence,
+    and rank 0's return value tells the launcher (``Result.return_value``)."""
     Console.use_stdout_logger()
     cfg = parse_config(config["job"], "<train_loop_config>")
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -813,7 +858,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     try:
         trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
                           launched_at=config.get("launched_at"))
-        trainer.fit(RayReporter(cfg.train.checkpoint_upload))
+        reporter = RayReporter(cfg.train.checkpoint_upload)
+        try:
+            trainer.fit(reporter)
+        except Diverged as err:
+            if reporter.pending:  # the last finite checkpoint is registered before the group ends
+                reporter.wait_committed()
+            if run_log is not None:
+                run_log.set_tags({tracking.TAG_DIVERGED: str(err)})
+            return {"diverged": str(err), "step": err.step}
+        return None
     finally:
         if system is not None:
             system.close()
