@@ -122,6 +122,31 @@ def check_shards(cfg: JobConfig, manifest: dict[str, Any]) -> None:
                             "rebuild the shards or fix data.path")
 
 
+def check_sizes(cfg: JobConfig, manifest: dict[str, Any]) -> None:
+    """The batch fits the data: one optimizer step (``data.batch_size`` x the most workers
+    ``scaling.num_workers`` allows x ``train.grad_accum``) takes no more samples than the train
+    split holds, and the val split has samples to validate on. Numbers from the manifest.
+
+    Raises:
+        ConfigError: one line with the numbers and what to lower.
+    """
+    d, workers, accum = cfg.data, cfg.scaling.max_workers, cfg.train.grad_accum
+    train = sum(n for _, n in split_shards(d.path, manifest, d.train_split))
+    step = d.batch_size * workers * accum
+    if step > train:
+        fits = train // (workers * accum)
+        fix = (f"set data.batch_size to at most {fits}" if fits else
+               "use fewer workers (scaling.num_workers) or a smaller train.grad_accum")
+        raise ConfigError(
+            f"one optimizer step takes data.batch_size {d.batch_size} x {workers} workers x "
+            f"train.grad_accum {accum} = {step} samples, more than the {train} of split "
+            f"{d.train_split!r} in {d.path}; {fix}")
+    val = sum(n for _, n in split_shards(d.path, manifest, d.val_split))
+    if val < 1:
+        raise ConfigError(f"split {d.val_split!r} in {d.path} has no samples to validate on; "
+                          "set data.val_split to a split with samples")
+
+
 def check_model(cfg: JobConfig) -> None:
     """The model builds with these options (on the meta device: no memory).
 
@@ -141,6 +166,7 @@ def preflight(cfg: JobConfig, *, resume: bool) -> tuple[JobConfig, dict[str, Any
     check_names(cfg)
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
+    check_sizes(cfg, manifest)
     check_model(cfg)
     storage = storage_for(cfg, resume=resume)
     return cfg.with_values({"storage.name": storage.name}), manifest, storage

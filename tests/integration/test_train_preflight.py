@@ -69,6 +69,26 @@ def test_impossible_model_and_cpu_syncbn(job, capsys, mlflow_sqlite, tmp_path):
     _nothing_started(tmp_path)
 
 
+@pytest.mark.parametrize(("sets", "numbers", "fix"), [
+    (["data.batch_size=512"], "data.batch_size 512 x 2 workers x train.grad_accum 1 = 1024",
+     "set data.batch_size to at most 192"),
+    (["train.grad_accum=16"], "data.batch_size 16 x 2 workers x train.grad_accum 16 = 512",
+     "set data.batch_size to at most 12"),
+    (["data.batch_size=1", "scaling.num_workers=[1, 400]"],
+     "data.batch_size 1 x 400 workers x train.grad_accum 1 = 400",
+     "use fewer workers (scaling.num_workers) or a smaller train.grad_accum"),
+])
+def test_a_step_larger_than_the_train_split_is_refused_before_ray_starts(
+        job, capsys, mlflow_sqlite, tmp_path, synth_data, sets, numbers, fix):
+    import ray
+
+    code, err = _train(capsys, str(job), *(a for s in sets for a in ("--set", s)))
+    assert (code, err) == (2, f"error: one optimizer step takes {numbers} samples, more than the "
+                              f"384 of split 'train' in {synth_data}; {fix}")
+    assert not ray.is_initialized()
+    _nothing_started(tmp_path)
+
+
 def test_more_workers_than_the_cluster_can_place(job, capsys, mlflow_sqlite, tmp_path, ray_local):
     from ray.util.state import list_actors
 
