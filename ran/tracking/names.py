@@ -58,5 +58,21 @@ SYSTEM_METRICS_NODE = "node_{rank}"
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
 DATA_PARAMS = ("data.path", "data.val_split")
 
+# What every epoch of a training run reports (ray.train.report, hence each Tune result, and the
+# epoch's MLflow metrics), by name: the direction in which it is better ("max" or "min"), or None
+# for counts and settings that no search optimises. Defined once: the trainer reports nothing
+# else (ran.train.trainer.Trainer.run_epoch), and `ran tune` refuses a search.metric or
+# search.mode that does not fit it before any trial (ran.tune.space.check_search_metric).
+EPOCH_METRICS: dict[str, str | None] = {
+    "train_loss": "min", "val_top1": "max",  # val_top1: the latest validation's, carried between
+    "img_per_s": "max", "data_wait_frac": "min", "epoch_time_s": "min", "ckpt_wait_s": "min",
+    "lr": None, "skipped": None, "epoch_samples": None, "samples": None, "epoch": None,
+    "step": None, "startup_s": None,
+}
+# Reported only by epochs that validate (train.eval_every, and always the last).
+VALIDATION_METRICS: dict[str, str | None] = {
+    "val_loss": "min", "val_top5": "max", "val_samples": None, "val_skipped": None,
+}
+
 # Key of rank 0's final report naming the metric values MLflow lacks (the server went away).
 REPORT_UNLOGGED = "mlflow_unlogged"

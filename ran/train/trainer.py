@@ -712,6 +712,8 @@ class Trainer:
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
                   "epoch": self.epoch, "step": self.step, "samples": self.samples}
+        unlisted = set(report) - set(tracking.EPOCH_METRICS) - set(tracking.VALIDATION_METRICS)
+        assert not unlisted, f"reported metrics {sorted(unlisted)} are not in tracking.EPOCH_METRICS"
         if last and isinstance(self.run_log, tracking.RunLogger):  # what MLflow lacks, if anything
             report.update(self.run_log.gap_report())
         if last or self.epoch % t.checkpoint_every == 0 or self._due:

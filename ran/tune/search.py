@@ -65,7 +65,7 @@ from ran.train.launch import check_model, check_shards, finalize, resolve_config
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train import schedule
-from ran.tune.space import SearchSpace, check_space, load_space
+from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
 
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", UNFINISHED: "KILLED"}
@@ -126,16 +126,13 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
     Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
     """
     base = check_space(space, job_raw)
+    check_search_metric(space.settings, base)
     check_names(base)
     base, manifest = resolve_config(base)
     check_shards(base, manifest)
     if not any(k.startswith("model.") for k in space.searched_keys):
         check_model(base)  # searched models are checked per trial
     s = space.settings
-    if s.metric.startswith("val_") and s.metric != "val_top1" and base.train.eval_every > 1:
-        raise ConfigError(f"search.metric {s.metric} is reported only on validation epochs; with "
-                          f"train.eval_every={base.train.eval_every} use val_top1 (carried between "
-                          "validations) or set train.eval_every=1")
     max_t = asha_max_t(space, base, manifest)
     if s.scheduler == "asha" and s.grace_period > max_t:
         raise ConfigError(f"search space {space.name}: grace_period {s.grace_period} exceeds the "

@@ -92,6 +92,13 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     space.write_text("space:\n  optim.lr: {loguniform: [0.1]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
     assert "optim.lr: loguniform takes [lo, hi]" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be here
+    space.write_text("space:\n  optim.lr: {choice: [0.1]}\nsearch: {metric: val_acc}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert capsys.readouterr().err == (
+        "error: search.metric 'val_acc' is not reported by training; use one of ckpt_wait_s, "
+        "data_wait_frac, epoch_time_s, img_per_s, train_loss, val_loss, val_top1, val_top5\n")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.fixture(scope="module")
