@@ -210,6 +210,28 @@ class _RayInfo(logging.Filter):
         return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
 
 
+# The last line of a worker's traceback for errors ran expects and the driver reports in one
+# `error:` line (bad data, a config found wrong in the worker, a full disk): without -v the
+# worker's own traceback of them is left out.
+EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
+                          "OSError: [Errno 28] ")
+
+
+class _ExpectedWorkerError(logging.Filter):
+    """Drops Ray Train's ``Error in training function:`` traceback of an expected error
+    (:data:`EXPECTED_WORKER_ERRORS`): the driver prints its last line as ran's ``error:`` line."""
+
+    def __init__(self) -> None:
+        super().__init__("ran-expected-worker-error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Error in training function:"):
+            return True
+        lines = message.rstrip().splitlines()
+        return not lines[-1].startswith(EXPECTED_WORKER_ERRORS)
+
+
 class Console:
     """Progress lines of one worker: printed on rank 0 only, straight to stdout once each.
 
@@ -248,7 +270,8 @@ class Console:
 def quiet_ray_console() -> None:
     """Drop Ray's own records below WARNING from the root logger's console handlers (log files keep
     them). Ray Train's ``Reporting training result ...`` is one: its logger is named after its file,
-    so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through."""
+    so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through.
+    Also drop a worker's traceback of an expected error (:class:`_ExpectedWorkerError`)."""
     import ray  # a Ray Train worker has Ray imported already; ran.cli imports this module without
 
     ray_dir = os.path.dirname(ray.__file__) + os.sep
@@ -256,3 +279,4 @@ def quiet_ray_console() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and not any(isinstance(f, _RayInfo) for f in handler.filters):
             handler.addFilter(_RayInfo(ray_dir))
+            handler.addFilter(_ExpectedWorkerError())

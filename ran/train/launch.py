@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,12 +52,34 @@ from ran.tracking.models import (
 from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
-from ran.train.rundir import Storage, storage_for
+from ran.train.rundir import Storage, latest_checkpoint, storage_for
 from ran.train.trainer import SigtermNotice, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
     """Training finished and checkpointed, but logging or registering the model failed."""
+
+
+class RunFailed(TrainingFailedError):
+    """Ray Train's failure after its restarts, in one line that says what the run directory
+    holds: the latest checkpoint (``checkpoint``, its path) and how to continue from it, or that
+    there is none (:func:`run_failed`)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a trial's error travels to Tune pickled
+        return type(self), (str(self), self.checkpoint)
+
+
+def run_failed(cause: str, checkpoint: str | None, max_failures: int) -> RunFailed:
+    """The :class:`RunFailed` of a run that failed with ``cause`` (one line)."""
+    kept = (f"the latest checkpoint {checkpoint} is kept: fix the cause and run the same command "
+            "with --resume" if checkpoint else
+            "no checkpoint was written: fix the cause and run the command again")
+    return RunFailed(f"training failed (scaling.max_failures allows {max_failures} restart(s)): "
+                     f"{cause}; {kept}", checkpoint)
 
 
 class DivergedError(RuntimeError):
@@ -255,7 +278,8 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
-        ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
+        RunFailed: workers kept failing beyond ``scaling.max_failures`` (a
+            ``ray.train.TrainingFailedError`` naming the latest checkpoint, if any).
         DivergedError: a loss or the weights stopped being finite (the run is FAILED, tagged
             ``ran.diverged``; nothing is registered).
     """
@@ -319,7 +343,13 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
           f"({tracking.shown(tracker.uri)})", flush=True)
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                    "launched_at": launched_at}
-    result = build_trainer(cfg, storage, loop_config, callbacks).fit()
+    try:
+        result = build_trainer(cfg, storage, loop_config, callbacks).fit()
+    except TrainingFailedError as err:
+        text = str(err).strip()
+        cause = text.splitlines()[-1] if text else type(err).__name__
+        cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
+        raise run_failed(cause, latest_checkpoint(storage), cfg.scaling.max_failures) from err
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
     outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:
@@ -468,13 +498,7 @@ def cli_train(args: argparse.Namespace) -> int:
     try:
         outcome = run_training(cfg, resume=args.resume, address=args.address,
                                fault=Fault.from_env(), launched_at=started)
-    except TrainingFailedError as err:  # Ray's failure after retries: one line, not a traceback
-        text = str(err).strip()
-        print(f"error: training failed after {cfg.scaling.max_failures} restart(s): "
-              f"{text.splitlines()[-1] if text else repr(err)}; the latest checkpoint is kept: "
-              "fix the cause and run the same command with --resume", file=sys.stderr)
-        return 1
-    except (FinalizeError, DivergedError) as err:
+    except (RunFailed, FinalizeError, DivergedError) as err:  # one line each, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(where_to_look(outcome), flush=True)

@@ -56,6 +56,24 @@ class Storage:
         return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
 
 
+_CHECKPOINT = re.compile(r"^epoch=\d+_step=\d+$")
+
+
+def latest_checkpoint(storage: Storage) -> str | None:
+    """The newest checkpoint of ``storage``'s run (``epoch=E_step=S`` with its ``checkpoint.pt``,
+    by step) as a path or ``s3://`` URI, or None when the run directory holds none."""
+    fs, base = storage._fs()
+    run = f"{base.rstrip('/')}/{storage.name}"
+    if fs.get_file_info(run).type == pyarrow.fs.FileType.NotFound:
+        return None
+    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(run))
+             if i.type == pyarrow.fs.FileType.Directory and _CHECKPOINT.match(i.base_name)]
+    for name in sorted(names, key=lambda n: int(n.rsplit("=", 1)[1]), reverse=True):
+        if fs.get_file_info(f"{run}/{name}/checkpoint.pt").type == pyarrow.fs.FileType.File:
+            return f"{storage.run_uri}/{name}"
+    return None
+
+
 def storage_for(cfg: JobConfig, *, resume: bool) -> Storage:
     """The run directory of this job: a new one, or the one ``--resume`` continues (module doc).
 
