@@ -199,37 +199,29 @@ class PlainText:
         return getattr(self.stream, name)
 
 
+# The last line of a worker's traceback for errors ran expects and the driver reports in one
+# `error:` line (bad data, a config found wrong in the worker, a full disk).
+EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
+                          "OSError: [Errno 28] ")
+
+
 class _RayInfo(logging.Filter):
-    """Drops Ray's own records below WARNING (by the file that logged them)."""
+    """Drops Ray's own records below WARNING (by the file that logged them), and Ray Train's
+    ``Error in training function:`` traceback of an expected error (:data:`EXPECTED_WORKER_ERRORS`),
+    which the driver prints as ran's one ``error:`` line."""
 
     def __init__(self, ray_dir: str) -> None:
         super().__init__("ran-quiet-ray")
         self.ray_dir = ray_dir
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
-
-
-# The last line of a worker's traceback for errors ran expects and the driver reports in one
-# `error:` line (bad data, a config found wrong in the worker, a full disk): without -v the
-# worker's own traceback of them is left out.
-EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
-                          "OSError: [Errno 28] ")
-
-
-class _ExpectedWorkerError(logging.Filter):
-    """Drops Ray Train's ``Error in training function:`` traceback of an expected error
-    (:data:`EXPECTED_WORKER_ERRORS`): the driver prints its last line as ran's ``error:`` line."""
-
-    def __init__(self) -> None:
-        super().__init__("ran-expected-worker-error")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith("Error in training function:"):
+        if not record.pathname.startswith(self.ray_dir):
             return True
-        lines = message.rstrip().splitlines()
-        return not lines[-1].startswith(EXPECTED_WORKER_ERRORS)
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Error in training function:")
+                    and message.rstrip().splitlines()[-1].startswith(EXPECTED_WORKER_ERRORS))
 
 
 class Console:
@@ -271,7 +263,7 @@ def quiet_ray_console() -> None:
     """Drop Ray's own records below WARNING from the root logger's console handlers (log files keep
     them). Ray Train's ``Reporting training result ...`` is one: its logger is named after its file,
     so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through.
-    Also drop a worker's traceback of an expected error (:class:`_ExpectedWorkerError`)."""
+    Also a worker's traceback of an expected error (:class:`_RayInfo`)."""
     import ray  # a Ray Train worker has Ray imported already; ran.cli imports this module without
 
     ray_dir = os.path.dirname(ray.__file__) + os.sep
@@ -279,4 +271,3 @@ def quiet_ray_console() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and not any(isinstance(f, _RayInfo) for f in handler.filters):
             handler.addFilter(_RayInfo(ray_dir))
-            handler.addFilter(_ExpectedWorkerError())
