@@ -21,8 +21,10 @@ Order of events (:func:`run_training`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -80,6 +82,16 @@ def run_failed(cause: str, checkpoint: str | None, max_failures: int) -> RunFail
             "no checkpoint was written: fix the cause and run the command again")
     return RunFailed(f"training failed (scaling.max_failures allows {max_failures} restart(s)): "
                      f"{cause}; {kept}", checkpoint)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``ran train`` got SIGINT and the workers checkpointed the step they reached and ended:
+    ``checkpoint`` (its path, or None when the run ended before one was registered) and
+    ``step``. A KeyboardInterrupt, so the MLflow run ends KILLED."""
+
+    def __init__(self, checkpoint: str | None, step: int | None) -> None:
+        super().__init__(f"interrupted at step {step}: checkpoint {checkpoint} is kept")
+        self.checkpoint, self.step = checkpoint, step
 
 
 class DivergedError(RuntimeError):
@@ -239,19 +251,64 @@ LEAN_SKIPPED_CALLBACKS = ("PlacementGroupCleanerCallback", "DatasetsCallback")
 
 
 def _trainer_class() -> type:
-    # Ray Train 2.60 offers no public way to leave out default controller callbacks: this
-    # overrides TorchTrainer's private _create_default_callbacks (a unit test pins the names).
-    """``TorchTrainer``; on a lean local Ray, one without :data:`LEAN_SKIPPED_CALLBACKS`."""
-    # _create_default_callbacks is Ray Train V2's (2.4x-2.60); without it, the stock trainer.
-    if os.environ.get("RAN_RAY_NO_DASHBOARD") != "1" or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
+    # Ray Train 2.60 offers no public way to leave out default controller callbacks, nor to
+    # change what Ctrl-C does to fit(): this overrides TorchTrainer's private
+    # _create_default_callbacks (a unit test pins the names) and _register_sigint_handler.
+    """``TorchTrainer`` whose SIGINT checkpoints and ends the run (:func:`on_sigint`); on a lean
+    local Ray, also without :data:`LEAN_SKIPPED_CALLBACKS`."""
+    # _create_default_callbacks is Ray Train V2's (2.4x-2.60); without it, the stock callbacks.
+    lean = (os.environ.get("RAN_RAY_NO_DASHBOARD") == "1"
+            and hasattr(TorchTrainer, "_create_default_callbacks"))
 
-    class LeanTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            return [cb for cb in super()._create_default_callbacks()
-                    if type(cb).__name__ not in LEAN_SKIPPED_CALLBACKS]
+    class RanTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            on_sigint(controller, (self.train_loop_config or {}).get("stop_key"))
 
-    return LeanTorchTrainer
+        if lean:
+            def _create_default_callbacks(self) -> list[Any]:
+                return [cb for cb in super()._create_default_callbacks()
+                        if type(cb).__name__ not in LEAN_SKIPPED_CALLBACKS]
+
+    return RanTorchTrainer
+
+
+def stop_key(run_id: str) -> str:
+    """The key in Ray's internal KV that asks the workers of MLflow run ``run_id`` to end."""
+    return f"ran-stop/{run_id}"
+
+
+def request_stop(key: str | None, value: bool = True) -> None:
+    """Set (or, ``value`` False, clear) a stop request read by every worker every
+    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.trainer.RayReporter.stop_requested`)."""
+    from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
+
+    if key and internal_kv._internal_kv_initialized():
+        if value:
+            internal_kv._internal_kv_put(key, b"SIGINT", overwrite=True)
+        else:
+            internal_kv._internal_kv_del(key)
+
+
+def on_sigint(controller: Any, key: str | None) -> None:
+    """While ``fit()`` runs: the first SIGINT asks the workers to checkpoint the step they reach
+    and end (``key``, :func:`request_stop`); a second one aborts the run at once, as Ray does."""
+    import signal
+
+    count = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == 1 and key:
+            request_stop(key)
+            print("interrupt: checkpointing the step reached, then stopping (Ctrl-C again stops "
+                  "at once, without a checkpoint)", file=sys.stderr, flush=True)
+            return
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            ray.get(controller.abort.remote())
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +398,10 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     tracker.set_tags(tracking.ray_job_tags(ray.get_runtime_context().get_job_id()))
     print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} "
           f"({tracking.shown(tracker.uri)})", flush=True)
+    key = stop_key(tracker.run_id)
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-                   "launched_at": launched_at}
+                   "launched_at": launched_at, "stop_key": key}
+    request_stop(key, False)  # an earlier interrupted attempt of this run asked its workers to stop
     try:
         result = build_trainer(cfg, storage, loop_config, callbacks).fit()
     except TrainingFailedError as err:
@@ -350,6 +409,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         cause = text.splitlines()[-1] if text else type(err).__name__
         cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
         raise run_failed(cause, latest_checkpoint(storage), cfg.scaling.max_failures) from err
+    finally:
+        request_stop(key, False)
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
     outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:
@@ -357,6 +418,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     returned = getattr(result, "return_value", None)
     if isinstance(returned, dict) and returned.get("diverged"):
         raise _diverged(cfg, tracker, str(returned["diverged"]), outcome.checkpoint)
+    if isinstance(returned, dict) and returned.get("stopped"):
+        raise TrainingInterrupted(outcome.checkpoint, int(returned.get("step", 0)))
     if not tracking.answers(tracker.uri):  # gone: say so (where_to_look), not minutes of retries
         outcome.mlflow_unreachable = True
         return outcome
@@ -498,6 +561,13 @@ def cli_train(args: argparse.Namespace) -> int:
     try:
         outcome = run_training(cfg, resume=args.resume, address=args.address,
                                fault=Fault.from_env(), launched_at=started)
+    except TrainingInterrupted as err:
+        again = shlex.join(["ran", "train", args.job,
+                            *(a for o in args.overrides for a in ("--set", o)), "--resume"])
+        print(f"interrupted at step {err.step}: checkpoint {err.checkpoint} is kept; continue "
+              f"with: {again}" if err.checkpoint else
+              f"interrupted at step {err.step} before a checkpoint was kept", file=sys.stderr)
+        return 130
     except (RunFailed, FinalizeError, DivergedError) as err:  # one line each, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1

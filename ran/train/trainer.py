@@ -180,6 +180,10 @@ class Reporter(Protocol):
         """Whether the launcher announced a preemption (every rank calls it equally often)."""
         ...
 
+    def stop_requested(self) -> bool:
+        """Whether the launcher asks the run to checkpoint and end (``ran train`` got SIGINT)."""
+        ...
+
 
 class LocalReporter:
     """Single-process runs: checkpoints go to ``directory/<name>``; metrics are kept in a list."""
@@ -205,6 +209,9 @@ class LocalReporter:
     def preempted(self) -> bool:
         return False
 
+    def stop_requested(self) -> bool:
+        return False
+
 
 # A SIGTERM reached this process (set by :class:`SigtermNotice`'s handler; read by the Trainer).
 NOTICE = threading.Event()
@@ -217,6 +224,15 @@ class Diverged(RuntimeError):
     def __init__(self, step: int, reason: str) -> None:
         super().__init__(f"{reason} at step {step}")
         self.step = step
+
+
+class Stopped(RuntimeError):
+    """The run ended on the launcher's request (SIGINT to ``ran train``) after the checkpoint of
+    the step reached was registered; the worker group ends without error (not restarted)."""
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(f"stopped at step {step}: checkpoint {checkpoint} is registered")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class Interrupted(RuntimeError):
@@ -428,6 +444,8 @@ class Trainer:
                 self._checkpoint(reporter, self._due)
                 if self._due == "sigterm":
                     self._stop(reporter)
+                if self._due == "interrupt":
+                    self._end(reporter)
             if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
                 self._progress(done, start, float(self._running[0]) / max(self._running[1], 1))
@@ -491,13 +509,16 @@ class Trainer:
 
     def _checkpoint_due(self, reporter: Reporter | None) -> str | None:
         """Why the step just done must be checkpointed: ``sigterm`` (a rank got one),
-        ``preemption`` (Ray announced one), ``steps`` (train.checkpoint_every_steps), or None.
-        Every rank gets the same answer (collectives on every step, every rank)."""
+        ``interrupt`` (the launcher asks the run to end: SIGINT), ``preemption`` (Ray announced
+        one), ``steps`` (train.checkpoint_every_steps), or None. Every rank gets the same answer
+        (collectives on every step, every rank)."""
         if reporter is None:
             return None
         self.notice_ranks = self._agree(self.notice.is_set())
         if self.notice_ranks:
             return "sigterm"
+        if self.step % PREEMPTION_POLL_STEPS == 0 and self._agree(reporter.stop_requested()):
+            return "interrupt"
         if (self.step % PREEMPTION_POLL_STEPS == 0 and not self._preemption_seen
                 and reporter.preempted()):
             self._preemption_seen = True
@@ -544,6 +565,14 @@ class Trainer:
         if self.run_log is not None:
             self.run_log.set_tags({tracking.TAG_NOTICE: message})
         raise Interrupted(message)
+
+    def _end(self, reporter: Reporter) -> None:
+        """After the checkpoint of a stop request: wait until it is registered, then end the run
+        (:class:`Stopped`; the launcher says where it stopped and how to resume)."""
+        reporter.wait_committed()
+        self.console.say(f"stopping on request: checkpoint {self.checkpoint_name()} (sample "
+                         f"{self.samples}) is registered")
+        raise Stopped(self.step, self.checkpoint_name())
 
     def validate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole split (:func:`ran.runtime.eval_counts`): counts
@@ -721,6 +750,8 @@ class Trainer:
             self._checkpoint(reporter, self._due or "epoch", report)
             if self._due == "sigterm" and not last:
                 self._stop(reporter)
+            if self._due == "interrupt" and not last:
+                self._end(reporter)
         else:
             reporter.report(report, None, self.checkpoint_name())
         return report
@@ -768,8 +799,9 @@ class RayReporter:
     controller can find a worker's process (``ran.train.faults``).
     """
 
-    def __init__(self, upload: str = "async") -> None:
+    def __init__(self, upload: str = "async", stop_key: str | None = None) -> None:
         self.pid = os.getpid()
+        self.stop_key = stop_key  # Ray's internal KV key the launcher sets to end the run
         self.mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
                      else ray.train.CheckpointUploadMode.SYNC)
         self.pending = False  # a checkpoint was reported and is not known to be registered
@@ -806,6 +838,13 @@ class RayReporter:
     def preempted(self) -> bool:
         """Ray Train's preemption notice (a drained node), the same on every rank."""
         return self.watch_preemption and ray.train.get_preemption_info() is not None
+
+    def stop_requested(self) -> bool:
+        """Whether the launcher set :attr:`stop_key` in Ray's internal KV (``ran train`` got
+        SIGINT: :func:`ran.train.launch.request_stop`)."""
+        from ray.experimental import internal_kv  # private (2.60); what a driver and its workers share
+
+        return bool(self.stop_key) and internal_kv._internal_kv_get(self.stop_key) is not None
 
 
 def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
@@ -844,7 +883,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     Returns None, or on divergence (:class:`Diverged`, raised on every rank at the same step)
     ``{"diverged": reason, "step": step}`` once the last checkpoint reported is registered: the
     group ends without an error, so that Ray Train does not restart it into the same divergence,
-    and rank 0's return value tells the launcher (``Result.return_value``)."""
+    and rank 0's return value tells the launcher (``Result.return_value``). On the launcher's stop
+    request (``stop_key``, :class:`Stopped`) ``{"stopped": checkpoint name, "step": step}``."""
     Console.use_stdout_logger()
     cfg = parse_config(config["job"], "<train_loop_config>")
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -860,9 +900,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
                           launched_at=config.get("launched_at"))
-        reporter = RayReporter(cfg.train.checkpoint_upload)
+        reporter = RayReporter(cfg.train.checkpoint_upload, config.get("stop_key"))
         try:
             trainer.fit(reporter)
+        except Stopped as err:
+            return {"stopped": err.checkpoint, "step": err.step}
         except Diverged as err:
             if reporter.pending:  # the last finite checkpoint is registered before the group ends
                 reporter.wait_committed()
