@@ -195,15 +195,26 @@ def check_model(cfg: JobConfig) -> None:
         raise ConfigError(f"model: {err}") from None
 
 
-def preflight(cfg: JobConfig, *, resume: bool) -> tuple[JobConfig, dict[str, Any], Storage]:
+def preflight(cfg: JobConfig, *, resume: bool,
+              resume_from_nothing: bool = False) -> tuple[JobConfig, dict[str, Any], Storage]:
     """Everything checked before Ray starts; returns the resolved config (with its run directory
-    name), the manifest and the run directory."""
+    name), the manifest and the run directory.
+
+    Raises:
+        ConfigError: ... and ``resume`` of a run directory that holds no checkpoint (unless
+            ``resume_from_nothing``: a Tune trial restored before its first checkpoint).
+    """
     check_names(cfg)
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
     check_sizes(cfg, manifest)
     check_model(cfg)
     storage = storage_for(cfg, resume=resume)
+    if resume and not resume_from_nothing and latest_checkpoint(storage) is None:
+        fresh = (f"set storage.name to a new name (or remove {storage.run_uri}) to start again"
+                 if cfg.storage.name else "run the same command without --resume to start again")
+        raise ConfigError(f"nothing to resume: {storage.run_uri} holds no checkpoint (the run "
+                          f"stopped before its first); {fresh}")
     return cfg.with_values({"storage.name": storage.name}), manifest, storage
 
 
@@ -318,7 +329,8 @@ def on_sigint(controller: Any, key: str | None) -> None:
 def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
                  fault: Fault | None = None, callbacks: list[Any] | None = None,
                  run_tags: dict[str, str] | None = None,
-                 launched_at: float | None = None) -> TrainOutcome:
+                 launched_at: float | None = None,
+                 resume_from_nothing: bool = False) -> TrainOutcome:
     """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
 
     Args:
@@ -332,6 +344,8 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
             run with ``mlflow.parentRunId``).
         launched_at: ``time.time()`` when the user asked for this run (default: now); the first
             epoch reports ``startup_s``, the seconds from then to the first optimizer step.
+        resume_from_nothing: with ``resume``, continue a run directory that holds no checkpoint
+            (from step 0, in its MLflow run) instead of refusing it (a restored Tune trial).
 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
@@ -341,7 +355,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
             ``ran.diverged``; nothing is registered).
     """
     launched_at = launched_at or time.time()
-    cfg, manifest, storage = preflight(cfg, resume=resume)
+    cfg, manifest, storage = preflight(cfg, resume=resume, resume_from_nothing=resume_from_nothing)
     uri = tracking.tracking_uri()
     # A tracking server answers, takes our credentials and lets us write there: before Ray starts.
     tracking.check_server(uri, experiment=cfg.tracking.experiment,

@@ -235,7 +235,8 @@ def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[s
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(job_raw, space.trial_overrides(params), ctx.name, trial_id)
     tags = {TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial_id}
-    run_training(cfg, resume=_started_before(cfg), callbacks=[TuneReportCallback()], run_tags=tags)
+    run_training(cfg, resume=_started_before(cfg), callbacks=[TuneReportCallback()], run_tags=tags,
+                 resume_from_nothing=True)  # a trial restored before its first checkpoint
 
 
 def _started_before(cfg: JobConfig) -> bool:

@@ -89,6 +89,20 @@ def test_a_step_larger_than_the_train_split_is_refused_before_ray_starts(
     _nothing_started(tmp_path)
 
 
+def test_resume_of_a_run_without_a_checkpoint_is_refused(job, capsys, mlflow_sqlite, tmp_path):
+    (tmp_path / "runs" / "fixed").mkdir(parents=True)  # a run that stopped before its first one
+    code, err = _train(capsys, str(job), "--set", "storage.name=fixed", "--resume")
+    assert (code, err) == (2, f"error: nothing to resume: {tmp_path}/runs/fixed holds no "
+                              "checkpoint (the run stopped before its first); set storage.name "
+                              f"to a new name (or remove {tmp_path}/runs/fixed) to start again")
+    (tmp_path / "runs" / "tiny-20261204-120000").mkdir()
+    code, err = _train(capsys, str(job), "--resume")
+    assert (code, err) == (2, f"error: nothing to resume: {tmp_path}/runs/tiny-20261204-120000 "
+                              "holds no checkpoint (the run stopped before its first); run the "
+                              "same command without --resume to start again")
+    assert not (tmp_path / "mlflow.db").exists(), "an MLflow run was opened or reopened"
+
+
 def test_more_workers_than_the_cluster_can_place(job, capsys, mlflow_sqlite, tmp_path, ray_local):
     from ray.util.state import list_actors
 
