@@ -243,6 +243,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     assert first.interrupted and first.registered is None
     (trial,) = first.trials
     assert trial.status == "unfinished" and trial.epochs <= 1
+    assert {r.info.status for r in _runs("tune-resume")} == {"KILLED"}  # none left RUNNING
 
     second = run_search(space, resume_job, resume=True)
     assert not second.interrupted and second.parent_run_id == first.parent_run_id
@@ -255,3 +256,33 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     import mlflow
 
     assert logged.epochs(mlflow.tracking.MlflowClient(), trial.run_id, "val_top1") == [1, 2, 3]  # each once
+
+
+def test_a_search_metric_of_epoch_reports_survives_mid_epoch_checkpoints(workdir, job):
+    """Mid-epoch checkpoints report no epoch metrics; Tune sees epoch reports only, so a search on
+    train_loss (in every epoch's report) does not fail the trial for a result without it."""
+    from ran.tune.search import run_search
+    from ran.tune.space import parse_space
+
+    space = parse_space({"space": {"optim.lr": {"grid": [0.01]}},
+                         "search": {"scheduler": "fifo", "metric": "train_loss", "mode": "min"}},
+                        name="steps")
+    outcome = run_search(space, job("steps", **{"train.checkpoint_every_steps": 4}))
+    (trial,) = outcome.trials
+    assert (trial.status, trial.epochs, trial.error) == ("completed", 1, "")
+    assert trial.metric is not None and outcome.best is trial
+
+
+def test_a_failed_search_ends_every_trial_run_still_running(workdir):
+    from ran import tracking
+    from ran.tune.search import SearchContext, end_trial_runs
+
+    uri = tracking.tracking_uri()
+    parent = tracking.RunTracker.create("tune-ended", run_name="s", tags={}, uri=uri)
+    ctx = SearchContext("s", parent.run_id, uri)
+    running = tracking.trial_run("tune-ended", parent.run_id, "s", "t1", uri)
+    done = tracking.trial_run("tune-ended", parent.run_id, "s", "t2", uri)
+    done.finish("FINISHED")
+    end_trial_runs(ctx, "tune-ended", "FAILED")
+    assert (running.status, done.status) == ("FAILED", "FINISHED")
+    assert running.tag("ran.trial_status") == "failed"
