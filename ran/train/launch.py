@@ -438,6 +438,8 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         outcome.mlflow_unreachable = True
         return outcome
     try:
+        if outcome.unlogged:  # the workers' logger could not say so itself: the server was away
+            tracker.set_tags({tracking.TAG_METRICS_GAP: f"not logged: {outcome.unlogged}"[:5000]})
         if result.checkpoint is not None:
             registration = finalize(cfg, manifest, tracker, result.checkpoint)
             outcome.registered, outcome.registration = registration.version, registration.reason
