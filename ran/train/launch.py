@@ -55,7 +55,7 @@ from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, latest_checkpoint, storage_for
-from ran.train.trainer import SigtermNotice, train_fn_per_worker
+from ran.train.trainer import SigtermNotice, attempts, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
@@ -75,13 +75,16 @@ class RunFailed(TrainingFailedError):
         return type(self), (str(self), self.checkpoint)
 
 
-def run_failed(cause: str, checkpoint: str | None, max_failures: int) -> RunFailed:
-    """The :class:`RunFailed` of a run that failed with ``cause`` (one line)."""
+def run_failed(cause: str, checkpoint: str | None, max_failures: int,
+               started: int | None) -> RunFailed:
+    """The :class:`RunFailed` of a run that failed with ``cause`` (one line) after ``started``
+    worker groups (None: not known)."""
     kept = (f"the latest checkpoint {checkpoint} is kept: fix the cause and run the same command "
             "with --resume" if checkpoint else
             "no checkpoint was written: fix the cause and run the command again")
-    return RunFailed(f"training failed (scaling.max_failures allows {max_failures} restart(s)): "
-                     f"{cause}; {kept}", checkpoint)
+    restarts = (f"after {started - 1} restart(s) (scaling.max_failures={max_failures})"
+                if started else f"(scaling.max_failures allows {max_failures} restart(s))")
+    return RunFailed(f"training failed {restarts}: {cause}; {kept}", checkpoint)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -412,19 +415,22 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     tracker.set_tags(tracking.ray_job_tags(ray.get_runtime_context().get_job_id()))
     print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} "
           f"({tracking.shown(tracker.uri)})", flush=True)
-    key = stop_key(tracker.run_id)
+    key, counted = stop_key(tracker.run_id), f"ran-attempts/{tracker.run_id}"
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-                   "launched_at": launched_at, "stop_key": key}
+                   "launched_at": launched_at, "stop_key": key, "attempts_key": counted}
     request_stop(key, False)  # an earlier interrupted attempt of this run asked its workers to stop
+    attempts(counted, clear=True)  # worker groups of this fit only
     try:
         result = build_trainer(cfg, storage, loop_config, callbacks).fit()
     except TrainingFailedError as err:
         text = str(err).strip()
         cause = text.splitlines()[-1] if text else type(err).__name__
         cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
-        raise run_failed(cause, latest_checkpoint(storage), cfg.scaling.max_failures) from err
+        raise run_failed(cause, latest_checkpoint(storage), cfg.scaling.max_failures,
+                         attempts(counted)) from err
     finally:
         request_stop(key, False)
+        attempts(counted, clear=True)
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
     outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:

@@ -847,6 +847,30 @@ class RayReporter:
         return bool(self.stop_key) and internal_kv._internal_kv_get(self.stop_key) is not None
 
 
+def note_attempt(key: str | None) -> None:
+    """Count one start of the worker group under ``key`` in Ray's internal KV (rank 0 calls it
+    once per attempt; attempts follow each other): :func:`attempts` tells the launcher how many
+    restarts happened, which Ray Train does not."""
+    from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
+
+    if key and internal_kv._internal_kv_initialized():
+        count = int(internal_kv._internal_kv_get(key) or 0) + 1
+        internal_kv._internal_kv_put(key, str(count).encode(), overwrite=True)
+
+
+def attempts(key: str, clear: bool = False) -> int | None:
+    """How many worker groups :func:`note_attempt` counted under ``key`` (None: unknown); with
+    ``clear``, forget them (a new ``fit``)."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    found = internal_kv._internal_kv_get(key)
+    if clear:
+        internal_kv._internal_kv_del(key)
+    return int(found) if found is not None else None
+
+
 def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
                        name: str) -> ray.train.Checkpoint:
     """Ray Train's ``checkpoint_upload_fn``: write the snapshot into the (empty) local checkpoint
@@ -894,6 +918,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if config.get("tracking_uri"):  # the driver's store, for a registered model.init_from
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
     rank0 = ray.train.get_context().get_world_rank() == 0
+    if rank0:
+        note_attempt(config.get("attempts_key"))
     run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
                if rank0 and config.get("run_id") else None)
     system = _system_metrics(cfg, config)

@@ -24,14 +24,17 @@ def broken(synth_data: str, tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("every_steps", [None, 4])
-def test_a_data_error_in_a_worker_is_one_line_naming_the_checkpoint_kept(
-        ray_local, broken, tiny_job, mlflow_sqlite, tmp_path, capfd, every_steps):
+@pytest.mark.parametrize(("every_steps", "max_failures"), [(None, 0), (4, 1)])
+def test_a_data_error_in_a_worker_is_one_line_naming_restarts_and_the_checkpoint_kept(
+        ray_local, broken, tiny_job, mlflow_sqlite, tmp_path, capfd, every_steps, max_failures):
+    """Without a checkpoint and no restart allowed; and with one restart, which resumes from step
+    8's checkpoint and meets the same bad shard: the line counts the restart that happened."""
     from mlflow.tracking import MlflowClient
 
     job = tmp_path / "tiny.yaml"
     job.write_text(tiny_job(broken, tmp_path / "runs", **{
-        "scaling.max_failures": 0, "train.checkpoint_every_steps": every_steps}).to_yaml())
+        "scaling.max_failures": max_failures,
+        "train.checkpoint_every_steps": every_steps}).to_yaml())
     code = main(["train", str(job)])
     err = capfd.readouterr().err
     assert code == 1
@@ -45,7 +48,8 @@ def test_a_data_error_in_a_worker_is_one_line_naming_the_checkpoint_kept(
             "run the same command with --resume" if every_steps else
             "no checkpoint was written: fix the cause and run the command again")
     assert re.fullmatch(
-        r"error: training failed \(scaling.max_failures allows 0 restart\(s\)\): 64 of 64 "
+        rf"error: training failed after {max_failures} restart\(s\) \(scaling.max_failures="
+        rf"{max_failures}\): 64 of 64 "
         r"samples unreadable in rank [01] loader worker 0, above max_bad_fraction=0.01 \(last: "
         rf"shard {re.escape(str(broken))}/val-000000.tar: TarFormatError: bad tar header checksum "
         rf"\(not a tar file, or corrupt\)\); {re.escape(kept)}", errors[0]), errors[0]
