@@ -40,6 +40,7 @@ Imports nothing heavy: ``ran.cli`` imports this module before it knows the comma
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -219,9 +220,20 @@ class _RayInfo(logging.Filter):
             return True
         if record.levelno < logging.WARNING:
             return False
+        if record.exc_info and expected_error(record.exc_info[1]):
+            return False  # e.g. "checkpoint upload failed in the background thread" + traceback
         message = record.getMessage()
         return not (message.startswith("Error in training function:")
                     and message.rstrip().splitlines()[-1].startswith(EXPECTED_WORKER_ERRORS))
+
+
+def expected_error(err: BaseException | None) -> bool:
+    """Whether ``err`` is one ran reports in one line (:data:`EXPECTED_WORKER_ERRORS`): a full disk
+    (ENOSPC), ran's DataError or ConfigError."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return err is not None and f"{type(err).__module__}.{type(err).__name__}: " in \
+        EXPECTED_WORKER_ERRORS
 
 
 class Console:

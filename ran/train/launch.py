@@ -81,7 +81,7 @@ def run_failed(cause: str, checkpoint: str | None, max_failures: int,
     worker groups (None: not known)."""
     kept = (f"the latest checkpoint {checkpoint} is kept: fix the cause and run the same command "
             "with --resume" if checkpoint else
-            "no checkpoint was written: fix the cause and run the command again")
+            "no checkpoint is kept: fix the cause and run the command again")
     restarts = (f"after {started - 1} restart(s) (scaling.max_failures={max_failures})"
                 if started else f"(scaling.max_failures allows {max_failures} restart(s))")
     return RunFailed(f"training failed {restarts}: {cause}; {kept}", checkpoint)

@@ -79,13 +79,16 @@ def test_impossible_model_and_cpu_syncbn(job, capsys, mlflow_sqlite, tmp_path):
      "use fewer workers (scaling.num_workers) or a smaller train.grad_accum"),
 ])
 def test_a_step_larger_than_the_train_split_is_refused_before_ray_starts(
-        job, capsys, mlflow_sqlite, tmp_path, synth_data, sets, numbers, fix):
-    import ray
+        job, capsys, mlflow_sqlite, tmp_path, synth_data, sets, numbers, fix, monkeypatch):
+    from ran.train import localray
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was reached for a job that pre-flight should refuse")
+
+    monkeypatch.setattr(localray, "connect", no_ray)
     code, err = _train(capsys, str(job), *(a for s in sets for a in ("--set", s)))
     assert (code, err) == (2, f"error: one optimizer step takes {numbers} samples, more than the "
                               f"384 of split 'train' in {synth_data}; {fix}")
-    assert not ray.is_initialized()
     _nothing_started(tmp_path)
 
 

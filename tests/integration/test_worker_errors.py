@@ -46,7 +46,7 @@ def test_a_data_error_in_a_worker_is_one_line_naming_restarts_and_the_checkpoint
     # every 4 steps, step 8's is the latest (step 12's is left to the epoch's end).
     kept = (f"the latest checkpoint {run_dir}/epoch=0000_step=0000008 is kept: fix the cause and "
             "run the same command with --resume" if every_steps else
-            "no checkpoint was written: fix the cause and run the command again")
+            "no checkpoint is kept: fix the cause and run the command again")
     assert re.fullmatch(
         rf"error: training failed after {max_failures} restart\(s\) \(scaling.max_failures="
         rf"{max_failures}\): 64 of 64 "

@@ -207,6 +207,12 @@ def test_a_workers_traceback_of_an_expected_error_is_dropped_from_the_console(ro
     assert stream.filter(failed("KeyError: 'model'"))  # a bug: its traceback stays
     assert file.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
 
+    upload = _record(util, logging.ERROR)  # Ray's logger.exception of a failed async upload
+    upload.exc_info = (OSError, OSError(28, "No space left on device"), None)
+    assert not stream.filter(upload)
+    upload.exc_info = (ValueError, ValueError("a bug"), None)
+    assert stream.filter(upload)
+
 
 # -- ran tune's line per trial result
 
