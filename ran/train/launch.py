@@ -426,8 +426,11 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
         text = str(err).strip()
         cause = text.splitlines()[-1] if text else type(err).__name__
         cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
-        raise run_failed(cause, latest_checkpoint(storage), cfg.scaling.max_failures,
-                         attempts(counted)) from err
+        try:
+            kept: str | None = latest_checkpoint(storage)
+        except OSError:  # the storage does not answer either: say where checkpoints would be
+            kept = f"(if any) under {storage.run_uri}"
+        raise run_failed(cause, kept, cfg.scaling.max_failures, attempts(counted)) from err
     finally:
         request_stop(key, False)
         attempts(counted, clear=True)
