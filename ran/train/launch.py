@@ -161,14 +161,19 @@ def check_shards(cfg: JobConfig, manifest: dict[str, Any]) -> None:
 
 
 def check_sizes(cfg: JobConfig, manifest: dict[str, Any]) -> None:
-    """The batch fits the data: one optimizer step (``data.batch_size`` x the most workers
-    ``scaling.num_workers`` allows x ``train.grad_accum``) takes no more samples than the train
-    split holds, and the val split has samples to validate on. Numbers from the manifest.
+    """The splits and the batch fit the data: validation is on another split than training; one
+    optimizer step (``data.batch_size`` x the most workers ``scaling.num_workers`` allows x
+    ``train.grad_accum``) takes no more samples than the train split holds, and the val split
+    has samples to validate on. Numbers from the manifest.
 
     Raises:
         ConfigError: one line with the numbers and what to lower.
     """
     d, workers, accum = cfg.data, cfg.scaling.max_workers, cfg.train.grad_accum
+    if d.train_split == d.val_split:
+        raise ConfigError(f"data.train_split and data.val_split are both {d.val_split!r}: "
+                          "validation (and the registration gate) would score the training data; "
+                          "set data.val_split to a held-out split")
     train = sum(n for _, n in split_shards(d.path, manifest, d.train_split))
     step = d.batch_size * workers * accum
     if step > train:

@@ -92,6 +92,14 @@ def test_a_step_larger_than_the_train_split_is_refused_before_ray_starts(
     _nothing_started(tmp_path)
 
 
+def test_validating_on_the_training_split_is_refused(job, capsys, mlflow_sqlite, tmp_path):
+    code, err = _train(capsys, str(job), "--set", "data.val_split=train")
+    assert (code, err) == (2, "error: data.train_split and data.val_split are both 'train': "
+                              "validation (and the registration gate) would score the training "
+                              "data; set data.val_split to a held-out split")
+    _nothing_started(tmp_path)
+
+
 def test_resume_of_a_run_without_a_checkpoint_is_refused(job, capsys, mlflow_sqlite, tmp_path):
     (tmp_path / "runs" / "fixed").mkdir(parents=True)  # a run that stopped before its first one
     code, err = _train(capsys, str(job), "--set", "storage.name=fixed", "--resume")
