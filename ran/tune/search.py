@@ -63,12 +63,17 @@ from ran.tracking import (
 )
 from ran.tracking.models import Registration
 from ran.train import console, localray
-from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
+from ran.train.launch import (
+    check_model, check_shards, check_sizes, finalize, resolve_config, run_training,
+)
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train import schedule
 from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
 
+# Searched keys that change how many samples a step takes (checked against the data per value).
+SIZE_KEYS = ("data.batch_size", "scaling.num_workers", "train.grad_accum", "data.train_split",
+             "data.val_split")
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", UNFINISHED: "KILLED"}
 
@@ -132,6 +137,15 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
     check_names(base)
     base, manifest = resolve_config(base)
     check_shards(base, manifest)
+    check_sizes(base, manifest)
+    for dist in space.params.values():  # a searched batch, worker count or grad_accum
+        if any(k in SIZE_KEYS for k in dist.keys):
+            for value in dist.probes():
+                try:
+                    check_sizes(base.with_values(dist.assignments(value)), manifest)
+                except ConfigError as err:
+                    raise ConfigError(f"search space {space.name}: {dist.name}={value!r}: "
+                                      f"{err}") from None
     if not any(k.startswith("model.") for k in space.searched_keys):
         check_model(base)  # searched models are checked per trial
     s = space.settings

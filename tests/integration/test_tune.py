@@ -101,6 +101,29 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_searched_batch_larger_than_the_data_is_refused_before_ray_starts(
+        tmp_path, capsys, monkeypatch, synth_data, tiny_job):
+    import ray
+
+    from ran.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a space that pre-flight should refuse")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(tiny_job(synth_data, tmp_path / "runs").to_yaml())  # 16 x 2 workers
+    space = tmp_path / "sizes.yaml"
+    space.write_text("space:\n  data.batch_size: {choice: [16, 512]}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert capsys.readouterr().err == (
+        "error: search space sizes: data.batch_size=512: one optimizer step takes data.batch_size "
+        "512 x 2 workers x train.grad_accum 1 = 1024 samples, more than the 384 of split 'train' "
+        f"in {synth_data}; set data.batch_size to at most 192\n")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.fixture(scope="module")
 def grid_search(workdir: Path, job) -> tuple[Any, Any]:
     """depth {56, 92} x mask activation {mixed, spatial}: 4 trials, 2 at a time, 1 epoch each."""
