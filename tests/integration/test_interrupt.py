@@ -77,3 +77,28 @@ def test_sigint_checkpoints_the_step_reached_exits_130_and_resume_continues(
     assert logged.epochs(mlflow_sqlite, run.info.run_id, "train_loss") == [1, 2, 3, 4]
     step_loss = [s for s, _ in logged.history(mlflow_sqlite, run.info.run_id, "step_loss")]
     assert step_loss == list(range(2, 4 * STEPS_PER_EPOCH + 1, 2))  # no step twice, none missing
+
+
+def test_ctrl_c_to_the_process_group_with_its_own_local_ray(synth_data, tiny_job, mlflow_sqlite,
+                                                            tmp_path):
+    """A terminal's Ctrl-C: SIGINT to the whole process group of `ran train`, which started its
+    own lean local Ray (no RAY_ADDRESS). The same outcome: the step's checkpoint, 130, KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    job = tmp_path / "tiny.yaml"
+    job.write_text(tiny_job(synth_data, tmp_path / "runs", **{"train.epochs": 4}).to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MLFLOW_TRACKING_URI"] = mlflow_sqlite
+    log = tmp_path / "train.log"
+    proc = _ran(str(job), env=env, cwd=tmp_path, log=log)
+    _wait_for(log, "epoch 1/4 done", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(300) == 130, log.read_text()[-3000:]
+    last = log.read_text().rstrip().splitlines()[-1]
+    stopped = re.fullmatch(r"interrupted at step (\d+): checkpoint (\S+) is kept; continue with: "
+                           rf"ran train {re.escape(str(job))} --resume", last)
+    assert stopped, log.read_text()[-3000:]
+    assert int(stopped.group(1)) % 10 == 0 and Path(stopped.group(2)).is_dir()
+    client = MlflowClient(mlflow_sqlite)
+    (run,) = client.search_runs([client.get_experiment_by_name("ran").experiment_id])
+    assert run.info.status == "KILLED"
