@@ -19,6 +19,58 @@ class ConfigError(ValueError):
     """A job config that cannot be used; the message says what to change."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives one key twice (``key``: dotted path; ``lines``: 1-based, both)."""
+
+    def __init__(self, key: str, lines: tuple[int, int]) -> None:
+        super().__init__(f"key {key!r} is given twice, at lines {lines[0]} and {lines[1]}")
+        self.key, self.lines = key, lines
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last one
+    silently: ``name: a`` then ``name: b`` would train b without a word). Keys merged in with
+    ``<<`` may be overridden, as YAML's merge key intends. Every YAML file ran reads goes through
+    it (:func:`load_yaml`).
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicates(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicates(node: yaml.Node, path: str, seen: set[int]) -> None:
+    """Raise DuplicateKeyError for the first key given twice in any mapping under ``node``."""
+    if id(node) in seen:  # an alias to a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            dotted = f"{path}{key}" if isinstance(key, str) else f"{path}<key>"
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise DuplicateKeyError(dotted, (first[key], line))
+            first[key] = line
+            _refuse_duplicates(value_node, dotted + ".", seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{path[:-1] if path else ''}[{i}].", seen)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`UniqueKeyLoader` (safe tags only, no duplicate keys).
+
+    Raises:
+        DuplicateKeyError: a mapping gives one key twice (a ``yaml.YAMLError``).
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -381,7 +433,12 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>",
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> JobConfig:
-    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides."""
+    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: an unreadable file, invalid YAML, a key given twice (named with both line
+            numbers), an unknown key or an invalid value (one line each).
+    """
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -391,7 +448,9 @@ def load_config(
         except OSError as err:
             raise ConfigError(f"cannot read job config {path}: {err.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text) or {}
+        except DuplicateKeyError as err:
+            raise ConfigError(f"job config {path}: {err}; keep one") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"job config {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):

@@ -9,7 +9,8 @@ the version that holds it now, on the same data:
   asks for ``--eval-data``;
 - with ``--eval-data PATH``, on a fresh evaluation of both versions on those shards.
 
-The candidate must have a strictly higher top-1 than the holder and, with ``--min-top1``, at least
+A version whose recorded metrics or weights are not finite (a diverged run) is refused whatever
+its numbers. The candidate must have a strictly higher top-1 than the holder and, with ``--min-top1``, at least
 that top-1 (a fraction, 0.75 for 75%). A refusal leaves the alias where it was. A promotion moves
 the alias (``set_registered_model_alias``) and records who, when, why and the metrics as tags on
 the promoted version (``promotion.<alias>.*``) and on the version it replaced
@@ -87,6 +88,19 @@ def evaluated_standing(name: str, version: str, data: str) -> Standing:
     return Standing(str(version), m["top1"], m["top5"], m["loss"], basis=f"{data} [val] (evaluated)")
 
 
+def not_finite(name: str, mv: Any) -> str:
+    """What of version ``mv`` is not finite: its recorded validation metrics (version tags), else
+    its weights (``state_dict.pt``, downloaded); "" when all is (:func:`ran.tracking.nonfinite_reason`)."""
+    bad = tracking.nonfinite_reason(mv.tags or {})
+    if bad:
+        return bad
+    import torch
+
+    files = tracking.download_model_files(runtime.resolve_model(f"models:/{name}/{mv.version}"))
+    state = torch.load(files.state_dict, weights_only=True, map_location="cpu")
+    return tracking.nonfinite_reason({}, tracking.nonfinite_tensors(state), len(state))
+
+
 # ---------------------------------------------------------------------------------------------
 # Deciding and recording
 
@@ -156,6 +170,10 @@ def promote(name: str, version: str, alias: str = "champion", *, min_top1: float
     holder_mv = tracking.alias_holder(name, alias)
     if holder_mv is not None and str(holder_mv.version) == str(mv.version):
         return Decision("unchanged", f"version {mv.version} already holds {alias!r}")
+    bad = not_finite(name, mv)
+    if bad:
+        return Decision("refused", f"version {mv.version} of {name!r} is not finite ({bad}); "
+                        "retrain it, a diverged model cannot hold an alias")
     if eval_data:
         candidate = evaluated_standing(name, str(mv.version), eval_data)
         holder = evaluated_standing(name, str(holder_mv.version), eval_data) if holder_mv else None

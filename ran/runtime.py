@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import yaml
 from torch import nn
 
 from ran import steptable, tracking
-from ran.config import ConfigError, JobConfig, parse_config
+from ran.config import ConfigError, JobConfig, load_yaml, parse_config
 from ran.data import DataError
 from ran.data.read import Batch, make_loader, read_manifest
 from ran.data.transforms import default_crop, normalizer
@@ -257,7 +256,7 @@ def load_model(ref: str | tracking.ModelSource) -> LoadedModel:
     if source.kind != "checkpoint":
         files = tracking.download_model_files(source)
         state = torch.load(files.state_dict, weights_only=True, map_location="cpu")
-        model, cfg = model_from_state(yaml.safe_load(files.config.read_text()), state,
+        model, cfg = model_from_state(load_yaml(files.config.read_text()), state,
                                       source.ref)
         return LoadedModel(model, cfg, json.loads(files.classes.read_text()), source)
     try:

@@ -23,6 +23,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import re
 import shutil
 import sys
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ran.tracking import store
 from ran.tracking.names import (
-    MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
+    METRIC_TAGS, MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
     TAG_SOURCE_RUN, TAG_VERSION,
 )
 from ran.tracking.runs import RunTracker
@@ -223,9 +224,38 @@ class Registration:
     version: str | None = None  # "name/version" once registered
 
 
-def registration_gate(cfg: "JobConfig", metrics: dict[str, float]) -> Registration:
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of a state dict that hold a NaN or an infinity
+    (in the state dict's order; empty when every one is finite)."""
+    import torch
+
+    return [key for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
+
+
+def nonfinite_reason(metrics: dict[str, Any], nonfinite: list[str] | None = None,
+                     total: int | None = None) -> str:
+    """What is not finite among the recorded validation ``metrics`` (:data:`METRIC_TAGS`, as
+    numbers or text) and the weights (``nonfinite``: tensor names, of ``total``), e.g.
+    ``val_loss nan, 445 of 533 weight tensors (first stem.0.weight)``; "" when all is."""
+    bad = []
+    for key in METRIC_TAGS:
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            bad.append(f"{key} {float(value)}")
+    if nonfinite:
+        of = f" of {total}" if total else ""
+        bad.append(f"{len(nonfinite)}{of} weight tensors (first {nonfinite[0]})")
+    return ", ".join(bad)
+
+
+def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
+                      nonfinite: list[str] | None = None, total: int | None = None) -> Registration:
     """Whether the final model of ``cfg`` (validation ``metrics``: ``val_top1``) is registered.
 
+    Never when a recorded metric or a weight is not finite (``nonfinite``: the names of the
+    tensors that are not, of ``total``: :func:`nonfinite_tensors`).
     ``tracking.register_min_top1``: at least this top-1. ``tracking.register_if_beats``: a
     strictly higher top-1 than the version holding that alias of ``tracking.registered_model``,
     as recorded when it was registered, on the same ``data.path`` and ``data.val_split`` (an
@@ -235,6 +265,9 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float]) -> Registrati
     name = t.registered_model
     if not name:
         return Registration(False, "")
+    bad = nonfinite_reason(metrics, nonfinite, total)
+    if bad:
+        return Registration(False, f"not registered: not finite: {bad}")
     top1 = metrics.get("val_top1")
     if top1 is None and (t.register_min_top1 is not None or t.register_if_beats):
         return Registration(False, "not registered: the final epoch reported no val_top1 to "

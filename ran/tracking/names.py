@@ -47,6 +47,7 @@ TAG_TRIAL = "ran.trial_id"  # the Tune trial id, on trial runs
 TAG_TRIAL_STATUS = "ran.trial_status"  # completed | stopped | failed
 TAG_ERROR = "ran.error"  # first line of a failed trial's error
 TAG_BEST_RUN = "ran.best_run_id"  # on a search run
+TAG_DIVERGED = "ran.diverged"  # the step where the loss or weights stopped being finite, and why
 TAG_METRICS_GAP = "ran.metrics_gap"  # metric values that could not be logged (MLflow unreachable)
 
 # Dataset inputs of a training run: MLflow's context tag of its train and val splits.
@@ -58,6 +59,22 @@ SYSTEM_METRICS_NODE = "node_{rank}"
 # recorded basis), and the data params they were measured on.
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
 DATA_PARAMS = ("data.path", "data.val_split")
+
+# What every epoch of a training run reports (ray.train.report, hence each Tune result, and the
+# epoch's MLflow metrics), by name: the direction in which it is better ("max" or "min"), or None
+# for counts and settings that no search optimises. Defined once: the trainer reports nothing
+# else (ran.train.trainer.Trainer.run_epoch), and `ran tune` refuses a search.metric or
+# search.mode that does not fit it before any trial (ran.tune.space.check_search_metric).
+EPOCH_METRICS: dict[str, str | None] = {
+    "train_loss": "min", "val_top1": "max",  # val_top1: the latest validation's, carried between
+    "img_per_s": "max", "data_wait_frac": "min", "epoch_time_s": "min", "ckpt_wait_s": "min",
+    "lr": None, "skipped": None, "epoch_samples": None, "samples": None, "epoch": None,
+    "step": None, "startup_s": None,
+}
+# Reported only by epochs that validate (train.eval_every, and always the last).
+VALIDATION_METRICS: dict[str, str | None] = {
+    "val_loss": "min", "val_top5": "max", "val_samples": None, "val_skipped": None,
+}
 
 # Key of rank 0's final report naming the metric values MLflow lacks (the server went away).
 REPORT_UNLOGGED = "mlflow_unlogged"

@@ -203,6 +203,11 @@ class RunTracker:
 # Seconds rank 0 waits at the end of training for its last metrics to reach MLflow, so that
 # its final report says exactly what did not (a server that answers takes milliseconds).
 FLUSH_S = 30.0
+# Seconds a single MLflow client call may take while the server does not answer: the client
+# retries by itself (7 tries, backoff factor 2: about 64 s of waiting) before it raises. The final
+# flush waits for a call in flight for up to this long, so that what it names as missing is what
+# the server lacks, not what the client was still about to write.
+CLIENT_RETRY_S = 70.0
 
 
 class RunLogger:
@@ -222,6 +227,7 @@ class RunLogger:
         self._lost: dict[str, list[int]] = {}  # metric -> steps given up on
         self._pending: list[tuple[str, Any, int, float]] = []  # queued or failed, in order
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # held while a write to MLflow is in flight
         self._queue: queue.Queue[tuple[str, Any, int, float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ran-mlflow", daemon=True)
         self._thread.start()
@@ -257,10 +263,22 @@ class RunLogger:
                             found.setdefault(key, []).append(step)
         return {k: sorted(set(v)) for k, v in found.items()}
 
-    def gap_report(self, timeout: float = FLUSH_S) -> dict[str, str]:
+    def gap_report(self, timeout: float = FLUSH_S,
+                   in_flight: float = CLIENT_RETRY_S) -> dict[str, str]:
         """For rank 0's last report: ``{REPORT_UNLOGGED: "<what MLflow lacks>"}`` after waiting up
-        to ``timeout`` seconds for what is queued to be written; {} when nothing is missing."""
-        self.flush(timeout)
+        to ``timeout`` seconds for what is queued to be written; {} when nothing is missing.
+
+        When that wait runs out, the write in flight (inside the MLflow client's own retries) is
+        waited for too, up to ``in_flight`` seconds, and every metric value still unwritten is
+        then given up on: never written later, counted in ``ran.metrics_gap``, so that the report
+        names exactly the values the server lacks."""
+        if not self.flush(timeout) and self._writing.acquire(timeout=in_flight):
+            try:  # nothing in flight now, and nothing starts until this is decided
+                with self._lock:
+                    lost = [p for p in self._pending if p[0] == "metrics"]
+                self._give_up(lost)
+            finally:
+                self._writing.release()
         unlogged = self.unlogged()
         return {REPORT_UNLOGGED: describe_unlogged(unlogged)} if unlogged else {}
 
@@ -306,10 +324,15 @@ class RunLogger:
                 pass
             try:
                 tracker = tracker or RunTracker(self.run_id, self.uri)
-                while self._pending:
-                    self._write(tracker, *self._pending[0][:3])
-                    with self._lock:
-                        self._pending.pop(0)
+                while True:
+                    with self._writing:
+                        with self._lock:
+                            if not self._pending:
+                                break
+                            head = self._pending[0]
+                        self._write(tracker, *head[:3])
+                        with self._lock:
+                            self._pending.remove(head)
                 if self.dropped and not reported:
                     tracker.set_tags({TAG_METRICS_GAP: f"{self.dropped} metric values not logged"})
                     reported = True

@@ -40,6 +40,7 @@ Imports nothing heavy: ``ran.cli`` imports this module before it knows the comma
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -199,15 +200,40 @@ class PlainText:
         return getattr(self.stream, name)
 
 
+# The last line of a worker's traceback for errors ran expects and the driver reports in one
+# `error:` line (bad data, a config found wrong in the worker, a full disk).
+EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
+                          "OSError: [Errno 28] ")
+
+
 class _RayInfo(logging.Filter):
-    """Drops Ray's own records below WARNING (by the file that logged them)."""
+    """Drops Ray's own records below WARNING (by the file that logged them), and Ray Train's
+    ``Error in training function:`` traceback of an expected error (:data:`EXPECTED_WORKER_ERRORS`),
+    which the driver prints as ran's one ``error:`` line."""
 
     def __init__(self, ray_dir: str) -> None:
         super().__init__("ran-quiet-ray")
         self.ray_dir = ray_dir
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
+        if not record.pathname.startswith(self.ray_dir):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if record.exc_info and expected_error(record.exc_info[1]):
+            return False  # e.g. "checkpoint upload failed in the background thread" + traceback
+        message = record.getMessage()
+        return not (message.startswith("Error in training function:")
+                    and message.rstrip().splitlines()[-1].startswith(EXPECTED_WORKER_ERRORS))
+
+
+def expected_error(err: BaseException | None) -> bool:
+    """Whether ``err`` is one ran reports in one line (:data:`EXPECTED_WORKER_ERRORS`): a full disk
+    (ENOSPC), ran's DataError or ConfigError."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return err is not None and f"{type(err).__module__}.{type(err).__name__}: " in \
+        EXPECTED_WORKER_ERRORS
 
 
 class Console:
@@ -248,7 +274,8 @@ class Console:
 def quiet_ray_console() -> None:
     """Drop Ray's own records below WARNING from the root logger's console handlers (log files keep
     them). Ray Train's ``Reporting training result ...`` is one: its logger is named after its file,
-    so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through."""
+    so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through.
+    Also a worker's traceback of an expected error (:class:`_RayInfo`)."""
     import ray  # a Ray Train worker has Ray imported already; ran.cli imports this module without
 
     ray_dir = os.path.dirname(ray.__file__) + os.sep

@@ -21,7 +21,10 @@ Order of events (:func:`run_training`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -45,16 +48,58 @@ from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
 from ran.data.transforms import normalizer
-from ran.tracking.models import Registration, record_registration, registration_gate
+from ran.tracking.models import (
+    Registration, nonfinite_tensors, record_registration, registration_gate,
+)
 from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.faults import Fault, KillWorker
-from ran.train.rundir import Storage, storage_for
-from ran.train.trainer import SigtermNotice, train_fn_per_worker
+from ran.train.rundir import Storage, latest_checkpoint, storage_for
+from ran.train.trainer import SigtermNotice, attempts, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
     """Training finished and checkpointed, but logging or registering the model failed."""
+
+
+class RunFailed(TrainingFailedError):
+    """Ray Train's failure after its restarts, in one line that says what the run directory
+    holds: the latest checkpoint (``checkpoint``, its path) and how to continue from it, or that
+    there is none (:func:`run_failed`)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a trial's error travels to Tune pickled
+        return type(self), (str(self), self.checkpoint)
+
+
+def run_failed(cause: str, checkpoint: str | None, max_failures: int,
+               started: int | None) -> RunFailed:
+    """The :class:`RunFailed` of a run that failed with ``cause`` (one line) after ``started``
+    worker groups (None: not known)."""
+    kept = (f"the latest checkpoint {checkpoint} is kept: fix the cause and run the same command "
+            "with --resume" if checkpoint else
+            "no checkpoint is kept: fix the cause and run the command again")
+    restarts = (f"after {started - 1} restart(s) (scaling.max_failures={max_failures})"
+                if started else f"(scaling.max_failures allows {max_failures} restart(s))")
+    return RunFailed(f"training failed {restarts}: {cause}; {kept}", checkpoint)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``ran train`` got SIGINT and the workers checkpointed the step they reached and ended:
+    ``checkpoint`` (its path, or None when the run ended before one was registered) and
+    ``step``. A KeyboardInterrupt, so the MLflow run ends KILLED."""
+
+    def __init__(self, checkpoint: str | None, step: int | None) -> None:
+        super().__init__(f"interrupted at step {step}: checkpoint {checkpoint} is kept")
+        self.checkpoint, self.step = checkpoint, step
+
+
+class DivergedError(RuntimeError):
+    """Training stopped because a loss or the weights stopped being finite (one line: the step,
+    the last finite checkpoint, what to do); nothing was registered and the run is FAILED."""
 
 
 @dataclass
@@ -115,6 +160,36 @@ def check_shards(cfg: JobConfig, manifest: dict[str, Any]) -> None:
                             "rebuild the shards or fix data.path")
 
 
+def check_sizes(cfg: JobConfig, manifest: dict[str, Any]) -> None:
+    """The splits and the batch fit the data: validation is on another split than training; one
+    optimizer step (``data.batch_size`` x the most workers ``scaling.num_workers`` allows x
+    ``train.grad_accum``) takes no more samples than the train split holds, and the val split
+    has samples to validate on. Numbers from the manifest.
+
+    Raises:
+        ConfigError: one line with the numbers and what to lower.
+    """
+    d, workers, accum = cfg.data, cfg.scaling.max_workers, cfg.train.grad_accum
+    if d.train_split == d.val_split:
+        raise ConfigError(f"data.train_split and data.val_split are both {d.val_split!r}: "
+                          "validation (and the registration gate) would score the training data; "
+                          "set data.val_split to a held-out split")
+    train = sum(n for _, n in split_shards(d.path, manifest, d.train_split))
+    step = d.batch_size * workers * accum
+    if step > train:
+        fits = train // (workers * accum)
+        fix = (f"set data.batch_size to at most {fits}" if fits else
+               "use fewer workers (scaling.num_workers) or a smaller train.grad_accum")
+        raise ConfigError(
+            f"one optimizer step takes data.batch_size {d.batch_size} x {workers} workers x "
+            f"train.grad_accum {accum} = {step} samples, more than the {train} of split "
+            f"{d.train_split!r} in {d.path}; {fix}")
+    val = sum(n for _, n in split_shards(d.path, manifest, d.val_split))
+    if val < 1:
+        raise ConfigError(f"split {d.val_split!r} in {d.path} has no samples to validate on; "
+                          "set data.val_split to a split with samples")
+
+
 def check_model(cfg: JobConfig) -> None:
     """The model builds with these options (on the meta device: no memory).
 
@@ -128,14 +203,26 @@ def check_model(cfg: JobConfig) -> None:
         raise ConfigError(f"model: {err}") from None
 
 
-def preflight(cfg: JobConfig, *, resume: bool) -> tuple[JobConfig, dict[str, Any], Storage]:
+def preflight(cfg: JobConfig, *, resume: bool,
+              resume_from_nothing: bool = False) -> tuple[JobConfig, dict[str, Any], Storage]:
     """Everything checked before Ray starts; returns the resolved config (with its run directory
-    name), the manifest and the run directory."""
+    name), the manifest and the run directory.
+
+    Raises:
+        ConfigError: ... and ``resume`` of a run directory that holds no checkpoint (unless
+            ``resume_from_nothing``: a Tune trial restored before its first checkpoint).
+    """
     check_names(cfg)
     cfg, manifest = resolve_config(cfg)
     check_shards(cfg, manifest)
+    check_sizes(cfg, manifest)
     check_model(cfg)
     storage = storage_for(cfg, resume=resume)
+    if resume and not resume_from_nothing and latest_checkpoint(storage) is None:
+        fresh = (f"set storage.name to a new name (or remove {storage.run_uri}) to start again"
+                 if cfg.storage.name else "run the same command without --resume to start again")
+        raise ConfigError(f"nothing to resume: {storage.run_uri} holds no checkpoint (the run "
+                          f"stopped before its first); {fresh}")
     return cfg.with_values({"storage.name": storage.name}), manifest, storage
 
 
@@ -183,19 +270,64 @@ LEAN_SKIPPED_CALLBACKS = ("PlacementGroupCleanerCallback", "DatasetsCallback")
 
 
 def _trainer_class() -> type:
-    # Ray Train 2.60 offers no public way to leave out default controller callbacks: this
-    # overrides TorchTrainer's private _create_default_callbacks (a unit test pins the names).
-    """``TorchTrainer``; on a lean local Ray, one without :data:`LEAN_SKIPPED_CALLBACKS`."""
-    # _create_default_callbacks is Ray Train V2's (2.4x-2.60); without it, the stock trainer.
-    if os.environ.get("RAN_RAY_NO_DASHBOARD") != "1" or not hasattr(TorchTrainer, "_create_default_callbacks"):
-        return TorchTrainer
+    # Ray Train 2.60 offers no public way to leave out default controller callbacks, nor to
+    # change what Ctrl-C does to fit(): this overrides TorchTrainer's private
+    # _create_default_callbacks (a unit test pins the names) and _register_sigint_handler.
+    """``TorchTrainer`` whose SIGINT checkpoints and ends the run (:func:`on_sigint`); on a lean
+    local Ray, also without :data:`LEAN_SKIPPED_CALLBACKS`."""
+    # _create_default_callbacks is Ray Train V2's (2.4x-2.60); without it, the stock callbacks.
+    lean = (os.environ.get("RAN_RAY_NO_DASHBOARD") == "1"
+            and hasattr(TorchTrainer, "_create_default_callbacks"))
 
-    class LeanTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            return [cb for cb in super()._create_default_callbacks()
-                    if type(cb).__name__ not in LEAN_SKIPPED_CALLBACKS]
+    class RanTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            on_sigint(controller, (self.train_loop_config or {}).get("stop_key"))
 
-    return LeanTorchTrainer
+        if lean:
+            def _create_default_callbacks(self) -> list[Any]:
+                return [cb for cb in super()._create_default_callbacks()
+                        if type(cb).__name__ not in LEAN_SKIPPED_CALLBACKS]
+
+    return RanTorchTrainer
+
+
+def stop_key(run_id: str) -> str:
+    """The key in Ray's internal KV that asks the workers of MLflow run ``run_id`` to end."""
+    return f"ran-stop/{run_id}"
+
+
+def request_stop(key: str | None, value: bool = True) -> None:
+    """Set (or, ``value`` False, clear) a stop request read by every worker every
+    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.trainer.RayReporter.stop_requested`)."""
+    from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
+
+    if key and internal_kv._internal_kv_initialized():
+        if value:
+            internal_kv._internal_kv_put(key, b"SIGINT", overwrite=True)
+        else:
+            internal_kv._internal_kv_del(key)
+
+
+def on_sigint(controller: Any, key: str | None) -> None:
+    """While ``fit()`` runs: the first SIGINT asks the workers to checkpoint the step they reach
+    and end (``key``, :func:`request_stop`); a second one aborts the run at once, as Ray does."""
+    import signal
+
+    count = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == 1 and key:
+            request_stop(key)
+            print("interrupt: checkpointing the step reached, then stopping (Ctrl-C again stops "
+                  "at once, without a checkpoint)", file=sys.stderr, flush=True)
+            return
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            ray.get(controller.abort.remote())
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +337,8 @@ def _trainer_class() -> type:
 def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
                  fault: Fault | None = None, callbacks: list[Any] | None = None,
                  run_tags: dict[str, str] | None = None,
-                 launched_at: float | None = None) -> TrainOutcome:
+                 launched_at: float | None = None,
+                 resume_from_nothing: bool = False) -> TrainOutcome:
     """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
 
     Args:
@@ -219,13 +352,18 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
             run with ``mlflow.parentRunId``).
         launched_at: ``time.time()`` when the user asked for this run (default: now); the first
             epoch reports ``startup_s``, the seconds from then to the first optimizer step.
+        resume_from_nothing: with ``resume``, continue a run directory that holds no checkpoint
+            (from step 0, in its MLflow run) instead of refusing it (a restored Tune trial).
 
     Raises:
         ConfigError, DataError: a problem found before any worker started.
-        ray.train.TrainingFailedError: workers kept failing beyond ``scaling.max_failures``.
+        RunFailed: workers kept failing beyond ``scaling.max_failures`` (a
+            ``ray.train.TrainingFailedError`` naming the latest checkpoint, if any).
+        DivergedError: a loss or the weights stopped being finite (the run is FAILED, tagged
+            ``ran.diverged``; nothing is registered).
     """
     launched_at = launched_at or time.time()
-    cfg, manifest, storage = preflight(cfg, resume=resume)
+    cfg, manifest, storage = preflight(cfg, resume=resume, resume_from_nothing=resume_from_nothing)
     uri = tracking.tracking_uri()
     # A tracking server answers, takes our credentials and lets us write there: before Ray starts.
     tracking.check_server(uri, experiment=cfg.tracking.experiment,
@@ -282,17 +420,40 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
     tracker.set_tags(tracking.ray_job_tags(ray.get_runtime_context().get_job_id()))
     print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} "
           f"({tracking.shown(tracker.uri)})", flush=True)
+    key, counted = stop_key(tracker.run_id), f"ran-attempts/{tracker.run_id}"
     loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-                   "launched_at": launched_at}
-    result = build_trainer(cfg, storage, loop_config, callbacks).fit()
+                   "launched_at": launched_at, "stop_key": key, "attempts_key": counted}
+    request_stop(key, False)  # an earlier interrupted attempt of this run asked its workers to stop
+    attempts(counted, clear=True)  # worker groups of this fit only
+    try:
+        result = build_trainer(cfg, storage, loop_config, callbacks).fit()
+    except TrainingFailedError as err:
+        text = str(err).strip()
+        cause = text.splitlines()[-1] if text else type(err).__name__
+        cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
+        try:
+            kept: str | None = latest_checkpoint(storage)
+        except OSError:  # the storage does not answer either: say where checkpoints would be
+            kept = f"(if any) under {storage.run_uri}"
+        raise run_failed(cause, kept, cfg.scaling.max_failures, attempts(counted)) from err
+    finally:
+        request_stop(key, False)
+        attempts(counted, clear=True)
     outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
     outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
     if result.checkpoint is not None:
         outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
+    returned = getattr(result, "return_value", None)
+    if isinstance(returned, dict) and returned.get("diverged"):
+        raise _diverged(cfg, tracker, str(returned["diverged"]), outcome.checkpoint)
+    if isinstance(returned, dict) and returned.get("stopped"):
+        raise TrainingInterrupted(outcome.checkpoint, int(returned.get("step", 0)))
     if not tracking.answers(tracker.uri):  # gone: say so (where_to_look), not minutes of retries
         outcome.mlflow_unreachable = True
         return outcome
     try:
+        if outcome.unlogged:  # the workers' logger could not say so itself: the server was away
+            tracker.set_tags({tracking.TAG_METRICS_GAP: f"not logged: {outcome.unlogged}"[:5000]})
         if result.checkpoint is not None:
             registration = finalize(cfg, manifest, tracker, result.checkpoint)
             outcome.registered, outcome.registration = registration.version, registration.reason
@@ -305,6 +466,21 @@ def _train(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, tracker: 
             "the same command with --resume to log and register it") from err
     tracker.finish("FINISHED")
     return outcome
+
+
+def _diverged(cfg: JobConfig, tracker: tracking.RunTracker, reason: str,
+              checkpoint: str | None) -> DivergedError:
+    """The one line of a diverged run, also set as the run's ``ran.diverged`` tag (the caller's
+    error handling then ends the run FAILED)."""
+    kept = (f"the last finite checkpoint {checkpoint} is kept" if checkpoint
+            else "no checkpoint was written before it")
+    message = (f"training diverged: {reason}; {kept}; nothing is registered; lower optim.lr "
+               f"({cfg.optim.lr:g}) or check the data, and start a fresh run")
+    try:
+        tracker.set_tags({tracking.TAG_DIVERGED: message})
+    except Exception as err:  # noqa: BLE001 - the divergence matters more than the tag
+        print(f"warning: could not tag MLflow run {tracker.run_id}: {err}", file=sys.stderr)
+    return DivergedError(message)
 
 
 def _checkpoint_uri(storage: Storage, path: str) -> str:
@@ -357,7 +533,7 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
     metrics = dict(state.get("last_val") or {})
     metrics.update(epoch=state["epoch"], step=state["step"])
-    gate = registration_gate(cfg, metrics)
+    gate = registration_gate(cfg, metrics, nonfinite_tensors(state["model"]), len(state["model"]))
     gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
                                             metrics, register=gate.register,
                                             quiet=not console.verbose())
@@ -416,13 +592,14 @@ def cli_train(args: argparse.Namespace) -> int:
     try:
         outcome = run_training(cfg, resume=args.resume, address=args.address,
                                fault=Fault.from_env(), launched_at=started)
-    except TrainingFailedError as err:  # Ray's failure after retries: one line, not a traceback
-        text = str(err).strip()
-        print(f"error: training failed after {cfg.scaling.max_failures} restart(s): "
-              f"{text.splitlines()[-1] if text else repr(err)}; the latest checkpoint is kept: "
-              "fix the cause and run the same command with --resume", file=sys.stderr)
-        return 1
-    except FinalizeError as err:
+    except TrainingInterrupted as err:
+        again = shlex.join(["ran", "train", args.job,
+                            *(a for o in args.overrides for a in ("--set", o)), "--resume"])
+        print(f"interrupted at step {err.step}: checkpoint {err.checkpoint} is kept; continue "
+              f"with: {again}" if err.checkpoint else
+              f"interrupted at step {err.step} before a checkpoint was kept", file=sys.stderr)
+        return 130
+    except (RunFailed, FinalizeError, DivergedError) as err:  # one line each, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(where_to_look(outcome), flush=True)

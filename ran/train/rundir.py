@@ -8,6 +8,7 @@ fresh run refuses to start when that directory already holds a run, and ``--resu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -54,6 +55,27 @@ class Storage:
             return []
         infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+
+
+# Ray Train's record of the checkpoints it registered (2.60: RunConfig storage, JSON with
+# "latest_checkpoint_result": {"checkpoint_dir_name": ...}); what a restart or --resume loads.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def latest_checkpoint(storage: Storage) -> str | None:
+    """The checkpoint ``--resume`` of ``storage``'s run continues from: the latest one Ray Train
+    registered (:data:`RAY_SNAPSHOT`), as a path or ``s3://`` URI; None when there is none. A
+    checkpoint directory whose upload failed (a full disk) is not one."""
+    fs, base = storage._fs()
+    run = f"{base.rstrip('/')}/{storage.name}"
+    if fs.get_file_info(f"{run}/{RAY_SNAPSHOT}").type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{run}/{RAY_SNAPSHOT}") as f:
+        snapshot = json.loads(f.read().decode("utf-8"))
+    name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not name or fs.get_file_info(f"{run}/{name}").type != pyarrow.fs.FileType.Directory:
+        return None
+    return f"{storage.run_uri}/{name}"
 
 
 def storage_for(cfg: JobConfig, *, resume: bool) -> Storage:

@@ -49,6 +49,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import math
 import os
 import random
 import signal
@@ -164,6 +165,10 @@ class Reporter(Protocol):
         """Whether the launcher announced a preemption (every rank calls it equally often)."""
         ...
 
+    def stop_requested(self) -> bool:
+        """Whether the launcher asks the run to checkpoint and end (``ran train`` got SIGINT)."""
+        ...
+
 
 class LocalReporter:
     """Single-process runs: checkpoints go to ``directory/<name>``; metrics are kept in a list."""
@@ -189,9 +194,30 @@ class LocalReporter:
     def preempted(self) -> bool:
         return False
 
+    def stop_requested(self) -> bool:
+        return False
+
 
 # A SIGTERM reached this process (set by :class:`SigtermNotice`'s handler; read by the Trainer).
 NOTICE = threading.Event()
+
+
+class Diverged(RuntimeError):
+    """A loss or the weights stopped being finite: every rank stops at the same step, and no
+    checkpoint of this state is written (the last one written is the last finite one)."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"{reason} at step {step}")
+        self.step = step
+
+
+class Stopped(RuntimeError):
+    """The run ended on the launcher's request (SIGINT to ``ran train``) after the checkpoint of
+    the step reached was registered; the worker group ends without error (not restarted)."""
+
+    def __init__(self, step: int, checkpoint: str) -> None:
+        super().__init__(f"stopped at step {step}: checkpoint {checkpoint} is registered")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class Interrupted(RuntimeError):
@@ -387,6 +413,7 @@ class Trainer:
             self._running[2] += sum(b.skipped for b in micro)
             window_loss, window_n, done = window_loss + step_loss, window_n + n, done + 1
             if self.step % self.cfg.train.log_every == 0:
+                self._check_finite(window_loss, "the training loss")
                 if self.run_log is not None:
                     self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
                                               "step_lr": self.scheduler.lr},
@@ -397,6 +424,8 @@ class Trainer:
                 self._checkpoint(reporter, self._due)
                 if self._due == "sigterm":
                     self._stop(reporter)
+                if self._due == "interrupt":
+                    self._end(reporter)
             if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
                 self._progress(done, start, float(self._running[0]) / max(self._running[1], 1))
@@ -407,6 +436,8 @@ class Trainer:
         total = self._all_reduce([loss, samples, skipped, wait, elapsed, self._ckpt_wait])
         epoch = [c + t for c, t in zip(self._carried, total[:3])]
         self._carried = [0.0, 0.0, 0.0]
+        if not math.isfinite(epoch[0]):  # the same sum on every rank: all stop here
+            raise Diverged(self.step, f"the training loss is {epoch[0] / max(epoch[1], 1)}")
         return {
             "train_loss": epoch[0] / max(epoch[1], 1),
             "epoch_samples": epoch[1],
@@ -435,6 +466,16 @@ class Trainer:
                          f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
                          f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
 
+    # -- divergence
+
+    def _check_finite(self, loss: torch.Tensor | float, what: str) -> None:
+        """Raise :class:`Diverged` on every rank when ``loss`` (a device tensor) is not finite on
+        any rank: the test runs on the device, one host sync at the logging cadence, never per
+        step."""
+        finite = bool(torch.isfinite(torch.as_tensor(loss)).item())
+        if self._agree(not finite):
+            raise Diverged(self.step, f"{what} is {'not finite on another rank' if finite else float(loss)}")
+
     # -- checkpoints on cadence and on notice
 
     def _agree(self, flag: bool) -> list[int]:
@@ -448,13 +489,16 @@ class Trainer:
 
     def _checkpoint_due(self, reporter: Reporter | None) -> str | None:
         """Why the step just done must be checkpointed: ``sigterm`` (a rank got one),
-        ``preemption`` (Ray announced one), ``steps`` (train.checkpoint_every_steps), or None.
-        Every rank gets the same answer (collectives on every step, every rank)."""
+        ``interrupt`` (the launcher asks the run to end: SIGINT), ``preemption`` (Ray announced
+        one), ``steps`` (train.checkpoint_every_steps), or None. Every rank gets the same answer
+        (collectives on every step, every rank)."""
         if reporter is None:
             return None
         self.notice_ranks = self._agree(self.notice.is_set())
         if self.notice_ranks:
             return "sigterm"
+        if self.step % PREEMPTION_POLL_STEPS == 0 and self._agree(reporter.stop_requested()):
+            return "interrupt"
         if (self.step % PREEMPTION_POLL_STEPS == 0 and not self._preemption_seen
                 and reporter.preempted()):
             self._preemption_seen = True
@@ -473,6 +517,10 @@ class Trainer:
         epoch's ``ckpt_wait_s``)."""
         t0 = time.perf_counter()
         part = self._all_reduce([float(self._running[0]), self._running[1], self._running[2]])
+        if not math.isfinite(part[0]):  # a step since the last logging cadence went bad
+            raise Diverged(self.step, f"the training loss is {part[0] / max(part[1], 1)}")
+        if self._agree(not weights_finite(self.raw_model)):
+            raise Diverged(self.step, "the weights are not finite")
         progress = [c + p for c, p in zip(self._carried, part)]
         rng = self.gather_rng()
         snapshot = self.snapshot(rng, progress) if self.is_master else None
@@ -497,6 +545,14 @@ class Trainer:
         if self.run_log is not None:
             self.run_log.set_tags({tracking.TAG_NOTICE: message})
         raise Interrupted(message)
+
+    def _end(self, reporter: Reporter) -> None:
+        """After the checkpoint of a stop request: wait until it is registered, then end the run
+        (:class:`Stopped`; the launcher says where it stopped and how to resume)."""
+        reporter.wait_committed()
+        self.console.say(f"stopping on request: checkpoint {self.checkpoint_name()} (sample "
+                         f"{self.samples}) is registered")
+        raise Stopped(self.step, self.checkpoint_name())
 
     def validate(self) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole split (:func:`ran.runtime.eval_counts`): counts
@@ -653,7 +709,10 @@ class Trainer:
         self.epoch += 1
         last = self.samples >= self.plan.total_samples
         if last or self.epoch % t.eval_every == 0:
-            self.last_val = self.validate()
+            val = self.validate()
+            if not math.isfinite(val.get("val_loss", 0.0)):  # summed across ranks: all agree
+                raise Diverged(self.step, f"the validation loss is {val['val_loss']}")
+            self.last_val = val
             metrics.update(self.last_val)
         metrics["samples"] = self.samples  # the run's, at the epoch's end
         if self.startup_s is not None:
@@ -665,6 +724,8 @@ class Trainer:
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
                   "epoch": self.epoch, "step": self.step, "samples": self.samples}
+        unlisted = set(report) - set(tracking.EPOCH_METRICS) - set(tracking.VALIDATION_METRICS)
+        assert not unlisted, f"reported metrics {sorted(unlisted)} are not in tracking.EPOCH_METRICS"
         if last and isinstance(self.run_log, tracking.RunLogger):  # what MLflow lacks, if anything
             report.update(self.run_log.gap_report())
         if last or self.epoch % t.checkpoint_every == 0 or self._due:
@@ -672,6 +733,8 @@ class Trainer:
             self._checkpoint(reporter, self._due or "epoch", report)
             if self._due == "sigterm" and not last:
                 self._stop(reporter)
+            if self._due == "interrupt" and not last:
+                self._end(reporter)
         else:
             reporter.report(report, None, self.checkpoint_name())
         return report
@@ -682,6 +745,16 @@ class Trainer:
         self.console.say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
                          f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
                          f"skipped {int(m['skipped'])}")
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite (one device
+    sync; used before a checkpoint is written)."""
+    tensors = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _duration(seconds: float) -> str:
@@ -709,8 +782,9 @@ class RayReporter:
     controller can find a worker's process (``ran.train.faults``).
     """
 
-    def __init__(self, upload: str = "async") -> None:
+    def __init__(self, upload: str = "async", stop_key: str | None = None) -> None:
         self.pid = os.getpid()
+        self.stop_key = stop_key  # Ray's internal KV key the launcher sets to end the run
         self.mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
                      else ray.train.CheckpointUploadMode.SYNC)
         self.pending = False  # a checkpoint was reported and is not known to be registered
@@ -748,6 +822,37 @@ class RayReporter:
         """Ray Train's preemption notice (a drained node), the same on every rank."""
         return self.watch_preemption and ray.train.get_preemption_info() is not None
 
+    def stop_requested(self) -> bool:
+        """Whether the launcher set :attr:`stop_key` in Ray's internal KV (``ran train`` got
+        SIGINT: :func:`ran.train.launch.request_stop`)."""
+        from ray.experimental import internal_kv  # private (2.60); what a driver and its workers share
+
+        return bool(self.stop_key) and internal_kv._internal_kv_get(self.stop_key) is not None
+
+
+def note_attempt(key: str | None) -> None:
+    """Count one start of the worker group under ``key`` in Ray's internal KV (rank 0 calls it
+    once per attempt; attempts follow each other): :func:`attempts` tells the launcher how many
+    restarts happened, which Ray Train does not."""
+    from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
+
+    if key and internal_kv._internal_kv_initialized():
+        count = int(internal_kv._internal_kv_get(key) or 0) + 1
+        internal_kv._internal_kv_put(key, str(count).encode(), overwrite=True)
+
+
+def attempts(key: str, clear: bool = False) -> int | None:
+    """How many worker groups :func:`note_attempt` counted under ``key`` (None: unknown); with
+    ``clear``, forget them (a new ``fit``)."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    found = internal_kv._internal_kv_get(key)
+    if clear:
+        internal_kv._internal_kv_del(key)
+    return int(found) if found is not None else None
+
 
 def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
                        name: str) -> ray.train.Checkpoint:
@@ -778,9 +883,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     NOTICE.set()
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What Ray Train runs on every worker: build a Trainer from the launcher's
-    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit."""
+    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit.
+
+    Returns None, or on divergence (:class:`Diverged`, raised on every rank at the same step)
+    ``{"diverged": reason, "step": step}`` once the last checkpoint reported is registered: the
+    group ends without an error, so that Ray Train does not restart it into the same divergence,
+    and rank 0's return value tells the launcher (``Result.return_value``). On the launcher's stop
+    request (``stop_key``, :class:`Stopped`) ``{"stopped": checkpoint name, "step": step}``."""
     Console.use_stdout_logger()
     cfg = parse_config(config["job"], "<train_loop_config>")
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -790,13 +901,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if config.get("tracking_uri"):  # the driver's store, for a registered model.init_from
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
     rank0 = ray.train.get_context().get_world_rank() == 0
+    if rank0:
+        note_attempt(config.get("attempts_key"))
     run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
                if rank0 and config.get("run_id") else None)
     system = _system_metrics(cfg, config)
     try:
         trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
                           launched_at=config.get("launched_at"))
-        trainer.fit(RayReporter(cfg.train.checkpoint_upload))
+        reporter = RayReporter(cfg.train.checkpoint_upload, config.get("stop_key"))
+        try:
+            trainer.fit(reporter)
+        except Stopped as err:
+            return {"stopped": err.checkpoint, "step": err.step}
+        except Diverged as err:
+            if reporter.pending:  # the last finite checkpoint is registered before the group ends
+                reporter.wait_committed()
+            if run_log is not None:
+                run_log.set_tags({tracking.TAG_DIVERGED: str(err)})
+            return {"diverged": str(err), "step": err.step}
+        return None
     finally:
         if system is not None:
             system.close()

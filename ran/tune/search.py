@@ -33,6 +33,7 @@ import copy
 import csv
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from matplotlib.ticker import NullFormatter
 from ray import tune
 from ray.train import Result
 from ray.tune import CLIReporter, ExperimentAnalysis
+from ray.tune.error import TuneError
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -61,12 +63,17 @@ from ran.tracking import (
 )
 from ran.tracking.models import Registration
 from ran.train import console, localray
-from ran.train.launch import check_model, check_shards, finalize, resolve_config, run_training
+from ran.train.launch import (
+    check_model, check_shards, check_sizes, finalize, resolve_config, run_training,
+)
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train import schedule
-from ran.tune.space import SearchSpace, check_space, load_space
+from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
 
+# Searched keys that change how many samples a step takes (checked against the data per value).
+SIZE_KEYS = ("data.batch_size", "scaling.num_workers", "train.grad_accum", "data.train_split",
+             "data.val_split")
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", UNFINISHED: "KILLED"}
 
@@ -126,16 +133,22 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
     Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
     """
     base = check_space(space, job_raw)
+    check_search_metric(space.settings, base)
     check_names(base)
     base, manifest = resolve_config(base)
     check_shards(base, manifest)
+    check_sizes(base, manifest)
+    for dist in space.params.values():  # a searched batch, worker count or grad_accum
+        if any(k in SIZE_KEYS for k in dist.keys):
+            for value in dist.probes():
+                try:
+                    check_sizes(base.with_values(dist.assignments(value)), manifest)
+                except ConfigError as err:
+                    raise ConfigError(f"search space {space.name}: {dist.name}={value!r}: "
+                                      f"{err}") from None
     if not any(k.startswith("model.") for k in space.searched_keys):
         check_model(base)  # searched models are checked per trial
     s = space.settings
-    if s.metric.startswith("val_") and s.metric != "val_top1" and base.train.eval_every > 1:
-        raise ConfigError(f"search.metric {s.metric} is reported only on validation epochs; with "
-                          f"train.eval_every={base.train.eval_every} use val_top1 (carried between "
-                          "validations) or set train.eval_every=1")
     max_t = asha_max_t(space, base, manifest)
     if s.scheduler == "asha" and s.grace_period > max_t:
         raise ConfigError(f"search space {space.name}: grace_period {s.grace_period} exceeds the "
@@ -231,6 +244,17 @@ def trial_config(job_raw: dict[str, Any], overrides: dict[str, Any], name: str,
     return parse_config(raw, f"trial {trial_id}")
 
 
+class EpochReports(TuneReportCallback):
+    """Ray Train's reports to Tune, of epoch ends only (they carry ``train_loss``): a mid-epoch
+    checkpoint's report (``train.checkpoint_every_steps``, a SIGTERM notice) holds no epoch
+    metrics, and Tune fails a trial whose result lacks the search metric. Every epoch report holds
+    :data:`ran.tracking.EPOCH_METRICS` (:func:`ran.tune.space.check_search_metric`)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and "train_loss" in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[str, Any],
                   ctx: SearchContext) -> None:
     """Tune's trainable: build and fit one Ray Train run, reporting every epoch to Tune."""
@@ -238,7 +262,8 @@ def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[s
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(job_raw, space.trial_overrides(params), ctx.name, trial_id)
     tags = {TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial_id}
-    run_training(cfg, resume=_started_before(cfg), callbacks=[TuneReportCallback()], run_tags=tags)
+    run_training(cfg, resume=_started_before(cfg), callbacks=[EpochReports()], run_tags=tags,
+                 resume_from_nothing=True)  # a trial restored before its first checkpoint
 
 
 def _started_before(cfg: JobConfig) -> bool:
@@ -307,6 +332,21 @@ def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str,
     status, wanted = run.status, _RUN_STATUS[trial.status]
     if status != wanted and not (status == "FINISHED" and trial.status == COMPLETED):
         run.finish(wanted)
+
+
+def end_trial_runs(ctx: SearchContext, experiment: str, status: str) -> None:
+    """End every trial run of the search still RUNNING with ``status`` (the search stopped with
+    an error or Ctrl-C; no run is left RUNNING without an end time). Best effort: a failure to
+    reach MLflow is a warning, never hiding the search's own error."""
+    try:
+        for trial_id, run_id in tracking.child_runs(ctx.parent_run_id, experiment,
+                                                   ctx.tracking_uri).items():
+            run = tracking.RunTracker(run_id, ctx.tracking_uri)
+            if run.status == "RUNNING":
+                run.set_tags({TAG_TRIAL_STATUS: UNFINISHED if status == "KILLED" else FAILED})
+                run.finish(status)
+    except Exception as err:  # noqa: BLE001 - the search's error matters more
+        print(f"warning: could not end the trial runs of search {ctx.name}: {err}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,7 +697,9 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
                                     asha_max_t(space, base, manifest), resume)
                 grid = tuner.fit()
         except BaseException as err:
-            parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            end_trial_runs(ctx, base.tracking.experiment, status)
+            parent.finish(status)
             raise
         return _finish(grid, space, base, job_raw, manifest, ctx, storage, parent)
     finally:
@@ -728,7 +770,15 @@ def cli_tune(args: argparse.Namespace) -> int:
     tracking.refuse_password(tracking.tracking_uri(), "ran tune")
     space = load_space(args.space)
     job_raw = load_config(args.job, args.overrides).model_dump()
-    outcome = run_search(space, job_raw, address=args.address, resume=args.resume)
+    try:
+        outcome = run_search(space, job_raw, address=args.address, resume=args.resume)
+    except TuneError as err:  # Tune's own failure: one line, its traceback with -v
+        if console.verbose():
+            raise
+        text = str(err).strip().splitlines()
+        print(f"error: the search failed in Ray Tune: {text[-1] if text else type(err).__name__} "
+              "(every trial run is ended; ran -v tune ... shows Tune's traceback)", file=sys.stderr)
+        return 1
     print(summary(outcome, space), flush=True)
     if outcome.interrupted:
         return 130

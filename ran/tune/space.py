@@ -31,7 +31,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ran.config import ConfigError, JobConfig, apply_overrides, parse_config, valid_keys
+from ran.config import (
+    ConfigError, DuplicateKeyError, JobConfig, apply_overrides, load_yaml, parse_config, valid_keys,
+)
+from ran.tracking.names import EPOCH_METRICS, VALIDATION_METRICS
 
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -145,12 +148,41 @@ class SearchSpace:
         return out
 
 
+def check_search_metric(settings: SearchSettings, job: JobConfig) -> None:
+    """``search.metric`` is a score training reports (:data:`ran.tracking.EPOCH_METRICS` or, with
+    validation every epoch, :data:`ran.tracking.VALIDATION_METRICS`) and ``search.mode`` the
+    direction in which it is better.
+
+    Raises:
+        ConfigError: one line naming the metric or mode and the ones to use.
+    """
+    every = {**EPOCH_METRICS, **VALIDATION_METRICS}
+    scores = ", ".join(sorted(k for k, v in every.items() if v))
+    metric, mode = settings.metric, settings.mode
+    if metric not in every:
+        raise ConfigError(f"search.metric {metric!r} is not reported by training; use one of "
+                          f"{scores}")
+    better = every[metric]
+    if better is None:
+        raise ConfigError(f"search.metric {metric!r} is a count, not a score to optimise; use one "
+                          f"of {scores}")
+    if mode != better:
+        raise ConfigError(f"search.mode {mode} with search.metric {metric}: {metric} is better "
+                          f"{'higher' if better == 'max' else 'lower'}; set search.mode: {better}")
+    if metric in VALIDATION_METRICS and job.train.eval_every > 1:
+        raise ConfigError(f"search.metric {metric} is reported only on validation epochs; with "
+                          f"train.eval_every={job.train.eval_every} use val_top1 (carried between "
+                          "validations) or set train.eval_every=1")
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and parse a space YAML; ConfigError says what is wrong and where."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read search space {path}: {err.strerror}") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"search space {path}: {err}; keep one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
     return parse_space(raw, source=str(path), name=Path(path).stem)

@@ -69,6 +69,51 @@ def test_impossible_model_and_cpu_syncbn(job, capsys, mlflow_sqlite, tmp_path):
     _nothing_started(tmp_path)
 
 
+@pytest.mark.parametrize(("sets", "numbers", "fix"), [
+    (["data.batch_size=512"], "data.batch_size 512 x 2 workers x train.grad_accum 1 = 1024",
+     "set data.batch_size to at most 192"),
+    (["train.grad_accum=16"], "data.batch_size 16 x 2 workers x train.grad_accum 16 = 512",
+     "set data.batch_size to at most 12"),
+    (["data.batch_size=1", "scaling.num_workers=[1, 400]"],
+     "data.batch_size 1 x 400 workers x train.grad_accum 1 = 400",
+     "use fewer workers (scaling.num_workers) or a smaller train.grad_accum"),
+])
+def test_a_step_larger_than_the_train_split_is_refused_before_ray_starts(
+        job, capsys, mlflow_sqlite, tmp_path, synth_data, sets, numbers, fix, monkeypatch):
+    from ran.train import localray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was reached for a job that pre-flight should refuse")
+
+    monkeypatch.setattr(localray, "connect", no_ray)
+    code, err = _train(capsys, str(job), *(a for s in sets for a in ("--set", s)))
+    assert (code, err) == (2, f"error: one optimizer step takes {numbers} samples, more than the "
+                              f"384 of split 'train' in {synth_data}; {fix}")
+    _nothing_started(tmp_path)
+
+
+def test_validating_on_the_training_split_is_refused(job, capsys, mlflow_sqlite, tmp_path):
+    code, err = _train(capsys, str(job), "--set", "data.val_split=train")
+    assert (code, err) == (2, "error: data.train_split and data.val_split are both 'train': "
+                              "validation (and the registration gate) would score the training "
+                              "data; set data.val_split to a held-out split")
+    _nothing_started(tmp_path)
+
+
+def test_resume_of_a_run_without_a_checkpoint_is_refused(job, capsys, mlflow_sqlite, tmp_path):
+    (tmp_path / "runs" / "fixed").mkdir(parents=True)  # a run that stopped before its first one
+    code, err = _train(capsys, str(job), "--set", "storage.name=fixed", "--resume")
+    assert (code, err) == (2, f"error: nothing to resume: {tmp_path}/runs/fixed holds no "
+                              "checkpoint (the run stopped before its first); set storage.name "
+                              f"to a new name (or remove {tmp_path}/runs/fixed) to start again")
+    (tmp_path / "runs" / "tiny-20261204-120000").mkdir()
+    code, err = _train(capsys, str(job), "--resume")
+    assert (code, err) == (2, f"error: nothing to resume: {tmp_path}/runs/tiny-20261204-120000 "
+                              "holds no checkpoint (the run stopped before its first); run the "
+                              "same command without --resume to start again")
+    assert not (tmp_path / "mlflow.db").exists(), "an MLflow run was opened or reopened"
+
+
 def test_more_workers_than_the_cluster_can_place(job, capsys, mlflow_sqlite, tmp_path, ray_local):
     from ray.util.state import list_actors
 

@@ -92,6 +92,36 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     space.write_text("space:\n  optim.lr: {loguniform: [0.1]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
     assert "optim.lr: loguniform takes [lo, hi]" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be here
+    space.write_text("space:\n  optim.lr: {choice: [0.1]}\nsearch: {metric: val_acc}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert capsys.readouterr().err == (
+        "error: search.metric 'val_acc' is not reported by training; use one of ckpt_wait_s, "
+        "data_wait_frac, epoch_time_s, img_per_s, train_loss, val_loss, val_top1, val_top5\n")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_searched_batch_larger_than_the_data_is_refused_before_ray_starts(
+        tmp_path, capsys, monkeypatch, synth_data, tiny_job):
+    import ray
+
+    from ran.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a space that pre-flight should refuse")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(tiny_job(synth_data, tmp_path / "runs").to_yaml())  # 16 x 2 workers
+    space = tmp_path / "sizes.yaml"
+    space.write_text("space:\n  data.batch_size: {choice: [16, 512]}\n")
+    assert main(["tune", str(space), "--job", str(job)]) == 2
+    assert capsys.readouterr().err == (
+        "error: search space sizes: data.batch_size=512: one optimizer step takes data.batch_size "
+        "512 x 2 workers x train.grad_accum 1 = 1024 samples, more than the 384 of split 'train' "
+        f"in {synth_data}; set data.batch_size to at most 192\n")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +266,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     assert first.interrupted and first.registered is None
     (trial,) = first.trials
     assert trial.status == "unfinished" and trial.epochs <= 1
+    assert {r.info.status for r in _runs("tune-resume")} == {"KILLED"}  # none left RUNNING
 
     second = run_search(space, resume_job, resume=True)
     assert not second.interrupted and second.parent_run_id == first.parent_run_id
@@ -248,3 +279,33 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     import mlflow
 
     assert logged.epochs(mlflow.tracking.MlflowClient(), trial.run_id, "val_top1") == [1, 2, 3]  # each once
+
+
+def test_a_search_metric_of_epoch_reports_survives_mid_epoch_checkpoints(workdir, job):
+    """Mid-epoch checkpoints report no epoch metrics; Tune sees epoch reports only, so a search on
+    train_loss (in every epoch's report) does not fail the trial for a result without it."""
+    from ran.tune.search import run_search
+    from ran.tune.space import parse_space
+
+    space = parse_space({"space": {"optim.lr": {"grid": [0.01]}},
+                         "search": {"scheduler": "fifo", "metric": "train_loss", "mode": "min"}},
+                        name="steps")
+    outcome = run_search(space, job("steps", **{"train.checkpoint_every_steps": 4}))
+    (trial,) = outcome.trials
+    assert (trial.status, trial.epochs, trial.error) == ("completed", 1, "")
+    assert trial.metric is not None and outcome.best is trial
+
+
+def test_a_failed_search_ends_every_trial_run_still_running(workdir):
+    from ran import tracking
+    from ran.tune.search import SearchContext, end_trial_runs
+
+    uri = tracking.tracking_uri()
+    parent = tracking.RunTracker.create("tune-ended", run_name="s", tags={}, uri=uri)
+    ctx = SearchContext("s", parent.run_id, uri)
+    running = tracking.trial_run("tune-ended", parent.run_id, "s", "t1", uri)
+    done = tracking.trial_run("tune-ended", parent.run_id, "s", "t2", uri)
+    done.finish("FINISHED")
+    end_trial_runs(ctx, "tune-ended", "FAILED")
+    assert (running.status, done.status) == ("FAILED", "FINISHED")
+    assert running.tag("ran.trial_status") == "failed"

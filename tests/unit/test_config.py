@@ -181,3 +181,25 @@ def test_a_set_value_that_is_not_plain_yaml_is_one_line_and_runs_nothing(tmp_pat
                              "number, a word, true/false or a list like [a, b], quoted if it has "
                              "special characters (YAML tags such as !!python/object are never read)\n")
     assert not marker.exists()
+
+
+def test_a_key_given_twice_in_a_job_is_refused_with_both_lines(tmp_path):
+    job = tmp_path / "twice.yaml"
+    job.write_text("model:\n  name: attention56\n  stem: cifar\n  name: attention92\n"
+                   "train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(job)
+    assert str(err.value) == (f"job config {job}: key 'model.name' is given twice, at lines 2 and "
+                              "4; keep one")
+    top = tmp_path / "sections.yaml"
+    top.write_text("train:\n  epochs: 2\nname: a\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'train' is given twice, at lines 1 and 4; keep one"):
+        load_config(top)
+
+
+def test_yaml_merge_keys_may_be_overridden_and_equal_keys_in_other_sections_are_fine():
+    from ran.config import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n") == \
+        {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
+    assert load_yaml("a: {name: 1}\nb: {name: 2}\n") == {"a": {"name": 1}, "b": {"name": 2}}

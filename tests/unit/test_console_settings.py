@@ -190,6 +190,30 @@ def test_rays_info_records_are_dropped_from_the_console_only(root_console):
     assert file.filter(_record(ray_file, logging.INFO))
 
 
+def test_a_workers_traceback_of_an_expected_error_is_dropped_from_the_console(root_console):
+    import ray
+
+    console.quiet_ray_console()
+    stream, file = root_console
+    util = str(Path(ray.__file__).parent / "train" / "v2" / "_internal" / "util.py")
+
+    def failed(last: str) -> logging.LogRecord:
+        record = _record(util, logging.ERROR)
+        record.msg = f"Error in training function:\nTraceback (most recent call last):\n  ...\n{last}\n"
+        return record
+
+    assert not stream.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
+    assert not stream.filter(failed("OSError: [Errno 28] No space left on device"))
+    assert stream.filter(failed("KeyError: 'model'"))  # a bug: its traceback stays
+    assert file.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
+
+    upload = _record(util, logging.ERROR)  # Ray's logger.exception of a failed async upload
+    upload.exc_info = (OSError, OSError(28, "No space left on device"), None)
+    assert not stream.filter(upload)
+    upload.exc_info = (ValueError, ValueError("a bug"), None)
+    assert stream.filter(upload)
+
+
 # -- ran tune's line per trial result
 
 

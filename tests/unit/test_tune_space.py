@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ran.config import ConfigError
+from ran.config import ConfigError, parse_config
 from ran.tune.space import check_space, load_space, parse_space
 
 SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
@@ -145,6 +145,51 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
     bad.write_text("space: {optim.lr: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_space(bad)
+
+
+SCORES = ("ckpt_wait_s, data_wait_frac, epoch_time_s, img_per_s, train_loss, val_loss, "
+          "val_top1, val_top5")
+
+
+@pytest.mark.parametrize(("search", "job", "message"), [
+    ({"metric": "val_acc"}, {},
+     f"search.metric 'val_acc' is not reported by training; use one of {SCORES}"),
+    ({"metric": "epoch"}, {},
+     f"search.metric 'epoch' is a count, not a score to optimise; use one of {SCORES}"),
+    ({"metric": "val_loss", "mode": "max"}, {},
+     "search.mode max with search.metric val_loss: val_loss is better lower; set search.mode: min"),
+    ({"metric": "val_top5"}, {"train": {"eval_every": 2}},
+     "search.metric val_top5 is reported only on validation epochs; with train.eval_every=2 use "
+     "val_top1 (carried between validations) or set train.eval_every=1"),
+])
+def test_a_search_metric_or_mode_training_does_not_report_is_refused(search, job, message):
+    from ran.tune.space import check_search_metric
+
+    space = parse_space({"space": {"optim.lr": {"choice": [0.1]}}, "search": search})
+    with pytest.raises(ConfigError) as err:
+        check_search_metric(space.settings, parse_config(job))
+    assert str(err.value) == message
+
+
+def test_every_score_the_trainer_reports_is_a_search_metric():
+    from ran.tracking import EPOCH_METRICS, VALIDATION_METRICS
+    from ran.tune.space import check_search_metric
+
+    for metric, better in {**EPOCH_METRICS, **VALIDATION_METRICS}.items():
+        if better:
+            space = parse_space({"space": {"optim.lr": {"choice": [0.1]}},
+                                 "search": {"metric": metric, "mode": better}})
+            check_search_metric(space.settings, parse_config({}))
+
+
+def test_a_key_given_twice_in_a_space_is_refused_with_both_lines(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("space:\n  optim.lr: {loguniform: [0.01, 0.3]}\n"
+                     "  optim.lr: {choice: [0.1]}\nsearch:\n  num_samples: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_space(twice)
+    assert str(err.value) == (f"search space {twice}: key 'space.optim.lr' is given twice, at "
+                              "lines 2 and 3; keep one")
 
 
 # ---------------------------------------------------------------------------------------------
