@@ -463,7 +463,7 @@ class Trainer:
         into = self.samples - self.epoch * plan.epoch_samples
         self.console.say(f"epoch {self.epoch + 1}/{plan.epochs} sample {into}/{plan.epoch_samples} "
                          f"(global step {self.step}/{plan.total_steps}) loss {loss:.4f} "
-                         f"lr {self.optimizer.param_groups[0]['lr']:.4g} "
+                         f"lr {self.scheduler.lr:.4g} "
                          f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
 
     # -- divergence
