@@ -144,7 +144,12 @@ class TrainStep:
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, y = self.prepare(images, labels)
-        with runtime.autocast(self.precision, self.device):
+        if self.precision == "fp32":
+            return self.criterion(self.model(x), y)
+        # Autocast's cache of cast weights cannot live across a graph capture (PyTorch's CUDA
+        # graph notes: cache_enabled=False).
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graph):
             return self.criterion(self.model(x), y)
 
     def __call__(self, micro: list[MicroBatch]) -> tuple[torch.Tensor, int]:
@@ -190,6 +195,9 @@ class TrainStep:
         if state:
             self.scaler.load_state_dict(state)
         self._graph = None
+        for group in self.optimizer.param_groups:  # a captured step's lr tensor, saved with it
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
 
 
 class _StepGraph:
@@ -206,12 +214,27 @@ class _StepGraph:
         for group in step.optimizer.param_groups:
             if not isinstance(group["lr"], torch.Tensor):
                 group["lr"] = torch.tensor(float(group["lr"]), device=dev)
+        # The warm-up steps leave no trace: weights, BatchNorm statistics and momentum are put
+        # back as they were, so the first replay is the run's first step on this batch (momentum
+        # buffers that did not exist are zero, which is what SGD's first step starts from).
+        tensors = [*step.model.parameters(), *step.model.buffers()]
+        saved = [t.detach().clone() for t in tensors]
+        momentum = {p: step.optimizer.state.get(p, {}).get("momentum_buffer")
+                    for group in step.optimizer.param_groups for p in group["params"]}
+        momentum = {p: (b.clone() if b is not None else None) for p, b in momentum.items()}
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS_DDP if step.ddp is not None else WARMUP_STEPS):
-                self._body()  # real steps on the first batch: the first steps of the run
+                self._body()
         torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.no_grad():
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
+            for p, before in momentum.items():
+                buf = step.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.copy_(before) if before is not None else buf.zero_()
         step.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
