@@ -627,23 +627,34 @@ def _table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _csv(text: str, kind: type = str) -> list[Any]:
+def _csv(flag: str, text: str, kind: type = str) -> list[Any]:
     try:
         return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+        raise ConfigError(f"{flag}: expected a comma-separated list of {kind.__name__}, got "
+                          f"{text!r}") from None
 
 
 def cli_bench(args: argparse.Namespace) -> int:
     """``ran bench``: see :func:`run_bench`."""
     cfg = load_config(args.job, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batches = _csv(args.batch, int) if args.batch else [cfg.data.batch_size]
+    batches = _csv("--batch", args.batch, int) if args.batch else [cfg.data.batch_size]
     if any(b < 1 for b in batches):
         raise ConfigError(f"--batch: batch sizes must be at least 1, got {args.batch}")
+    if args.steps < 1 or args.data_steps < 1:
+        raise ConfigError(f"--steps and --data-steps must be at least 1, got {args.steps} and "
+                          f"{args.data_steps}")
+    if args.baseline != "none":
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if args.baseline not in known:
+            raise ConfigError(f"--baseline {args.baseline}: not a torchvision classification model "
+                              f"(e.g. resnet50, resnet18, or none)")
     report = run_bench(cfg, args.job, batches=batches, device=device,
-                       precisions=_csv(args.precision) if args.precision else None,
-                       modes=_csv(args.modes) if args.modes else None,
+                       precisions=_csv("--precision", args.precision) if args.precision else None,
+                       modes=_csv("--modes", args.modes) if args.modes else None,
                        baseline=None if args.baseline == "none" else args.baseline,
                        steps=args.steps, data=args.data, data_steps=args.data_steps,
                        budget_s=args.budget_s, profile=args.profile,
