@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -245,15 +244,12 @@ def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bo
 # Part 1: the training step (`ran bench`, one process per model)
 
 
-@contextlib.contextmanager
-def gpu_lock(path: str) -> Iterator[None]:
-    """Exclusive use of the GPU for timing, between the processes of this check."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def gpu_lock(path: str) -> Any:
+    """Exclusive use of the GPU for timing, between the processes of this check (the benches
+    take the same lock through RAN_BENCH_LOCK)."""
+    from ran.bench import file_lock
+
+    return file_lock(path)
 
 
 # The benches of the step (issue 25): name -> (model, stem, crop, batch, precisions, modes, baseline).

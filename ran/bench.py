@@ -191,13 +191,8 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
 
 
 @contextlib.contextmanager
-def device_lock() -> Iterator[None]:
-    """Hold the file lock ``RAN_BENCH_LOCK`` names (none when unset): benches run side by side
-    (benchmarks/gpu_check.py) compile at once but time their steps one at a time."""
-    path = os.environ.get("RAN_BENCH_LOCK")
-    if not path:
-        yield
-        return
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) while the block runs."""
     import fcntl
 
     with open(path, "a") as f:
@@ -206,6 +201,13 @@ def device_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def device_lock() -> contextlib.AbstractContextManager:
+    """The file lock ``RAN_BENCH_LOCK`` names (none when unset): benches run side by side
+    (benchmarks/gpu_check.py) compile at once but time their steps one at a time."""
+    path = os.environ.get("RAN_BENCH_LOCK")
+    return file_lock(path) if path else contextlib.nullcontext()
 
 
 def _sync(device: torch.device) -> None:
