@@ -34,6 +34,15 @@ TINY_JOB: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_step_table(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test (and every process it starts) sees an empty step table and inductor cache of
+    its own, not what `ran bench` recorded on this machine: `auto` then follows its fixed rule."""
+    import os
+
+    os.environ["RAN_CACHE_DIR"] = str(tmp_path_factory.mktemp("ran-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_job() -> Callable[..., JobConfig]:
     """Factory of tiny training jobs: ``tiny_job(data, storage, **{"dotted.key": value})``, where
