@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,6 +76,7 @@ from ran.tune.space import SearchSpace, check_search_metric, check_space, load_s
 SIZE_KEYS = ("data.batch_size", "scaling.num_workers", "train.grad_accum", "data.train_split",
              "data.val_split")
 COMPLETED, STOPPED, FAILED, UNFINISHED = "completed", "stopped", "failed", "unfinished"
+TRIAL_END_WAIT_S = 30.0  # how long an interrupted search waits for a stopped trial to end its run
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", UNFINISHED: "KILLED"}
 
 
@@ -329,6 +331,12 @@ def record_trial(trial: TrialOutcome, ctx: SearchContext, experiment: str,
         run.log_params(params or trial.overrides)
     run = tracking.RunTracker(trial.run_id, ctx.tracking_uri)
     run.set_tags({TAG_TRIAL_STATUS: trial.status, **({TAG_ERROR: trial.error[:5000]} if trial.error else {})})
+    if trial.status == UNFINISHED:
+        # Tune returns from an interrupted fit while a stopped trial's driver may still be ending
+        # its run (as FAILED: it sees only its own training stop). Let it, then say KILLED last.
+        deadline = time.monotonic() + TRIAL_END_WAIT_S
+        while run.status == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
     status, wanted = run.status, _RUN_STATUS[trial.status]
     if status != wanted and not (status == "FINISHED" and trial.status == COMPLETED):
         run.finish(wanted)
