@@ -544,7 +544,7 @@ def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val
     start = time.perf_counter()
     try:
         counts = eval_counts(model, loader, device=device,
-                             precision=resolve_precision(cfg.train.precision, device),
+                             precision=resolve_precision(cfg.train.precision, device, model_key(cfg)),
                              normalize=normalizer(cfg.data.recipe), channels_last=channels_last)
     finally:
         loader.close()

@@ -79,7 +79,8 @@ class ImageClassifier:
         self.transform = make_transform(cfg.data.recipe, train=False, crop=self.crop,
                                         max_pixels=cfg.data.max_pixels)
         self.normalize = normalizer(cfg.data.recipe)
-        self.precision = runtime.resolve_precision(cfg.train.precision, self.device)
+        self.precision = runtime.resolve_precision(cfg.train.precision, self.device,
+                                                   runtime.model_key(cfg))
         outputs = int(cfg.model.num_classes or len(class_names or []))
         self.class_names = (list(class_names) if class_names
                             else [f"class {i}" for i in range(outputs)])
