@@ -149,16 +149,17 @@ def choose_compile(mode: str, device: torch.device, model: str) -> tuple[str, st
     return "off", f"auto: no ran bench measurement of {model} on {kind}; eager"
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or GPU, fp16 on GPU, nothing for fp32.
+def autocast(precision: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 or fp16 autocast on ``device``, nothing for fp32.
 
     ``precision`` is already resolved (:func:`resolve_precision`): callers resolve once, not per
-    batch.
+    batch. ``cache=False`` drops autocast's cache of cast weights, which cannot live across a CUDA
+    graph capture (PyTorch's CUDA graph notes).
     """
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def prepare_batch(batch: Batch, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],

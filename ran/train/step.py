@@ -136,20 +136,13 @@ class TrainStep:
 
     def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels -> normalised float (channels_last if asked) and int64 labels on
-        the device; copies are non-blocking (pinned loaders)."""
-        x = self.normalize(images.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels.to(self.device, non_blocking=True)
+        the device (:func:`ran.runtime.prepare_batch`)."""
+        return runtime.prepare_batch(MicroBatch(images, labels, 1.0, len(labels)), self.device,
+                                     self.normalize, self.channels_last)
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, y = self.prepare(images, labels)
-        if self.precision == "fp32":
-            return self.criterion(self.model(x), y)
-        # Autocast's cache of cast weights cannot live across a graph capture (PyTorch's CUDA
-        # graph notes: cache_enabled=False).
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        with torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graph):
+        with runtime.autocast(self.precision, self.device, cache=not self.cuda_graph):
             return self.criterion(self.model(x), y)
 
     def __call__(self, micro: list[MicroBatch]) -> tuple[torch.Tensor, int]:
