@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.io import decode_jpeg
 
 from ran.config import ConfigError, parse_config
 from ran.data import DataError, batches
-from ran.data.gpu import (DeviceDecoder, DeviceLoader, RawBatch, device_jpeg_size, jpeg_params,
+from ran.data.gpu import (DeviceDecoder, DeviceLoader, RawBatch, device_jpeg_size, jpeg_params, place,
                           resolve_decode)
 from ran.data.batches import Loader
 from ran.data.read import Batch, iter_tar, make_loader, parse_sample, read_manifest, split_shards
@@ -319,3 +320,97 @@ def test_data_decode_is_a_config_key_checked_against_the_recipe():
         parse_config({"data": {"decode": "gpu", "recipe": "cifar"}})
     with pytest.raises(ConfigError, match="data.decode"):
         parse_config({"data": {"decode": "nvjpeg"}})
+
+
+# -- the batch transform: a fixed number of operations, the per-image result -------------------
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that compute something (views only relabel memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _varied_batch(n, seed=0, crop=CROP):
+    """``n`` noise JPEGs of 12..70 px a side with training crop boxes (some smaller than the crop:
+    upscaled), every other one flipped, and lighting shifts that saturate some pixels."""
+    rng, draw = np.random.default_rng(seed), random.Random(seed)
+    jpegs, boxes = [], []
+    for _ in range(n):
+        width, height = int(rng.integers(12, 71)), int(rng.integers(12, 71))
+        jpegs.append(encode(noise(rng, width, height), quality=92))
+        boxes.append(jpeg_params(ImageNetTrain(crop=crop), width, height, draw)[0])
+    lighting = rng.integers(-40, 41, (n, 3)).tolist()
+    lighting[0] = [300, -300, 0]
+    return _raw_batch(jpegs, boxes, [i % 2 == 1 for i in range(n)], lighting), jpegs, boxes
+
+
+def _reference(jpegs, boxes, flips, lighting, crop=CROP):
+    """The per-image path the batched transform replaced: crop, resize (float, antialiased,
+    rounded), flip, saturating lighting, one image at a time."""
+    out = []
+    for data, (left, top, w, h), flip, shift in zip(jpegs, boxes, flips, lighting):
+        full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        region = full[None, :, top:top + h, left:left + w].float()
+        image = F.interpolate(region, size=(crop, crop), mode="bilinear", antialias=True,
+                              align_corners=False)[0].round()
+        image = image.flip(-1) if flip else image
+        out.append((image + torch.tensor(shift, dtype=torch.float32)[:, None, None]).clamp(0, 255))
+    return torch.stack(out)
+
+
+class _CountedDecoder(DeviceDecoder):
+    """A DeviceDecoder whose JPEG decode (one call per image on a CPU) is left out of the count."""
+
+    counter = None
+
+    def _decode(self, pieces, keys):
+        self.counter.paused = True
+        try:
+            return super()._decode(pieces, keys)
+        finally:
+            self.counter.paused = False
+
+
+def test_the_batch_transform_takes_as_many_operations_for_8_images_as_for_2():
+    counts = {}
+    for n in (2, 8):
+        raw = _varied_batch(n)[0]
+        decoder = _CountedDecoder(CROP, "cpu")
+        with _OpCounter() as counter:
+            decoder.counter = counter
+            batch = decoder(raw)
+        assert batch.images.shape == (n, 3, CROP, CROP)
+        counts[n] = counter.count
+    assert counts[2] == counts[8] < 150  # about 120 today, host-side bookkeeping included
+
+
+def test_the_batch_transform_equals_the_per_image_path_within_one_level():
+    raw, jpegs, boxes = _varied_batch(12, seed=3)
+    assert any(w < CROP for _, _, w, _ in boxes) and any(w > 2 * CROP for _, _, w, _ in boxes)
+    batch = DeviceDecoder(CROP, "cpu")(raw)
+    expected = _reference(jpegs, boxes, raw.jpeg_flips.tolist(), raw.lighting.tolist())
+    assert (batch.images.float() - expected).abs().max() <= 1
+    assert batch.labels.tolist() == list(range(12))
+
+
+def test_place_reads_chw_and_hwc_images_alike():
+    raw, jpegs, boxes = _varied_batch(5, seed=4)
+    hwc = [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)) for j in jpegs]
+    assert hwc[0].permute(1, 2, 0).is_contiguous()  # libjpeg's memory layout on a CPU
+    chw = [image.contiguous() for image in hwc]  # nvJPEG's
+    sizes = torch.tensor([image.shape[1:] for image in hwc])
+    counts = sizes[:, 0] * sizes[:, 1] * 3
+    geometry = torch.cat([(counts.cumsum(0) - counts)[:, None], sizes, torch.tensor(boxes),
+                          raw.jpeg_flips[:, None].long()], dim=1)
+    box_max = (max(b[3] for b in boxes), max(b[2] for b in boxes))
+    expected = _reference(jpegs, boxes, raw.jpeg_flips.tolist(), [[0, 0, 0]] * 5)
+    for images in (hwc, chw):
+        assert (place(images, geometry, box_max, CROP).float() - expected).abs().max() <= 1
