@@ -40,7 +40,6 @@ log = logging.getLogger("ran.data")
 
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
-RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between attempts to open a shard
 
 storage.register_webdataset_opener()
 
@@ -277,18 +276,16 @@ def parse_sample(sample: dict[str, Any], num_classes: int) -> tuple[bytes, int]:
     return image, label
 
 
-def open_shard(url: str, delays: tuple[float, ...] = RETRY_DELAYS) -> Any:
-    """Open a shard, retrying with back-off; credential/config problems (DataError) fail at once."""
-    for attempt in range(len(delays) + 1):
-        try:
-            return storage.open_read(url)
-        except DataError:
-            raise
-        except Exception as exc:
-            if attempt == len(delays):
-                raise OSError(f"{type(exc).__name__}: {exc}") from None
-            time.sleep(delays[attempt])
-    raise AssertionError("unreachable")
+def open_shard(url: str, delays: tuple[float, ...] = storage.RETRY_DELAYS) -> Any:
+    """A binary stream of the shard at ``url``. Transient failures are retried by the one layer
+    that does (:func:`ran.data.storage.open_read`; ``delays`` for http(s)); OSError once they
+    persist, FileNotFoundError, and DataError for what retrying cannot fix (credentials, 403)."""
+    try:
+        return storage.open_read(url, delays)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +371,7 @@ class ShardDataset(IterableDataset):
         self.batches_per_rank, self.shuffle_buffer = batches_per_rank, shuffle_buffer
         self.max_bad_fraction = max_bad_fraction
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
-        self.retry_delays = RETRY_DELAYS
+        self.retry_delays = storage.RETRY_DELAYS  # http(s) shards (S3: botocore's own)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -397,8 +394,7 @@ class ShardDataset(IterableDataset):
         try:
             stream = open_shard(url, self.retry_delays)
         except OSError as exc:
-            log.warning("shard %s unreachable after %d attempts (%s); skipping its %d samples",
-                        url, len(self.retry_delays) + 1, exc, expected)
+            log.warning("shard %s unreachable (%s); skipping its %d samples", url, exc, expected)
             health.last_reason = f"shard {url} unreachable ({exc})"
             yield expected
             return
