@@ -189,8 +189,11 @@ def iter_tar_members(stream: Any, max_member_bytes: int = MAX_MEMBER_BYTES,
                      ) -> Iterator[tuple[str, bytes | OversizeMember]]:
     """(name, data) of the regular files in an uncompressed tar stream.
 
-    A small reader for ustar/GNU/PAX archives: ``tarfile`` spends more time parsing headers than
-    PNG decoding takes for CIFAR-size images. A member over ``max_member_bytes`` is passed over
+    A small reader for ustar/GNU/PAX archives, kept instead of webdataset's (tarfile-based) for a
+    measured reason: ``benchmarks/tar_reader.py`` on the same shards in one run (2 shared cores,
+    webdataset 1.0.2): reading alone 82 vs 183 us a sample for ~75 kB JPEGs (2.2x) and 24 vs 111 us
+    for 32 px PNGs (4.7x); end to end with the eval decode 1.10x (JPEG) and 1.29x (PNG) faster.
+    Rerun it before replacing either. A member over ``max_member_bytes`` is passed over
     while streaming (never held whole) and yields an :class:`OversizeMember` instead of its data.
     TarFormatError on truncation or a bad header.
     """
