@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 import threading
@@ -326,3 +327,40 @@ def test_training_with_no_readable_shard_fails_clearly(coded):
                                         r"problem: shard \S+/train-000001.tar unreachable "
                                         r"\(FileNotFoundError"):
         list(loader)
+
+
+def test_the_main_process_does_no_per_sample_work(coded, monkeypatch):
+    """Decode, crop, flip, lighting and batch assembly happen in the loader workers: counted per
+    process (forked workers inherit the counting wrappers), the main process makes no such call."""
+    from ran.data import read, transforms
+
+    main = os.getpid()
+    in_workers = multiprocessing.get_context("fork").Value("l", 0)
+    in_main: list[str] = []
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            if os.getpid() == main:
+                in_main.append(name)
+            else:
+                with in_workers.get_lock():
+                    in_workers.value += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for owner, name in ((read, "parse_sample"), (transforms, "decode_region"),
+                        (transforms, "add_saturating")):
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+    for cls, name in ((transforms.ImageNetTrain, "sample"), (transforms.ImageNetTrain, "lighting_offsets"),
+                      (read.PixelCollector, "add"), (read.PixelCollector, "finish")):
+        monkeypatch.setattr(cls, name, counted(f"{cls.__name__}.{name}", getattr(cls, name)))
+    path = coded(samples_per_shard=10)
+    loader = make_loader(path, "train", train=True, batch_size=4, recipe="imagenet", crop=16,
+                         workers=2, pin_memory=False)
+    loader.set_epoch(0)
+    batches = list(loader)
+    loader.close()
+    assert len(batches) == 10 and all(b.images.shape == (4, 3, 16, 16) for b in batches)
+    assert in_main == []
+    # per sample: parse, add, sample, decode_region, lighting draw; per batch: finish, lighting
+    assert in_workers.value >= 40 * 5 + 10 * 2
