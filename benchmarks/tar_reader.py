@@ -72,13 +72,11 @@ def wds_decode(urls: list[str], crop: int, recipe: str, ext: str) -> int:
     return sum(1 for _ in pipeline)
 
 
-def best_us_per_sample(run, rounds: int) -> tuple[float, int]:
-    best, count = float("inf"), 0
-    for _ in range(rounds):
-        start = time.perf_counter()
-        count = run()
-        best = min(best, time.perf_counter() - start)
-    return best / max(count, 1) * 1e6, count
+def us_per_sample(run) -> tuple[float, int]:
+    """(microseconds per sample, samples) of one call of ``run``."""
+    start = time.perf_counter()
+    count = run()
+    return (time.perf_counter() - start) / max(count, 1) * 1e6, count
 
 
 def main() -> None:
@@ -100,17 +98,17 @@ def main() -> None:
             f.read()
         ran_read(urls), wds_read(urls)
 
-        figures: dict[str, list[float]] = {k: [] for k in ("ran_read", "wds_read", "ran_decode", "wds_decode")}
         runs = {
             "ran_read": lambda: ran_read(urls),
             "wds_read": lambda: wds_read(urls),
             "ran_decode": lambda: ran_decode(shards, 64, crop, recipe),
             "wds_decode": lambda: wds_decode(urls, crop, recipe, ext),
         }
+        figures: dict[str, list[float]] = {key: [] for key in runs}
         counts = {}
         for _ in range(args.rounds):
             for key, run in runs.items():
-                us, counts[key] = best_us_per_sample(run, 1)
+                us, counts[key] = us_per_sample(run)
                 figures[key].append(us)
         best = {k: min(v) for k, v in figures.items()}
 

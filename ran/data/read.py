@@ -24,7 +24,6 @@ import posixpath
 import random
 import re
 import sys
-import time
 from typing import Any, Iterator, NamedTuple
 
 import torch
