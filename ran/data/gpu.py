@@ -199,6 +199,9 @@ class RawCollector:
 
 
 GEOMETRY = ("offset", "height", "width", "left", "top", "box_w", "box_h", "flip")  # columns
+# Padded box pixels one place() call holds (x 4 bytes as float32, plus the index of each row):
+# 256 crops of up to 500 x 500 px fit in one call; a batch with a huge image is cut in groups.
+PLACE_BUDGET = 1 << 28
 
 
 def resize_weights(sizes: torch.Tensor, length: int, out: int,
@@ -275,6 +278,25 @@ def place(decoded: list[torch.Tensor], geometry: torch.Tensor, box_max: tuple[in
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def place_groups(indices: list[int], boxes: list[list[int]], budget: int | None = None) -> list[list[int]]:
+    """``indices`` split into the groups :func:`place` resizes together: sorted by box area, so
+    that boxes of a like size share their padding, and cut where a group's padded boxes
+    (``len(group) * 3 * max height * max width``) would pass ``budget`` (``PLACE_BUDGET``). A
+    batch of ImageNet-size crops is one group; a huge image only splits its batch in a few."""
+    budget = PLACE_BUDGET if budget is None else budget
+    groups: list[list[int]] = []
+    group: list[int] = []
+    high = wide = 0
+    for i in sorted(indices, key=lambda i: boxes[i][2] * boxes[i][3]):
+        h, w = max(high, boxes[i][3]), max(wide, boxes[i][2])
+        if group and (len(group) + 1) * 3 * h * w > budget:
+            groups.append(group)
+            group, h, w = [], boxes[i][3], boxes[i][2]
+        group.append(i)
+        high, wide = h, w
+    return groups + [group] if group else groups
+
+
 # ---------------------------------------------------------------------------------------------
 # The device side
 
@@ -337,20 +359,24 @@ class DeviceDecoder:
         pieces = list(torch.split(raw.jpeg_data, raw.jpeg_sizes.tolist()))
         decoded = self._decode(pieces, raw.jpeg_keys) if pieces else []
         keep = torch.ones(n, dtype=torch.bool)
-        good = [i for i, image in enumerate(decoded) if image is not None]
         keep[raw.jpeg_slots[[i for i, image in enumerate(decoded) if image is None]]] = False
         position = keep.cumsum(0) - 1  # each kept sample's slot in the output
-        images_in = [decoded[i] for i in good]
-        geometry = self._geometry(images_in, raw.jpeg_boxes[good], raw.jpeg_flips[good],
-                                  position[raw.jpeg_slots[good]])
+        boxes = raw.jpeg_boxes.tolist()
+        groups = place_groups([i for i, image in enumerate(decoded) if image is not None], boxes)
+        order = [i for group in groups for i in group]
+        geometry = self._geometry([[decoded[i] for i in group] for group in groups],
+                                  raw.jpeg_boxes[order], raw.jpeg_flips[order],
+                                  position[raw.jpeg_slots[order]])
         lighting = raw.lighting[keep] if len(raw.lighting) else raw.lighting
         geometry, decoded_dest, labels, lighting, cpu_images = self.staging.upload(
             [geometry, position[raw.decoded_slots], raw.labels[keep], lighting, raw.decoded])
         images = torch.empty((int(keep.sum()), 3, crop, crop), dtype=torch.uint8, device=self.device)
-        if images_in:
-            boxes = raw.jpeg_boxes[good]
-            box_max = (int(boxes[:, 3].max()), int(boxes[:, 2].max()))
-            images.index_copy_(0, geometry[:, 8], place(images_in, geometry[:, :8], box_max, crop))
+        start = 0
+        for group in groups:
+            rows = geometry[start:start + len(group)]
+            start += len(group)
+            box_max = (max(boxes[i][3] for i in group), max(boxes[i][2] for i in group))
+            images.index_copy_(0, rows[:, 8], place([decoded[i] for i in group], rows[:, :8], box_max, crop))
         if len(cpu_images):
             images.index_copy_(0, decoded_dest, cpu_images)
         if len(lighting):
@@ -358,12 +384,17 @@ class DeviceDecoder:
         return Batch(images, labels, raw.skipped + n - len(labels))
 
     @staticmethod
-    def _geometry(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+    def _geometry(groups: list[list[torch.Tensor]], boxes: torch.Tensor, flips: torch.Tensor,
                   dest: torch.Tensor) -> torch.Tensor:
-        """int64 ``(J, 9)``: :data:`GEOMETRY` of each decoded image, then its output slot."""
-        sizes = torch.tensor([image.shape[1:] for image in images], dtype=torch.int64).view(-1, 2)
+        """int64 ``(J, 9)``: :data:`GEOMETRY` of each decoded image (offsets counted within its
+        group), then its output slot; rows in the order of ``groups``."""
+        sizes = torch.tensor([image.shape[1:] for group in groups for image in group],
+                             dtype=torch.int64).view(-1, 2)
         counts = sizes[:, 0] * sizes[:, 1] * 3
-        offsets = counts.cumsum(0) - counts
+        offsets, start = counts.cumsum(0) - counts, 0
+        for group in groups:  # each group's concatenation starts at 0
+            offsets[start:start + len(group)] -= offsets[start].clone()
+            start += len(group)
         return torch.cat([offsets[:, None], sizes, boxes.view(-1, 4), flips.view(-1, 1).long(),
                           dest.view(-1, 1)], dim=1)
 

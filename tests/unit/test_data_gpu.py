@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.io import decode_jpeg
 
 from ran.config import ConfigError, parse_config
-from ran.data import DataError, batches
+from ran.data import DataError, batches, gpu
 from ran.data.gpu import (DeviceDecoder, DeviceLoader, RawBatch, device_jpeg_size, jpeg_params, place,
                           resolve_decode)
 from ran.data.batches import Loader
@@ -414,3 +414,16 @@ def test_place_reads_chw_and_hwc_images_alike():
     expected = _reference(jpegs, boxes, raw.jpeg_flips.tolist(), [[0, 0, 0]] * 5)
     for images in (hwc, chw):
         assert (place(images, geometry, box_max, CROP).float() - expected).abs().max() <= 1
+
+
+def test_a_batch_over_the_padding_budget_is_placed_in_groups_with_the_same_result(monkeypatch):
+    raw, jpegs, boxes = _varied_batch(12, seed=3)
+    monkeypatch.setattr(gpu, "PLACE_BUDGET", 3 * 40 * 40 * 3)  # three 40 px boxes a group
+    groups = gpu.place_groups(list(range(12)), [list(b) for b in boxes])
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(12))
+    assert all(len(g) == 1 or len(g) * 3 * max(boxes[i][3] for i in g) * max(boxes[i][2] for i in g)
+               <= gpu.PLACE_BUDGET for g in groups)
+    batch = DeviceDecoder(CROP, "cpu")(raw)
+    expected = _reference(jpegs, boxes, raw.jpeg_flips.tolist(), raw.lighting.tolist())
+    assert (batch.images.float() - expected).abs().max() <= 1
+    assert batch.labels.tolist() == list(range(12))
