@@ -48,8 +48,8 @@ def check_decode(decode: str, recipe: str) -> str:
 
 
 _LAZY = {
-    "Batch": "ran.data.read",
-    "Loader": "ran.data.read",
+    "Batch": "ran.data.batches",
+    "Loader": "ran.data.batches",
     "make_loader": "ran.data.read",
     "read_manifest": "ran.data.read",
     "normalizer": "ran.data.transforms",
