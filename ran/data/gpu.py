@@ -271,9 +271,11 @@ def place(decoded: list[torch.Tensor], geometry: torch.Tensor, box_max: tuple[in
     starts = (offset[:, None, None] + channels * channel_stride[:, None, None]
               + (top[:, None, None] + rows) * row_stride[:, None, None] + (left * step)[:, None, None])
     boxes = windows[starts.view(-1)].view(len(decoded), 3 * hb, wb).to(torch.float32)
-    across = resize_weights(box_w, wb, crop, flip.bool())  # (J, crop, Wb)
-    down = resize_weights(box_h, hb, crop)  # (J, crop, Hb)
-    lines = torch.bmm(boxes, across.transpose(1, 2)).view(len(decoded), 3, hb, crop)
+    j = len(decoded)  # both axes' weights in one call: widths (flipped where asked), then heights
+    weights = resize_weights(torch.cat([box_w, box_h]), max(wb, hb), crop,
+                             torch.cat([flip.bool(), torch.zeros_like(flip, dtype=torch.bool)]))
+    across, down = weights[:j, :, :wb], weights[j:, :, :hb]  # (J, crop, Wb), (J, crop, Hb)
+    lines = torch.bmm(boxes, across.transpose(1, 2)).view(j, 3, hb, crop)
     out = torch.matmul(down[:, None], lines)  # (J, 3, crop, crop)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
