@@ -202,8 +202,11 @@ class PlainText:
 
 # The last line of a worker's traceback for errors ran expects and the driver reports in one
 # `error:` line (bad data, a config found wrong in the worker, a full disk).
+# (A full disk, a quota or a file-size limit: ran.train.rundir.NO_SPACE, not imported here.)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
-                          "OSError: [Errno 28] ")
+                          "ran.train.rundir.StorageFullError: ",
+                          *(f"OSError: [Errno {n}] " for n in _NO_SPACE))
 
 
 class _RayInfo(logging.Filter):
@@ -229,8 +232,8 @@ class _RayInfo(logging.Filter):
 
 def expected_error(err: BaseException | None) -> bool:
     """Whether ``err`` is one ran reports in one line (:data:`EXPECTED_WORKER_ERRORS`): a full disk
-    (ENOSPC), ran's DataError or ConfigError."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    (ENOSPC, or a quota or file-size limit reached), ran's DataError or ConfigError."""
+    if isinstance(err, OSError) and err.errno in _NO_SPACE:
         return True
     return err is not None and f"{type(err).__module__}.{type(err).__name__}: " in \
         EXPECTED_WORKER_ERRORS

@@ -204,11 +204,19 @@ def test_a_workers_traceback_of_an_expected_error_is_dropped_from_the_console(ro
 
     assert not stream.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
     assert not stream.filter(failed("OSError: [Errno 28] No space left on device"))
+    assert not stream.filter(failed("OSError: [Errno 122] Disk quota exceeded"))
+    assert not stream.filter(failed("ran.train.rundir.StorageFullError: no space left writing "
+                                    "checkpoint /runs/r/epoch=0002_step=0000024 (File too large)"))
+    assert stream.filter(failed("OSError: [Errno 5] Input/output error"))  # not a full disk
     assert stream.filter(failed("KeyError: 'model'"))  # a bug: its traceback stays
     assert file.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
 
     upload = _record(util, logging.ERROR)  # Ray's logger.exception of a failed async upload
     upload.exc_info = (OSError, OSError(28, "No space left on device"), None)
+    assert not stream.filter(upload)
+    from ran.train.rundir import StorageFullError
+
+    upload.exc_info = (StorageFullError, StorageFullError(27, "no space left writing ..."), None)
     assert not stream.filter(upload)
     upload.exc_info = (ValueError, ValueError("a bug"), None)
     assert stream.filter(upload)
