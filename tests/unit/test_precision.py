@@ -15,6 +15,12 @@ from ran.runtime import autocast, native_bf16, resolve_precision
 CPU = torch.device("cpu")
 
 
+def test_auto_is_the_default_and_jobs_use_it(shipped_jobs):
+    assert load_config(None, []).train.precision == "auto"
+    assert {job.stem: load_config(str(job), []).train.precision for job in shipped_jobs} == \
+        {job.stem: "auto" for job in shipped_jobs}
+
+
 def _onednn_isa() -> str:
     """The instruction set oneDNN (the library that runs CPU convolutions) found on this CPU, by
     its own detection: the ``isa:`` of its verbose output, from a bf16 convolution run in a

@@ -27,7 +27,7 @@ def _full_disk(directory: Path) -> None:
     (directory / runtime.CHECKPOINT_FILE).symlink_to("/dev/full")
 
 
-def _size_limit(directory: Path):
+def _size_limit():
     """A file-size limit (RLIMIT_FSIZE) of 64 KiB for this process while writing: EFBIG."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
@@ -44,7 +44,7 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint(tmp_path, fault):
     if fault == "no space":
         _full_disk(target)
     else:
-        restore = _size_limit(target)
+        restore = _size_limit()
     try:
         with pytest.raises(StorageFullError) as caught:
             Snapshot(dict(STATE), "name: lost\n").write(target)
