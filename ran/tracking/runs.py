@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -229,6 +230,7 @@ class RunLogger:
         self._lock = threading.Lock()
         self._writing = threading.Lock()  # held while a write to MLflow is in flight
         self._queue: queue.Queue[tuple[str, Any, int, float] | None] = queue.Queue()
+        self._final_report = False  # gap_report ran: values given up later are not in it
         self._thread = threading.Thread(target=self._run, name="ran-mlflow", daemon=True)
         self._thread.start()
 
@@ -256,11 +258,8 @@ class RunLogger:
         server. Empty when everything queued has been written."""
         with self._lock:
             found = {k: list(v) for k, v in self._lost.items()}
-            for kind, payload, step, _ in self._pending:
-                if kind == "metrics":
-                    for key, value in payload.items():
-                        if value is not None:
-                            found.setdefault(key, []).append(step)
+            for key, steps in _metric_steps(self._pending).items():
+                found.setdefault(key, []).extend(steps)
         return {k: sorted(set(v)) for k, v in found.items()}
 
     def gap_report(self, timeout: float = FLUSH_S,
@@ -280,6 +279,7 @@ class RunLogger:
             finally:
                 self._writing.release()
         unlogged = self.unlogged()
+        self._final_report = True
         return {REPORT_UNLOGGED: describe_unlogged(unlogged)} if unlogged else {}
 
     def close(self, timeout: float = 60.0) -> None:
@@ -309,7 +309,7 @@ class RunLogger:
 
     def _run(self) -> None:
         tracker: RunTracker | None = None
-        done = reported = False
+        done = reported = down = False
         while not done or self._pending:
             try:
                 item = self._queue.get(timeout=1.0 if self._pending else None)
@@ -336,18 +336,57 @@ class RunLogger:
                 if self.dropped and not reported:
                     tracker.set_tags({TAG_METRICS_GAP: f"{self.dropped} metric values not logged"})
                     reported = True
+                down = False
             except Exception as err:  # noqa: BLE001 - MLflow unreachable: training goes on
+                if not down and not done:  # once an outage, not at every retry
+                    down = True
+                    _warn(f"MLflow at {store.shown(self.uri)} does not answer ({_reason(err)}): "
+                          "training goes on, rank 0 keeps retrying its metrics and the summary "
+                          "names any it could not log")
                 now = time.monotonic()
                 lost = list(self._pending) if done else \
                     [p for p in self._pending if now - p[3] > self.retry_s]
                 if lost:
+                    before, values = self.dropped, _metric_steps(lost)
                     self._give_up(lost)
                     reported = False
-                    print(f"warning: MLflow at {store.shown(self.uri)}: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}; "
-                          f"{self.dropped} metric values not logged so far", file=sys.stderr)
+                    if values and self._final_report:  # logged after it: the summary lacks them
+                        _warn(f"MLflow at {store.shown(self.uri)} ({_reason(err)}): "
+                              f"{describe_unlogged(values)} not logged either")
+                    elif self.dropped > before:  # not for params or tags
+                        _warn(f"MLflow at {store.shown(self.uri)} ({_reason(err)}): "
+                              f"{self.dropped} metric values not logged so far")
                 if not done:
                     time.sleep(1.0)
+
+
+def _metric_steps(items: list[tuple[str, Any, int, float]]) -> dict[str, list[int]]:
+    """Metric -> steps of the queued metric values among ``items``."""
+    found: dict[str, list[int]] = {}
+    for kind, payload, step, _ in items:
+        if kind == "metrics":
+            for key, value in payload.items():
+                if value is not None:
+                    found.setdefault(key, []).append(step)
+    return {key: sorted(set(steps)) for key, steps in found.items()}
+
+
+def _warn(text: str) -> None:
+    """One ``warning:`` line on stderr, written once (inside a Ray Train worker ``print`` is
+    patched to log and print)."""
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()
+
+
+def _reason(err: BaseException) -> str:
+    """The short cause of a failed MLflow call: the OS error inside the client's long text
+    (``[Errno 111] Connection refused``), else the error's first line (at most 200 characters)."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] [^'\"()\n]+", text)
+    if found:
+        return found.group(0).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def describe_unlogged(unlogged: dict[str, list[int]], limit: int = 6) -> str:

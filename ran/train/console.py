@@ -30,7 +30,11 @@ What the default leaves out, and the switch that does it (:func:`configure`,
 - MLflow's INFO lines ("Creating initial MLflow database tables", "Validating input example"):
   ``MLFLOW_LOGGING_LEVEL=WARNING``;
 - ``ran tune``'s status tables and its trials' own output: a line per trial result from the driver
-  instead (:mod:`ran.tune.search`), with ``ray.init(log_to_driver=False)``.
+  instead (:mod:`ran.tune.search`), with ``ray.init(log_to_driver=False)``;
+- while a tracking server does not answer, urllib3's ``Retrying (Retry(total=6, ...)) after
+  connection broken by ...`` at every retry of MLflow's client and the system metrics monitor's
+  ``Failed to get mlflow run`` (:class:`ServerAway`): rank 0's metric logger says so once
+  (:class:`ran.tracking.runs.RunLogger`) and the summary names what is not logged.
 
 Colour: ``RAY_COLOR_PREFIX=0`` when stdout is not a terminal (Ray's documented switch), and every
 other escape (Ray's "[repeated 2x across cluster]" note, coloured exception headers) is stripped by
@@ -118,6 +122,7 @@ def configure(verbose_flag: bool = False) -> Iterator[None]:
         ValueError: ``RAN_LOG_LEVEL`` is not a level name.
     """
     saved = {key: os.environ.get(key) for key in (LOG_LEVEL_ENV, "RAY_COLOR_PREFIX", *quiet_env())}
+    away: ServerAway | None = None
     streams = sys.stdout, sys.stderr
     try:
         if verbose_flag:
@@ -131,8 +136,12 @@ def configure(verbose_flag: bool = False) -> Iterator[None]:
             sys.stdout = PlainText(sys.stdout)
         if not _is_terminal(sys.stderr):
             sys.stderr = PlainText(sys.stderr)
+        if not verbose():
+            away = ServerAway.install()
         yield
     finally:
+        if away is not None:
+            away.remove()
         for stream in (sys.stdout, sys.stderr):
             if isinstance(stream, PlainText):
                 stream.close()
@@ -209,8 +218,11 @@ class PlainText:
 
 # The last line of a worker's traceback for errors ran expects and the driver reports in one
 # `error:` line (bad data, a config found wrong in the worker, a full disk).
+# (A full disk, a quota or a file-size limit: ran.train.rundir.NO_SPACE, not imported here.)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 EXPECTED_WORKER_ERRORS = ("ran.data.DataError: ", "ran.config.ConfigError: ",
-                          "OSError: [Errno 28] ")
+                          "ran.train.rundir.StorageFullError: ",
+                          *(f"OSError: [Errno {n}] " for n in _NO_SPACE))
 
 
 class _RayInfo(logging.Filter):
@@ -234,10 +246,41 @@ class _RayInfo(logging.Filter):
                     and message.rstrip().splitlines()[-1].startswith(EXPECTED_WORKER_ERRORS))
 
 
+class ServerAway(logging.Filter):
+    """Drops what MLflow's client prints at every failed call while a tracking server does not
+    answer: urllib3's ``Retrying (Retry(total=6, ...)) after connection broken by ...`` (one per
+    retry) and MLflow's system metrics monitor's ``Failed to get mlflow run: ...``. Rank 0's
+    metric logger says it once instead (:class:`ran.tracking.runs.RunLogger`)."""
+
+    MESSAGES = {"urllib3.connectionpool": "Retrying (",
+                "mlflow.system_metrics.system_metrics_monitor": "Failed to "}
+
+    def __init__(self) -> None:
+        super().__init__("ran-server-away")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        start = self.MESSAGES.get(record.name)
+        return not (start and str(record.msg).startswith(start))
+
+    @classmethod
+    def install(cls) -> "ServerAway":
+        """Put one on each of the loggers of :data:`MESSAGES` (not twice); returns it."""
+        quiet = next((f for f in logging.getLogger("urllib3.connectionpool").filters
+                      if isinstance(f, cls)), None) or cls()
+        for name in cls.MESSAGES:
+            if quiet not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(quiet)
+        return quiet
+
+    def remove(self) -> None:
+        for name in self.MESSAGES:
+            logging.getLogger(name).removeFilter(self)
+
+
 def expected_error(err: BaseException | None) -> bool:
     """Whether ``err`` is one ran reports in one line (:data:`EXPECTED_WORKER_ERRORS`): a full disk
-    (ENOSPC), ran's DataError or ConfigError."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    (ENOSPC, or a quota or file-size limit reached), ran's DataError or ConfigError."""
+    if isinstance(err, OSError) and err.errno in _NO_SPACE:
         return True
     return err is not None and f"{type(err).__module__}.{type(err).__name__}: " in \
         EXPECTED_WORKER_ERRORS
@@ -282,7 +325,8 @@ def quiet_ray_console() -> None:
     """Drop Ray's own records below WARNING from the root logger's console handlers (log files keep
     them). Ray Train's ``Reporting training result ...`` is one: its logger is named after its file,
     so ``LoggingConfig(log_level)``, which filters the ``ray.train`` loggers, lets it through.
-    Also a worker's traceback of an expected error (:class:`_RayInfo`)."""
+    Also a worker's traceback of an expected error (:class:`_RayInfo`), and the HTTP client's
+    retry warnings while MLflow does not answer (:class:`ServerAway`)."""
     import ray  # a Ray Train worker has Ray imported already; ran.cli imports this module without
 
     ray_dir = os.path.dirname(ray.__file__) + os.sep
@@ -290,3 +334,4 @@ def quiet_ray_console() -> None:
         console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
         if console and not any(isinstance(f, _RayInfo) for f in handler.filters):
             handler.addFilter(_RayInfo(ray_dir))
+    ServerAway.install()

@@ -8,6 +8,7 @@ fresh run refuses to start when that directory already holds a run, and ``--resu
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -55,6 +56,28 @@ class Storage:
             return []
         infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
+
+
+# What a full disk looks like to a write: no space, a quota reached, a file-size limit reached.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StorageFullError(OSError):
+    """A checkpoint could not be written because its storage is full (:data:`NO_SPACE`); its
+    text is one line naming the checkpoint and what to do (:func:`storage_full`)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def storage_full(err: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``err`` as a :class:`StorageFullError` naming ``path`` (the checkpoint being written) when
+    it is a full disk, quota or file-size limit (:data:`NO_SPACE`); any other error as it is."""
+    if err.errno not in NO_SPACE or isinstance(err, StorageFullError):
+        return err
+    return StorageFullError(err.errno, f"no space left writing checkpoint {path} "
+                                       f"({os.strerror(err.errno)}): free space there or set "
+                                       "storage.path to a disk with room")
 
 
 # Ray Train's record of the checkpoints it registered (2.60: RunConfig storage, JSON with

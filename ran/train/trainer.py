@@ -72,6 +72,7 @@ from ran import runtime, tracking
 from ran.config import JobConfig, parse_config
 from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
+from ran.train.rundir import storage_full
 from ran.train.schedule import RunPlan, build_scheduler, plan_run, step_shares, step_size
 from ran.train.step import MicroBatch, TrainStep, build_optimizer, check_device, compile_model
 
@@ -138,12 +139,26 @@ class Snapshot:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         assert self.state is not None, "snapshot already written and released"
-        torch.save(self.state, directory / runtime.CHECKPOINT_FILE)
-        (directory / "config.yaml").write_text(self.config_yaml)
+        try:  # through a Python file: a full disk is an OSError (ENOSPC), not torch's RuntimeError
+            with open(directory / runtime.CHECKPOINT_FILE, "wb") as f:
+                torch.save(self.state, f)
+            (directory / "config.yaml").write_text(self.config_yaml)
+        except (OSError, RuntimeError) as err:  # torch ends the file even after a failed write
+            cause = next((e for e in _chain(err) if isinstance(e, OSError)), None)
+            if cause is None:
+                raise
+            raise storage_full(cause, directory) from cause
         return directory
 
     def release(self) -> None:
         self.state = None
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from or during, innermost last."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 class Reporter(Protocol):
@@ -873,7 +888,11 @@ def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
     directory, drop it from memory, and persist the directory as Ray Train does by default."""
     snapshot.write(checkpoint.path)
     snapshot.release()
-    return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+    storage = ray.train.get_context().get_storage()
+    try:
+        return storage.persist_current_checkpoint(checkpoint, name)
+    except OSError as err:  # a full disk names the checkpoint (pyarrow's text does not)
+        raise storage_full(err, storage.build_checkpoint_path_from_name(name)) from err
 
 
 class SigtermNotice(WorkerCallback):

@@ -33,6 +33,7 @@ import copy
 import csv
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -784,7 +785,8 @@ def cli_tune(args: argparse.Namespace) -> int:
         if console.verbose():
             raise
         text = str(err).strip().splitlines()
-        print(f"error: the search failed in Ray Tune: {text[-1] if text else type(err).__name__} "
+        cause = re.sub(r"^[\w.]*(Error|Exception): ", "", text[-1]) if text else type(err).__name__
+        print(f"error: the search failed in Ray Tune: {cause} "
               "(every trial run is ended; ran -v tune ... shows Tune's traceback)", file=sys.stderr)
         return 1
     print(summary(outcome, space), flush=True)

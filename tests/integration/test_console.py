@@ -73,14 +73,21 @@ def test_default_output_is_rans_own_lines(job: Path, tmp_path: Path):
 
 
 def test_verbose_output_has_rays_lines_and_still_no_colour(job: Path, tmp_path: Path):
-    done = _ran_train("-v", job=job, cwd=tmp_path)
+    # One epoch with a checkpoint mid-way: two reports, as the default run's two epochs make.
+    import yaml
+
+    cfg = yaml.safe_load(job.read_text())
+    cfg["train"].update(epochs=1, checkpoint_every_steps=6)
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(cfg))
+    done = _ran_train("-v", job=short, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     _plain(done.stdout)
     _plain(done.stderr)
     assert "(RayTrainWorker pid=" in done.stdout  # rank 0's lines, with Ray's prefix
     reports = {line.split("Reporting training result ", 1)[1].split(":", 1)[0]
                for line in done.stderr.splitlines() if "TrainingReport(" in line}
-    assert reports == {"1", "2"}  # Ray Train's line for each epoch's report
+    assert reports == {"1", "2"}  # Ray Train's line for each report (step 6's and the epoch's)
     assert "Started a local Ray instance" in done.stderr
     assert "final validation: top-1 " in done.stdout
     assert "Successfully registered model 'tiny-console'." in done.stderr  # MLflow's notice is back

@@ -39,8 +39,25 @@ def report(tmp_path_factory):
 
 
 def test_the_json_has_every_field(report):
+    import platform
+
+    import torch
+    import torchvision
+
     assert set(report) == TOP
     assert report["cpu_only"] is True and report["benchmark"] == "gpu_check"
+    # --cpu-only's sizes (CI size), the machine as this process sees it, the default budget.
+    assert report["settings"] == {"train_images": 96, "val_images": 32, "loader_batch": 32,
+                                  "loader_epochs": 2, "gpu_path_workers": [1], "train_crop": 64,
+                                  "train_batch": 16, "train_workers": 1}
+    gpu = torch.cuda.is_available()
+    assert {k: report["machine"][k] for k in ("cpu_cores", "python", "torch", "torchvision",
+                                               "cuda_available", "cuda")} == {
+        "cpu_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "cuda_available": gpu, "cuda": torch.version.cuda}
+    assert report["machine"]["gpu"] == (torch.cuda.get_device_name(0) if gpu else None)
+    assert report["budget_s"] == 450.0 and report["wall_s"] > 0
     assert set(report["data"]) == DATA
     assert set(report["data"]["cpu_path"]) == LOADER_RUN
     assert [set(r) for r in report["data"]["gpu_path"]] == [LOADER_RUN | {"device"}]

@@ -127,6 +127,26 @@ def test_quiet_settings_hold_for_the_command_and_are_undone_after(clean_env):
     assert {k: os.environ.get(k) for k in QUIET_KEYS} == dict.fromkeys(QUIET_KEYS)
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unanswering_servers_retry_chatter_is_left_out_unless_verbose(clean_env, verbose):
+    """urllib3's warning at every retry of MLflow's client and MLflow's system metrics monitor's
+    failure: dropped during the command (not with -v), kept for other messages and after."""
+    retry = logging.LogRecord("urllib3.connectionpool", logging.WARNING, "connectionpool.py", 1,
+                              "Retrying (%r) after connection broken by '%r': %s", ("R", "E", "/x"),
+                              None)
+    monitor = logging.LogRecord("mlflow.system_metrics.system_metrics_monitor", logging.WARNING,
+                                "m.py", 1, "Failed to get mlflow run: refused.", None, None)
+    other = logging.LogRecord("urllib3.connectionpool", logging.WARNING, "connectionpool.py", 1,
+                              "Connection pool is full, discarding connection", None, None)
+
+    def passed(record: logging.LogRecord) -> bool:
+        return logging.getLogger(record.name).filter(record)
+
+    with console.configure(verbose_flag=verbose):
+        assert [passed(r) for r in (retry, monitor, other)] == [verbose, verbose, True]
+    assert [passed(r) for r in (retry, monitor, other)] == [True, True, True]
+
+
 def test_verbose_sets_ran_log_level_for_children_and_leaves_rays_defaults(clean_env):
     with console.configure(verbose_flag=True):
         assert os.environ["RAN_LOG_LEVEL"] == "INFO"
@@ -218,11 +238,19 @@ def test_a_workers_traceback_of_an_expected_error_is_dropped_from_the_console(ro
 
     assert not stream.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
     assert not stream.filter(failed("OSError: [Errno 28] No space left on device"))
+    assert not stream.filter(failed("OSError: [Errno 122] Disk quota exceeded"))
+    assert not stream.filter(failed("ran.train.rundir.StorageFullError: no space left writing "
+                                    "checkpoint /runs/r/epoch=0002_step=0000024 (File too large)"))
+    assert stream.filter(failed("OSError: [Errno 5] Input/output error"))  # not a full disk
     assert stream.filter(failed("KeyError: 'model'"))  # a bug: its traceback stays
     assert file.filter(failed("ran.data.DataError: 64 of 64 samples unreadable"))
 
     upload = _record(util, logging.ERROR)  # Ray's logger.exception of a failed async upload
     upload.exc_info = (OSError, OSError(28, "No space left on device"), None)
+    assert not stream.filter(upload)
+    from ran.train.rundir import StorageFullError
+
+    upload.exc_info = (StorageFullError, StorageFullError(27, "no space left writing ..."), None)
     assert not stream.filter(upload)
     upload.exc_info = (ValueError, ValueError("a bug"), None)
     assert stream.filter(upload)

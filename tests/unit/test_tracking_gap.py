@@ -50,38 +50,52 @@ def test_shard_datasets_name_source_digest_and_counts(tmp_path):
 
 def test_runs_on_the_same_shards_log_their_datasets_at_once(tmp_path):
     """The trials of a search start together on the same shards: each run links the one dataset
-    row, whichever of them created it (on sqlite the store refuses a second insert of it)."""
+    row, whichever of them created it (on sqlite the store refuses a second insert of it).
+
+    The collision is forced: each run's first insert of the dataset row waits until the other
+    run reached its own, so both looked the row up before either wrote it."""
     import threading
+
+    import sqlalchemy
+    from sqlalchemy import event
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trackers = [tracking.RunTracker.create("race", run_name=f"trial-{i}", tags={}, uri=uri)
-                for i in range(6)]
+                for i in range(2)]
+    both_looked = threading.Barrier(len(trackers))
+    held: set[int] = set()
+    inserts: list[int] = []
+
+    def hold_first_insert(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS"):
+            inserts.append(threading.get_ident())
+            if threading.get_ident() not in held:
+                held.add(threading.get_ident())
+                both_looked.wait(timeout=60)
+
     failures: list[BaseException] = []
-    for round_ in range(3):
-        manifest = copy.deepcopy(MANIFEST)
-        manifest["dataset"] = f"synthetic-{round_}"  # a new dataset row each round
-        start = threading.Barrier(len(trackers))
 
-        def log(tracker):
-            start.wait()
-            try:
-                tracker.log_datasets(str(tmp_path), manifest, {"train": "training", "val": "validation"})
-            except BaseException as e:  # noqa: BLE001 - recorded and asserted below
-                failures.append(e)
+    def log(tracker):
+        try:
+            tracker.log_datasets(str(tmp_path), MANIFEST, {"train": "training", "val": "validation"})
+        except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+            failures.append(e)
 
+    event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", hold_first_insert)
+    try:
         threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", hold_first_insert)
     assert failures == []
+    assert len(held) == 2 and len(inserts) == 2  # both runs tried to create the row, once each
     client = tracking.client(uri)
     for tracker in trackers:
         inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
-        assert sorted(i.dataset.name for i in inputs) == sorted(
-            f"synthetic-{r}/{s}" for r in range(3) for s in ("train", "val"))
+        assert sorted(i.dataset.name for i in inputs) == ["synthetic/train", "synthetic/val"]
     digests = {i.dataset.digest for t in trackers for i in client.get_run(t.run_id).inputs.dataset_inputs
-               if i.dataset.name == "synthetic-0/train"}
-    first = copy.deepcopy(MANIFEST)
-    first["dataset"] = "synthetic-0"
-    assert digests == {tracking.dataset_digest(first, "train")}
+               if i.dataset.name == "synthetic/train"}
+    assert digests == {tracking.dataset_digest(MANIFEST, "train")}
