@@ -344,17 +344,17 @@ class _Staging:
 
 class DeviceDecoder:
     """:class:`RawBatch` -> :class:`Batch` on ``device``: JPEG decode (one batched call, a second
-    for progressive JPEGs), then crop,
-    resize to ``crop`` x ``crop``, flip and lighting for the whole batch (:func:`place`); uint8
-    ``(N', 3, crop, crop)`` images and int64 ``(N',)`` labels on the device, ``N'`` = N minus the
-    JPEGs that failed to decode, which are added to ``skipped`` and logged. Call it under the
-    CUDA stream the work should run on; it never waits for the device."""
+    for progressive JPEGs), then crop, resize to ``crop`` x ``crop``, flip and lighting for the
+    whole batch (:func:`place`); uint8 ``(N', 3, crop, crop)`` images and int64 ``(N',)`` labels
+    on the device, ``N'`` = N minus the JPEGs that failed to decode, which are added to
+    ``skipped`` and logged. Call it under the CUDA stream the work should run on; it never waits
+    for the device."""
 
     def __init__(self, crop: int, device: torch.device | str):
         self.crop = crop
         self.device = with_index(device)
         self.failed = 0  # JPEGs that failed to decode on the device so far
-        self.progressive = 0  # progressive JPEGs decoded so far (outside the batched call)
+        self.progressive = 0  # progressive JPEGs handed to the decoder so far (2nd list call)
         self.last_reason = ""  # why the last one failed
         self.staging = _Staging(self.device)
 
@@ -471,8 +471,8 @@ class DeviceLoader(Loader):
 
     @property
     def progressive(self) -> int:
-        """Progressive JPEGs this loader's device decoder has decoded so far (outside nvJPEG's
-        batched hardware call; a dataset with many of them decodes slower)."""
+        """Progressive JPEGs this loader's device decoder has been handed so far (decoded outside
+        nvJPEG's batched hardware call; a dataset with many of them decodes slower)."""
         return self.decoder.progressive
 
     def __iter__(self) -> Iterator[Batch]:
