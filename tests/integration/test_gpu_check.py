@@ -78,7 +78,7 @@ def test_the_device_paths_decode_place_and_fed_training_are_measured_against_iss
     assert (fed["model"], fed["device"], fed["precision"], fed["batch"], fed["steps"]) == (
         "attention56", "cpu", "fp32", 4, 2)
     assert fed["fed_img_s"] > 0 and fed["fed_cpu_cores_used"] > 0
-    assert len(fed["synthetic_img_s"]) == 2 and min(fed["synthetic_img_s"]) > 0
+    assert len(fed["synthetic_img_s"]) == 1 and fed["synthetic_img_s"][0] > 0  # twice on a GPU
     assert fed["fed_vs_synthetic"] == pytest.approx(fed["fed_img_s"] / max(fed["synthetic_img_s"]),
                                                     rel=0.02)
     # each stage against the device path's goal, as a ratio; "met" is for a GPU to judge
