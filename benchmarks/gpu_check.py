@@ -1,4 +1,4 @@
-"""The GPU check (issues 16 and 25): the training step, the data path, and a short ``ran train`` on one GPU.
+"""The GPU check (issues 16, 21, 25): the training step, the data path, and a short ``ran train`` on one GPU.
 
 Run it through ``benchmarks/gpu_check.sh`` (which caps it at 8 minutes); it prints one JSON object
 on stdout, progress on stderr. Three parts:
@@ -17,6 +17,12 @@ on stdout, progress on stderr. Three parts:
    least 90% of the bare decode), the CPU path's loader with every core, and the device path
    (``data.decode: gpu``) with 1 and 3 loader workers: img/s and the CPU cores it used (CPU seconds
    of the training process and its loader workers per second; goal: 2,500 img/s with at most 4).
+   Then issue 21's figures, each against its goal as a ratio from this run: the device path's
+   decode alone (``DeviceDecoder``'s nvJPEG list decode of one batch of JPEG bytes; img/s, CPU
+   cores, progressive JPEGs in it) and place alone (``place()``: crop + resize + flip of that
+   batch, already decoded on the device), each against the device path's goal (7,000 img/s on at
+   most 2 cores), and Attention-56 training fed by the device path (4 workers, batch 256, bf16)
+   over the same step on device-resident synthetic batches (goal: 0.97).
    Runs first, alone on the machine.
 3. train: ``ran train`` of Attention-56 with 1 GPU worker on those shards for 2 short epochs
    (``data.decode: auto``, so the GPU decodes); checks it finishes, checkpoints, logs to MLflow and
@@ -55,6 +61,9 @@ CLASSES = 10
 GOAL_DATA_IMG_S = 2500  # per GPU
 GOAL_DATA_CORES = 4  # CPU cores per GPU
 GOAL_CPU_TRANSFORM_VS_DECODE = 0.9
+GOAL_DEVICE_IMG_S = 7000  # issue 21: the device path alone, per GPU ...
+GOAL_DEVICE_CORES = 2  # ... on at most this many CPU cores
+GOAL_FED_VS_SYNTHETIC = 0.97  # issue 21: training fed by the device path / on synthetic batches
 
 
 def log(message: str) -> None:
@@ -70,10 +79,12 @@ def settings(cpu_only: bool) -> dict[str, Any]:
     if cpu_only:
         return {"train_images": 96, "val_images": 32, "loader_batch": 32,
                 "loader_epochs": 2, "gpu_path_workers": [1], "train_crop": 64, "train_batch": 16,
-                "train_workers": 1}
+                "train_workers": 1, "device_batch": 16, "device_crop": 64, "device_rounds": 2,
+                "fed_batch": 4, "fed_crop": 64, "fed_workers": 1, "fed_steps": 2, "fed_warmup": 1}
     return {"train_images": 2048, "val_images": 256, "loader_batch": 256,
             "loader_epochs": 3, "gpu_path_workers": [1, 3], "train_crop": 224, "train_batch": 64,
-            "train_workers": 3}
+            "train_workers": 3, "device_batch": 256, "device_crop": 224, "device_rounds": 10,
+            "fed_batch": 256, "fed_crop": 224, "fed_workers": 4, "fed_steps": 30, "fed_warmup": 3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +199,176 @@ def time_loader(loader: Any, device: Any, epochs: int, normalize: Any) -> dict[s
             "images": images, "wall_s": round(wall, 2)}
 
 
-def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bool) -> dict[str, Any]:
+def _timed(work: Any, rounds: int, images: int, device: Any,
+           other_cpu: Any = lambda: 0.0) -> dict[str, float]:
+    """img/s and CPU cores (this process, all its threads, plus ``other_cpu()`` seconds: other
+    processes') of ``rounds`` calls of ``work`` after one warm-up call, ``images`` images a call,
+    the device synchronised before each clock."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    work()
+    sync()
+    cpu0, start = time.process_time() + other_cpu(), time.perf_counter()
+    for _ in range(rounds):
+        work()
+    sync()
+    wall, cpu = time.perf_counter() - start, time.process_time() + other_cpu() - cpu0
+    return {"img_s": round(rounds * images / wall, 1), "cpu_cores_used": round(cpu / wall, 2),
+            "images": rounds * images, "wall_s": round(wall, 3)}
+
+
+def device_decode_and_place(jpegs: list[bytes], cfg: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The device path's two stages alone, on one batch of ``cfg["device_batch"]`` JPEGs:
+
+    - decode: :class:`ran.data.gpu.DeviceDecoder`'s decode of a list of JPEG bytes (nvJPEG's
+      batched call on a GPU: baseline JPEGs in one list, progressive ones in a second);
+    - place: :func:`ran.data.gpu.place` (crop + resize + flip) of the already-decoded images on
+      the device, with training crop boxes, in the groups the decoder uses.
+    """
+    import random
+
+    import torch
+
+    from ran.data.gpu import DeviceDecoder, jpeg_params, place, place_groups
+    from ran.data.transforms import ImageNetTrain
+
+    batch, crop, rounds = cfg["device_batch"], cfg["device_crop"], cfg["device_rounds"]
+    jpegs = (jpegs * (batch // len(jpegs) + 1))[:batch]
+    pieces = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    keys = [str(i) for i in range(batch)]
+    decoder = DeviceDecoder(crop, device)
+    decode = _timed(lambda: decoder._decode(pieces, keys), rounds, batch, device)
+    before = decoder.progressive
+    decoded = decoder._decode(pieces, keys)
+    progressive = decoder.progressive - before
+    transform, rng = ImageNetTrain(crop), random.Random(0)
+    params = [jpeg_params(transform, image.shape[2], image.shape[1], rng) for image in decoded]
+    boxes = [list(box) for box, _ in params]
+    calls = []
+    for group in place_groups(list(range(batch)), boxes):
+        images = [decoded[i] for i in group]
+        geometry = DeviceDecoder._geometry([images], torch.tensor([boxes[i] for i in group]),
+                                           torch.tensor([params[i][1] for i in group]),
+                                           torch.arange(len(group)))[:, :8].to(device)
+        box_max = (max(boxes[i][3] for i in group), max(boxes[i][2] for i in group))
+        calls.append((images, geometry, box_max))
+    placed = _timed(lambda: [place(images, geometry, box_max, crop)
+                             for images, geometry, box_max in calls], rounds, batch, device)
+    return {"decode": {"device": str(device), "batch": batch, **decode,
+                       "progressive_in_batch": progressive},
+            "place": {"device": str(device), "batch": batch, "crop": crop, "groups": len(calls),
+                      **placed}}
+
+
+def repeated_shards(shards: str, times: int) -> str:
+    """``shards`` with its train split listed ``times`` times (links to the same files, in a
+    folder beside it), so that a timed run of many steps stays within one epoch, as on ImageNet."""
+    if times <= 1:
+        return shards
+    source = Path(shards).resolve()
+    out = source.with_name(f"{source.name}_x{times}")
+    out.mkdir(exist_ok=True)
+    manifest = json.loads((source / "manifest.json").read_text())
+    train = manifest["splits"]["train"]
+    listed = []
+    for k in range(times):
+        for shard in train["shards"]:
+            name = f"{k}-{shard['name']}"
+            with contextlib.suppress(FileExistsError):
+                (out / name).symlink_to(source / shard["name"])
+            listed.append({**shard, "name": name})
+    manifest["splits"] = {"train": {**train, "shards": listed, "total": train["total"] * times}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+def fed_vs_synthetic(shards: str, cfg: dict[str, Any], device: Any, deadline: float) -> dict[str, Any]:
+    """Training Attention-56 (bf16 autocast on a GPU, fp32 on a CPU; channels_last, SGD) fed by
+    the device path (``data.decode: gpu``, ``cfg["fed_workers"]`` loader workers) against the
+    same step on device-resident synthetic uint8 batches, timed before and, on a GPU, after the
+    fed run (the better counts); the ratio is the issue's fed/synthetic figure."""
+    import torch
+    import torch.nn.functional as F
+
+    from ran.data.read import make_loader, read_manifest
+    from ran.data.transforms import normalizer
+    from ran.models import create_model
+
+    cuda = device.type == "cuda"
+    batch, crop, steps = cfg["fed_batch"], cfg["fed_crop"], cfg["fed_steps"]
+    torch.backends.cudnn.benchmark = cuda
+    threads = torch.get_num_threads()
+    if not cuda:  # one thread: intra-op threads of a step on a shared CI machine stall each other
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model("attention56", stem="imagenet", num_classes=CLASSES).to(
+        device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=cuda or None)
+    normalize = normalizer("imagenet")
+
+    def step(images: Any, labels: Any) -> None:
+        x = normalize(images).contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+
+    synthetic = [torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)
+                 for _ in range(4)]
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
+    turn = iter(range(1 << 30))
+
+    def synthetic_step() -> None:
+        step(synthetic[next(turn) % 4], labels)
+
+    ceiling = [_timed(synthetic_step, steps, batch, device)]
+    warm = cfg["fed_warmup"]  # steps while the workers start and the decoder warms up (then _timed's)
+    per_epoch = read_manifest(shards)["splits"]["train"]["total"] // batch
+    shards = repeated_shards(shards, -(-(warm + 1 + steps) // per_epoch))  # all in one epoch
+    loader = make_loader(shards, "train", train=True, batch_size=batch, recipe="imagenet", crop=crop,
+                         workers=cfg["fed_workers"], decode="gpu", device=device, seed=0)
+
+    def batches() -> Iterator[Any]:
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            epoch += 1
+            yield from loader
+
+    feed = batches()
+
+    def fed_step() -> None:
+        b = next(feed)
+        step(b.images.to(device, non_blocking=True), b.labels.to(device, non_blocking=True))
+
+    for _ in range(warm):
+        fed_step()
+    workers = [w.pid for w in getattr(loader.dataloader._iterator, "_workers", [])]
+    fed = _timed(fed_step, steps, batch, device, lambda: process_tree_cpu(workers))
+    progressive = loader.progressive
+    feed.close()
+    loader.close()
+    if cuda and time.time() < deadline:  # again after the fed run (CI's CPU form: once)
+        ceiling.append(_timed(synthetic_step, steps, batch, device))
+    best = max(c["img_s"] for c in ceiling)
+    del model, optimizer, synthetic
+    torch.set_num_threads(threads)
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"model": "attention56", "device": str(device), "precision": "bf16" if cuda else "fp32",
+            "batch": batch, "crop": crop, "steps": steps, "workers": cfg["fed_workers"],
+            "synthetic_img_s": [c["img_s"] for c in ceiling], "fed_img_s": fed["img_s"],
+            "fed_cpu_cores_used": fed["cpu_cores_used"], "progressive": progressive,
+            "fed_vs_synthetic": round(fed["img_s"] / best, 3)}
+
+
+def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bool,
+              deadline: float = float("inf")) -> dict[str, Any]:
     import torch
 
     from ran.data.read import make_loader
@@ -222,6 +402,11 @@ def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bo
         result = time_loader(loader, device, cfg["loader_epochs"], normalize)
         loader.close()
         out["gpu_path"].append({"workers": workers, "device": str(device), **result})
+    log(f"data: the device path's decode alone and place alone on {device}")
+    stages = device_decode_and_place(jpegs, cfg, device)
+    out["device_decode"], out["device_place"] = stages["decode"], stages["place"]
+    log(f"data: Attention-56 fed by the device path vs on synthetic batches, on {device}")
+    out["fed"] = fed_vs_synthetic(shards, cfg, device, deadline)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU's memory to the model part
     gpu_runs = [r for r in out["gpu_path"] if r["device"].startswith("cuda")]
@@ -236,8 +421,25 @@ def data_part(shards: str, jpegs: list[bytes], cfg: dict[str, Any], cpu_only: bo
         "cpu_transform_vs_bare_decode": {"goal": GOAL_CPU_TRANSFORM_VS_DECODE,
                                          "measured": round(ratio, 3),
                                          "met": ratio >= GOAL_CPU_TRANSFORM_VS_DECODE},
+        # issue 21, each a ratio from this run ("met" is judged on a GPU only)
+        "device_decode_alone": device_goal(out["device_decode"], cpu_only),
+        "device_place_alone": device_goal(out["device_place"], cpu_only),
+        "device_path_alone": device_goal(max(out["gpu_path"], key=lambda r: r["img_s"]), cpu_only),
+        "fed_vs_synthetic": {"goal": GOAL_FED_VS_SYNTHETIC, "measured": out["fed"]["fed_vs_synthetic"],
+                             "met": None if cpu_only else
+                             out["fed"]["fed_vs_synthetic"] >= GOAL_FED_VS_SYNTHETIC},
     }
     return out
+
+
+def device_goal(run: dict[str, Any], cpu_only: bool) -> dict[str, Any]:
+    """One device-path figure against issue 21's goal for the whole device path (a stage alone
+    must reach it too): img/s, its ratio to the goal, and the CPU cores it used."""
+    return {"goal": GOAL_DEVICE_IMG_S, "max_cpu_cores": GOAL_DEVICE_CORES, "measured": run["img_s"],
+            "vs_goal": round(run["img_s"] / GOAL_DEVICE_IMG_S, 3),
+            "cpu_cores_used": run["cpu_cores_used"],
+            "met": None if cpu_only else (run["img_s"] >= GOAL_DEVICE_IMG_S
+                                          and run["cpu_cores_used"] <= GOAL_DEVICE_CORES)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"] = info = machine(args.cpu_only)  # after the generator's forks: it starts CUDA
         shards = str(work / "shards")
         jpegs = [p.read_bytes() for p in sorted((work / "images" / "train").glob("*/*.jpg"))][:256]
-        report["data"] = data_part(shards, jpegs, cfg, args.cpu_only) if "data" in parts else None
+        report["data"] = (data_part(shards, jpegs, cfg, args.cpu_only, deadline - 60)
+                          if "data" in parts else None)
         lock = str(work / "gpu.lock")
         running: dict[str, Any] = {}
         if "bench" in parts:

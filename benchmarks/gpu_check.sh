@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16, at most 8 minutes on one GPU; prints one JSON object on stdout.
+# The GPU check of issues 16, 21 and 25, at most 8 minutes on one GPU; prints one JSON object on stdout.
 #   benchmarks/gpu_check.sh              # on a machine with a CUDA GPU
 #   benchmarks/gpu_check.sh --cpu-only   # CI size on the CPU: the same code, GPU figures null
 # Further options go to benchmarks/gpu_check.py (--budget-s, --parts, --keep DIR); what it measures

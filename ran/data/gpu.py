@@ -343,16 +343,18 @@ class _Staging:
 
 
 class DeviceDecoder:
-    """:class:`RawBatch` -> :class:`Batch` on ``device``: JPEG decode (one batched call), then crop,
-    resize to ``crop`` x ``crop``, flip and lighting for the whole batch (:func:`place`); uint8
-    ``(N', 3, crop, crop)`` images and int64 ``(N',)`` labels on the device, ``N'`` = N minus the
-    JPEGs that failed to decode, which are added to ``skipped`` and logged. Call it under the
-    CUDA stream the work should run on; it never waits for the device."""
+    """:class:`RawBatch` -> :class:`Batch` on ``device``: JPEG decode (one batched call, a second
+    for progressive JPEGs), then crop, resize to ``crop`` x ``crop``, flip and lighting for the
+    whole batch (:func:`place`); uint8 ``(N', 3, crop, crop)`` images and int64 ``(N',)`` labels
+    on the device, ``N'`` = N minus the JPEGs that failed to decode, which are added to
+    ``skipped`` and logged. Call it under the CUDA stream the work should run on; it never waits
+    for the device."""
 
     def __init__(self, crop: int, device: torch.device | str):
         self.crop = crop
         self.device = with_index(device)
         self.failed = 0  # JPEGs that failed to decode on the device so far
+        self.progressive = 0  # progressive JPEGs handed to the decoder so far (2nd list call)
         self.last_reason = ""  # why the last one failed
         self.staging = _Staging(self.device)
 
@@ -401,8 +403,26 @@ class DeviceDecoder:
                           dest.view(-1, 1)], dim=1)
 
     def _decode(self, pieces: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor | None]:
-        """Decoded RGB ``(3, H, W)`` uint8 images (None where decoding failed); one batched call,
-        and one call per image only when the batch fails (nvJPEG returns nothing on an error)."""
+        """Decoded RGB ``(3, H, W)`` uint8 images, in the order of ``pieces`` (None where decoding
+        failed). Baseline and extended JPEGs go to the device in one list call (nvJPEG's hardware
+        engine takes only those); progressive ones (:func:`is_progressive`) in a second list call
+        after it, so they never hold up the batched one, and are counted in ``progressive``."""
+        flags = [is_progressive(piece) for piece in pieces]
+        decoded: list[torch.Tensor | None] = [None] * len(pieces)
+        for progressive in (False, True):
+            chosen = [i for i, flag in enumerate(flags) if flag == progressive]
+            if not chosen:
+                continue
+            images = self._decode_list([pieces[i] for i in chosen], [keys[i] for i in chosen])
+            for i, image in zip(chosen, images):
+                decoded[i] = image
+            if progressive:
+                self.progressive += len(chosen)
+        return decoded
+
+    def _decode_list(self, pieces: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor | None]:
+        """One batched call, and one call per image only when the batch fails (nvJPEG returns
+        nothing on an error)."""
         try:
             return list(decode_jpeg(pieces, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:
@@ -418,6 +438,16 @@ class DeviceDecoder:
                 log.warning("skipped 1 sample: %s", self.last_reason)
                 decoded.append(None)
         return decoded
+
+
+def is_progressive(data: torch.Tensor | bytes) -> bool:
+    """Whether a JPEG's frame header is progressive (SOF2, ``0xFFC2``), read from its markers
+    without decoding; ``data``: the file's bytes, or a uint8 CPU tensor of them (not copied).
+    False for anything unparsable (the decoder then reports it)."""
+    if isinstance(data, torch.Tensor):
+        data = memoryview(data.numpy())
+    header = jpeg_header(data)
+    return header is not None and header[3] == 0xC2
 
 
 _END = object()
@@ -438,6 +468,12 @@ class DeviceLoader(Loader):
         super().__init__(dataset, dataloader, num_batches, num_samples, manifest)
         self.device = with_index(device or "cpu")
         self.decoder = DeviceDecoder(dataset.transform.crop, self.device)
+
+    @property
+    def progressive(self) -> int:
+        """Progressive JPEGs this loader's device decoder has been handed so far (decoded outside
+        nvJPEG's batched hardware call; a dataset with many of them decodes slower)."""
+        return self.decoder.progressive
 
     def __iter__(self) -> Iterator[Batch]:
         items: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)

@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 TOP = {"benchmark", "cpu_only", "machine", "settings", "dataset", "data", "train", "bench",
        "not_measured", "wall_s", "budget_s"}
 DATA = {"cpu_bare_decode_img_s_per_core", "cpu_train_transform_img_s_per_core",
-        "cpu_train_transform_vs_bare_decode", "cpu_path", "gpu_path", "goals"}
+        "cpu_train_transform_vs_bare_decode", "cpu_path", "gpu_path", "device_decode",
+        "device_place", "fed", "goals"}
+DATA_GOALS = {"gpu_img_s_per_gpu", "cpu_transform_vs_bare_decode", "device_decode_alone",
+              "device_place_alone", "device_path_alone", "fed_vs_synthetic"}
 LOADER_RUN = {"workers", "img_s", "cpu_cores_used", "images", "wall_s"}
 BENCH = {"reports", "goals", "compile_over_eager", "fastest", "layout_detours"}
 GOALS = {"attention56_mfu_vs_resnet50", "attention92_mfu_vs_resnet50", "attention56_img_per_s",
@@ -61,7 +64,7 @@ def test_the_json_has_every_field(report):
     assert set(report["data"]) == DATA
     assert set(report["data"]["cpu_path"]) == LOADER_RUN
     assert [set(r) for r in report["data"]["gpu_path"]] == [LOADER_RUN | {"device"}]
-    assert set(report["data"]["goals"]) == {"gpu_img_s_per_gpu", "cpu_transform_vs_bare_decode"}
+    assert set(report["data"]["goals"]) == DATA_GOALS
     assert set(report["bench"]) == BENCH
     assert list(report["bench"]["reports"]) == ["attention56", "attention92", "attention92_cifar"]
     assert set(report["bench"]["goals"]) == GOALS
@@ -78,6 +81,33 @@ def test_the_data_part_ran_both_paths_on_the_same_shards(report):
     assert [(r["device"], r["workers"], r["images"]) for r in data["gpu_path"]] == [("cpu", 1, 192)]
     gpu_goal = data["goals"]["gpu_img_s_per_gpu"]
     assert (gpu_goal["goal"], gpu_goal["max_cpu_cores"], gpu_goal["met"]) == (2500, 4, None)
+
+
+def test_the_device_paths_decode_place_and_fed_training_are_measured_against_issue_21s_goals(report):
+    data = report["data"]
+    decode, place, fed, goals = data["device_decode"], data["device_place"], data["fed"], data["goals"]
+    # one batch of 16 JPEGs, a warm-up and 2 timed rounds, in the CPU form of the device path
+    assert (decode["device"], decode["batch"], decode["images"]) == ("cpu", 16, 32)
+    assert (place["device"], place["batch"], place["crop"], place["images"]) == ("cpu", 16, 64, 32)
+    for run in (decode, place):
+        assert run["img_s"] > 0 and run["cpu_cores_used"] > 0 and run["wall_s"] > 0
+    assert decode["progressive_in_batch"] == 0 and fed["progressive"] == 0  # all baseline JPEGs
+    assert (fed["model"], fed["device"], fed["precision"], fed["batch"], fed["steps"]) == (
+        "attention56", "cpu", "fp32", 4, 2)
+    assert fed["fed_img_s"] > 0 and fed["fed_cpu_cores_used"] > 0
+    assert len(fed["synthetic_img_s"]) == 1 and fed["synthetic_img_s"][0] > 0  # twice on a GPU
+    assert fed["fed_vs_synthetic"] == pytest.approx(fed["fed_img_s"] / max(fed["synthetic_img_s"]),
+                                                    rel=0.02)
+    # each stage against the device path's goal, as a ratio; "met" is for a GPU to judge
+    for name, run in (("device_decode_alone", decode), ("device_place_alone", place)):
+        goal = goals[name]
+        assert (goal["goal"], goal["max_cpu_cores"], goal["met"]) == (7000, 2, None)
+        assert goal["measured"] == run["img_s"] and goal["cpu_cores_used"] == run["cpu_cores_used"]
+        assert goal["vs_goal"] == pytest.approx(run["img_s"] / 7000, abs=1e-3) and goal["vs_goal"] > 0
+    assert goals["device_path_alone"]["measured"] == data["gpu_path"][0]["img_s"] > 0
+    assert goals["device_path_alone"]["vs_goal"] > 0
+    assert goals["fed_vs_synthetic"] == {"goal": 0.97, "measured": fed["fed_vs_synthetic"], "met": None}
+    assert goals["fed_vs_synthetic"]["measured"] > 0
 
 
 def test_the_bench_part_timed_each_model_beside_resnet50_and_left_the_gpu_figures_open(report):

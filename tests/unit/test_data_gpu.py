@@ -428,3 +428,50 @@ def test_a_batch_over_the_padding_budget_is_placed_in_groups_with_the_same_resul
     expected = _reference(jpegs, boxes, raw.jpeg_flips.tolist(), raw.lighting.tolist())
     assert (batch.images.float() - expected).abs().max() <= 1
     assert batch.labels.tolist() == list(range(12))
+
+
+# -- progressive JPEGs: decoded outside the batched call, counted --------------------------------
+
+
+def test_progressive_jpegs_are_told_from_baseline_ones_by_their_frame_marker():
+    image = noise(np.random.default_rng(5), 20, 18)
+    assert gpu.is_progressive(encode(image, quality=90, progressive=True)) is True
+    assert gpu.is_progressive(encode(image, quality=90)) is False
+    # behind an EXIF segment, and as a tensor of the bytes (as the decoder holds them)
+    with_exif = encode(image, quality=90, progressive=True, exif=b"Exif\x00\x00" + bytes(300))
+    assert gpu.is_progressive(torch.frombuffer(bytearray(with_exif), dtype=torch.uint8)) is True
+    assert gpu.is_progressive(b"not a jpeg") is False
+
+
+def test_a_batch_mixing_baseline_and_progressive_jpegs_decodes_each_as_alone_and_counts_them():
+    rng = np.random.default_rng(6)
+    images = [noise(rng, int(rng.integers(17, 32)), int(rng.integers(17, 32))) for _ in range(6)]
+    progressive = [True, False, False, True, False, True]
+    jpegs = [encode(im, quality=90, progressive=p) for im, p in zip(images, progressive)]
+    boxes = [(1, 2, 15, 14)] * 6
+    flips = [i % 2 == 0 for i in range(6)]
+    decoder = DeviceDecoder(CROP, "cpu")
+    batch = decoder(_raw_batch(jpegs, boxes, flips))
+    assert decoder.progressive == 3 and batch.labels.tolist() == list(range(6))
+    for i, jpeg in enumerate(jpegs):
+        alone = DeviceDecoder(CROP, "cpu")(_raw_batch([jpeg], boxes[:1], flips[i:i + 1]))
+        assert torch.equal(batch.images[i], alone.images[0]), i
+    pieces = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    full = decoder._decode(pieces, [f"k{i}" for i in range(6)])
+    assert all(torch.equal(full[i], decode_jpeg(pieces[i])) for i in range(6))
+    assert decoder.progressive == 6
+
+
+def test_the_device_loader_exposes_how_many_progressive_jpegs_it_decoded(tmp_path):
+    # every 5th JPEG progressive, and labelled 1: training draws shards with replacement
+    samples = jpeg_samples(10, 2, label_of=lambda i: int(i % 5 == 0))
+    path = write_shards(tmp_path / "shards", samples, per_shard=10, num_classes=2)
+    loader = make_loader(path, "train", train=True, batch_size=5, recipe="imagenet", crop=CROP,
+                         workers=0, decode="gpu", device="cpu", seed=0)
+    loader.set_epoch(0)
+    try:
+        labels = [label for b in loader for label in b.labels.tolist()]
+        assert len(labels) == 10 and 0 < sum(labels) < 10
+        assert loader.progressive == sum(labels)
+    finally:
+        loader.close()
