@@ -63,7 +63,7 @@ class ModelDefaults:
     t: int | None = 2
     r: int | None = 1
     unit: str | None = "bottleneck"
-    eval_crop: dict[str, int] = field(default_factory=lambda: {"imagenet": 224, "cifar": 32})
+    eval_crop: dict[str, int] = field(default_factory=dict)  # per stem, where not the recipe's
     mask_activation: str | None = "mixed"
     combination: str | None = "arl"
     mask_structure: str | None = "encoder_decoder"
@@ -232,7 +232,7 @@ def attention56(**options: Any) -> ResidualAttentionNet:
 
 @register_model(ModelDefaults(
     92, "imagenet", "Attention-92, pre-activation bottleneck units",
-    eval_crop={"imagenet": 320, "cifar": 32},  # Table 7 evaluates Attention-92 at 320
+    eval_crop={"imagenet": 320},  # Table 7 evaluates Attention-92 at 320
 ))
 def attention92(**options: Any) -> ResidualAttentionNet:
     """Attention-92 (Table 2): modules (1, 2, 3) on ImageNet, as in the official prototxt, and
@@ -276,7 +276,7 @@ def attentionnext56(**options: Any) -> ResidualAttentionNet:
 
 @register_model(ModelDefaults(
     56, "imagenet", "AttentionInception-56, Inception-ResNet-A units", unit="inception",
-    eval_crop={"imagenet": 299, "cifar": 32},  # Table 7 evaluates it at 299
+    eval_crop={"imagenet": 299},  # Table 7 evaluates it at 299
 ))
 def attentioninception56(**options: Any) -> ResidualAttentionNet:
     """AttentionInception-56 (Table 7): Attention-56's layout, one module in each of stages 1-3,

@@ -321,19 +321,21 @@ class ModelSource:
     """Where a model comes from, resolved from a reference."""
 
     ref: str  # as the user wrote it
-    kind: str  # "registry", "run" or "checkpoint"
+    kind: str  # "registry", "run", "checkpoint" or "files" (a logged model's side-file directory)
     name: str | None = None  # registered model name
     version: str | None = None  # registered version
     run_id: str | None = None  # the training run
     model_uri: str | None = None  # what to download: models:/NAME/VERSION or the logged model
     model_id: str | None = None  # MLflow 3 logged-model id (m-...), when known
-    path: str | None = None  # checkpoint file
+    path: str | None = None  # checkpoint file, or the side-file directory
 
     @property
     def label(self) -> str:
         """``name/version``, the checkpoint directory's name, or the run id."""
         if self.name and self.version:
             return f"{self.name}/{self.version}"
+        if self.path and self.kind == "files":
+            return self.path
         if self.path:
             return Path(self.path).parent.name or self.path
         return self.run_id or self.ref

@@ -12,7 +12,7 @@ from ran.config import parse_config
 from ran.data.gpu import DeviceLoader
 from ran.data.read import Loader
 from ran.data.write import build_shards
-from ran.runtime import evaluate
+from ran.runtime import ModelBundle
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def test_trainer_trains_and_validates_every_sample_on_the_device_pipeline(jpeg_d
     assert val["val_samples"] == 13 and val["val_skipped"] == 0
 
     # The same model through the workers' CPU decode: the same samples, nearly the same pixels.
-    cpu = evaluate(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
-                   trainer.cfg.data.path, "val", workers=0, device=torch.device("cpu"))
+    cpu = ModelBundle.build(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
+                            device=torch.device("cpu")).evaluate(trainer.cfg.data.path, "val", workers=0)
     assert cpu["images"] == 13
     assert cpu["loss"] == pytest.approx(val["val_loss"], rel=1e-2)
 
