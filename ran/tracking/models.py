@@ -4,16 +4,19 @@ gate's reads and writes).
 
 A model ``ran train`` logs has two flavors in one MLmodel:
 
-- ``pytorch`` (pt2 format, exported from a normalised float NCHW example of batch 2):
-  ``mlflow.pytorch.load_model`` gives an ``nn.Module``;
 - ``python_function`` whose loader is :mod:`ran.serving` (imported by name, as MLflow does; ``ran``
   must be installed where the model is served): it takes image bytes (raw, or base64 in JSON) and
   uint8 HWC arrays, applies the job's eval transform and returns the top-5 classes. The signature
   and the input example (one base64 JPEG) describe that interface.
+- ``pytorch`` (pt2 format, exported from a normalised float NCHW example of batch 2): for readers
+  without ``ran`` (``mlflow.pytorch.load_model`` gives an ``nn.Module``, README "Serving"); ran
+  itself never reads it (an exported program has no ``return_masks`` and no eval transform).
 
-Beside them, under ``data/ran/``: ``config.yaml`` (the resolved job config), ``classes.json``
-and ``state_dict.pt``, from which :func:`ran.runtime.load_model` and the pyfunc rebuild our own
-module class. Aliases are the registry's mutable pointers; model-version stages are deprecated and
+Beside them, under ``data/ran/``, everything a :class:`ran.runtime.ModelBundle` needs, and the
+only files ran reads back (:func:`ran.runtime.read_model`, for every verb and for the pyfunc):
+``config.yaml`` (the resolved job config, with ``data.eval_crop`` pinned to the crop the model was
+validated at, so a later change of a default cannot move it), ``classes.json`` and
+``state_dict.pt``. Aliases are the registry's mutable pointers; model-version stages are deprecated and
 not used.
 """
 
