@@ -12,10 +12,17 @@ shared with other jobs:
 - baseline: ``torchvision.datasets.ImageFolder`` + ``DataLoader`` + RandomResizedCrop(224),
   RandomHorizontalFlip, ToTensor, Normalize (CIFAR: RandomCrop(32, padding=4) instead).
 
+``--scaling`` measures instead how the CPU path scales: ``make_loader(train=True)`` on the JPEG
+shards at 1, 2, 4, ... loader workers up to the cores (``--max-workers``), each after a warm-up
+epoch, with images per second, the main process's CPU seconds per batch (the training process:
+its pin-memory thread included) and the workers' CPU seconds per batch, and the ratios against
+1 worker (``img_s_vs_1_worker``; ideal: the worker count while cores are free).
+
 Prints one JSON object. ``--images``/``--cifar-images`` trade run time for steadier figures; the
 default run takes about a minute on 2 idle cores.
 
     python benchmarks/data_speed.py [--workers 2] [--images 512] [--cifar-images 5120]
+    python benchmarks/data_speed.py --scaling [--max-workers 16] [--images 1024]
 """
 
 from __future__ import annotations
@@ -150,14 +157,80 @@ def compare(name: str, folder: str, shards: str, *, recipe: str, crop: int, batc
     }
 
 
+def worker_counts(max_workers: int) -> list[int]:
+    """1, 2, 4, ... below ``max_workers``, then ``max_workers`` itself."""
+    counts, n = [], 1
+    while n < max_workers:
+        counts.append(n)
+        n *= 2
+    return counts + [max_workers]
+
+
+def scaling(shards: str, *, recipe: str, crop: int, batch_size: int, max_workers: int,
+            epochs: int, pin_memory: bool) -> list[dict]:
+    """The CPU path at each worker count: img/s, CPU seconds per batch in the main process and in
+    the workers, and img/s relative to 1 worker."""
+    rows = []
+    for workers in worker_counts(max_workers):
+        loader = make_loader(shards, "train", train=True, batch_size=batch_size, recipe=recipe,
+                             crop=crop, workers=workers, seed=0, pin_memory=pin_memory)
+        best = None
+        for epoch in range(epochs + 1):  # epoch 0 starts the workers and warms up
+            loader.set_epoch(epoch)
+            pids = _worker_pids(loader.dataloader)() if epoch else []
+            main_start = time.process_time()
+            workers_start = sum(process_cpu(p) for p in pids)
+            start, images, batches = time.perf_counter(), 0, 0
+            for batch in loader:
+                images += len(batch.labels)
+                batches += 1
+            wall = time.perf_counter() - start
+            main_cpu = time.process_time() - main_start
+            workers_cpu = sum(process_cpu(p) for p in pids) - workers_start
+            if epoch and (best is None or images / wall > best["img_s"]):
+                best = {"workers": workers, "img_s": round(images / wall, 1),
+                        "main_cpu_ms_per_batch": round(1e3 * main_cpu / batches, 2),
+                        "workers_cpu_ms_per_batch": round(1e3 * workers_cpu / batches, 1),
+                        "main_cpu_share": round(main_cpu / max(main_cpu + workers_cpu, 1e-9), 4),
+                        "batches": batches}
+        loader.close()
+        rows.append(best)
+    for row in rows:
+        row["img_s_vs_1_worker"] = round(row["img_s"] / rows[0]["img_s"], 3)
+        row["main_cpu_per_batch_vs_1_worker"] = round(
+            row["main_cpu_ms_per_batch"] / max(rows[0]["main_cpu_ms_per_batch"], 1e-9), 3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=512, help="ImageNet-like JPEGs")
     parser.add_argument("--cifar-images", type=int, default=5120, help="32x32 PNGs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per round (best counts)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only the CPU path at 1, 2, 4, ... workers (see the module docstring)")
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main process only receives batches; leave the cores to workers
+    if args.scaling:
+        with tempfile.TemporaryDirectory(prefix="ran-data-scaling-") as tmp:
+            jpeg_dir = os.path.join(tmp, "jpeg")
+            write_folder(jpeg_dir, args.images, 10, None, "JPEG", seed=0)
+            build_shards("imagefolder", jpeg_dir, os.path.join(tmp, "shards"), samples_per_shard=100,
+                         workers=min(2, args.max_workers), progress=False)
+            rows = scaling(os.path.join(tmp, "shards"), recipe="imagenet", crop=224,
+                           batch_size=args.batch_size, max_workers=args.max_workers,
+                           epochs=args.epochs, pin_memory=torch.cuda.is_available())
+        print(json.dumps({
+            "benchmark": "data_speed --scaling",
+            "host": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
+                     "python": platform.python_version(), "torch": torch.__version__},
+            "case": "imagenet-like jpeg ~500x375 q90 -> 224, train transform",
+            "images": args.images, "batch_size": args.batch_size, "scaling": rows,
+        }, indent=1))
+        return
 
     results = []
     with tempfile.TemporaryDirectory(prefix="ran-data-speed-") as tmp:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ran.data import DEFAULT_MAX_PIXELS
+from ran.data import DEFAULT_MAX_PIXELS, check_decode
 
 
 class ConfigError(ValueError):
@@ -255,9 +255,7 @@ class JobConfig(_Section):
             raise ValueError("set train.epochs or schedule.total_steps: the run needs a length")
         if self.schedule.total_steps and any(m > self.schedule.total_steps for m in self.schedule.milestones):
             raise ValueError("schedule.milestones must not exceed schedule.total_steps")
-        if self.data.decode == "gpu" and self.data.recipe != "imagenet":
-            raise ValueError("data.decode=gpu decodes JPEGs for the imagenet recipe; set "
-                             "data.decode to cpu or auto for the cifar recipe")
+        check_decode(self.data.decode, self.data.recipe)  # the data path's own rule (a ValueError)
         if self.train.sync_batchnorm and not self.scaling.use_gpu:
             raise ValueError("train.sync_batchnorm needs scaling.use_gpu=true (PyTorch's "
                              "SyncBatchNorm is GPU-only)")

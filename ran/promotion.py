@@ -5,8 +5,9 @@ the version that holds it now, on the same data:
 
 - by default on the validation metrics recorded when the versions were registered (version tags
   ``val_top1``, ``val_top5``, ``val_loss``), which compare only if both runs validated on the same
-  shards and split (their ``data.path`` and ``data.val_split`` params); otherwise it refuses and
-  asks for ``--eval-data``;
+  data by content (the digest of the validation split each run logged as its MLflow dataset,
+  :mod:`ran.tracking.basis`: the same shards at two paths are the same data); otherwise it refuses
+  and asks for ``--eval-data``;
 - with ``--eval-data PATH``, on a fresh evaluation of both versions on those shards.
 
 A version whose recorded metrics or weights are not finite (a diverged run) is refused whatever
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ran import runtime, tracking
-from ran.tracking import DATA_PARAMS
+from ran.tracking.basis import Basis, run_basis
 from ran.tracking.validate import check_alias
 
 
@@ -45,6 +46,7 @@ class Standing:
     top5: float | None = None
     loss: float | None = None
     basis: str = ""  # what the metrics were measured on, for messages and tags
+    data: Basis | None = None  # the recorded validation data (None: evaluated here on one path)
 
 
 @dataclass
@@ -67,15 +69,15 @@ class Decision:
 
 
 def recorded_standing(mv: Any) -> Standing:
-    """The validation metrics recorded with a version, and the data they were measured on."""
+    """The validation metrics recorded with a version, and the data they were measured on (by
+    content: :func:`ran.tracking.basis.run_basis`)."""
     tags = mv.tags or {}
     if "val_top1" not in tags:
         raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded val_top1 tag; "
                              "pass --eval-data PATH to evaluate it")
-    params = tracking.run_params(mv.run_id)
-    path, split = (params.get(k, "?") for k in DATA_PARAMS)
+    data = run_basis(mv.run_id)
     return Standing(str(mv.version), float(tags["val_top1"]), _float(tags.get("val_top5")),
-                    _float(tags.get("val_loss")), basis=f"{path} [{split}] (recorded)")
+                    _float(tags.get("val_loss")), basis=f"{data.where} (recorded)", data=data)
 
 
 def _float(text: str | None) -> float | None:
@@ -180,7 +182,7 @@ def promote(name: str, version: str, alias: str = "champion", *, min_top1: float
     else:
         candidate = recorded_standing(mv)
         holder = recorded_standing(holder_mv) if holder_mv else None
-        if holder is not None and holder.basis != candidate.basis:
+        if holder is not None and not candidate.data.same_data(holder.data):
             raise PromotionError(
                 f"recorded metrics are not comparable: version {candidate.version} validated on "
                 f"{candidate.basis}, version {holder.version} on {holder.basis}; pass --eval-data "

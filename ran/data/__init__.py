@@ -27,10 +27,29 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # largest JPEG is under 16 MB).
 MAX_MEMBER_BYTES = 64 << 20
 
+# ``data.decode``: who decodes training JPEGs (ran.data.gpu.resolve_decode says how each runs).
+DECODE_MODES = ("cpu", "gpu", "auto")
+
+
+def check_decode(decode: str, recipe: str) -> str:
+    """The one rule between ``data.decode`` and ``data.recipe`` (the config and the loader both
+    ask it): ``decode`` is one of :data:`DECODE_MODES`, and ``gpu`` needs the imagenet recipe
+    (CIFAR-size PNGs decode on the CPU faster than a device round trip). Returns ``decode``.
+
+    Raises:
+        DataError: an unknown mode, or ``gpu`` with another recipe.
+    """
+    if decode not in DECODE_MODES:
+        raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if decode == "gpu" and recipe != "imagenet":
+        raise DataError(f"data.decode=gpu decodes JPEGs for the imagenet recipe, not {recipe!r}; "
+                        "set data.decode to cpu or auto")
+    return decode
+
 
 _LAZY = {
-    "Batch": "ran.data.read",
-    "Loader": "ran.data.read",
+    "Batch": "ran.data.batches",
+    "Loader": "ran.data.batches",
     "make_loader": "ran.data.read",
     "read_manifest": "ran.data.read",
     "normalizer": "ran.data.transforms",
@@ -39,7 +58,7 @@ _LAZY = {
     "write_synthetic": "ran.data.synth",
 }
 
-__all__ = ["DataError", "DEFAULT_MAX_PIXELS", "MAX_MEMBER_BYTES", *_LAZY]
+__all__ = ["DataError", "DEFAULT_MAX_PIXELS", "MAX_MEMBER_BYTES", "DECODE_MODES", "check_decode", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

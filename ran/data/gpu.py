@@ -1,5 +1,5 @@
 """Device decoding (``data.decode: gpu``): loader workers read shard bytes, the training device
-decodes JPEGs and runs the ImageNet transforms on whole batches.
+decodes JPEGs and runs the ImageNet training transforms on whole batches.
 
 Why: a GPU trains Attention-56 faster than 15-25 CPU cores decode ImageNet JPEGs for it. nvJPEG
 (``torchvision.io.decode_jpeg(list, device="cuda")``; A100-class GPUs and newer decode baseline
@@ -8,19 +8,26 @@ and lighting run on the device as well.
 
 The split of work:
 
-- Loader workers (:class:`RawShardDataset`, in their own processes as on the CPU path) read the
-  shards, split them between ranks and workers, shuffle and count skipped samples exactly as
-  :class:`ran.data.read.ShardDataset` does, and draw every random choice with the same generator
-  calls in the same order (crop box, flip, lighting). For a JPEG the device decoder takes (8-bit,
-  3 components, baseline/extended/progressive) they read only its frame header, for the image size
-  that the crop box needs, and pass its bytes on. Every other sample (PNG and the rest, grey, CMYK
-  and arithmetic-coded JPEGs) is decoded and transformed on the CPU as the CPU path does, so a
-  corrupt or unreadable one is skipped and counted there. A worker yields a :class:`RawBatch`.
-- The training process (:class:`DeviceLoader`, a :class:`ran.data.read.Loader`) hands each raw batch
-  to :class:`DeviceDecoder` on a background thread (its own CUDA stream on a GPU, one batch ahead)
-  and yields :class:`ran.data.read.Batch` es whose uint8 images and int64 labels are already on the
-  device. A JPEG the device cannot decode is dropped from its batch and counted in ``skipped``
-  (that batch is then one sample short; the CPU path fills it from the next sample instead).
+- Loader workers run the one :class:`ran.data.read.ShardDataset` with :class:`RawCollector` as its
+  collector: the same shards, split, shuffle and skipped-sample accounting as the CPU path, and
+  every random choice drawn with the same generator calls in the same order (crop box, flip,
+  lighting). For a JPEG the device decoder takes (8-bit, 3 components, baseline/extended/
+  progressive) they read only its frame header, for the image size that the crop box needs, and
+  pass its bytes on. Every other sample (PNG and the rest, grey, CMYK and arithmetic-coded JPEGs)
+  is decoded and transformed on the CPU as the CPU path does, so a corrupt or unreadable one is
+  skipped and counted there. A worker yields a :class:`RawBatch`.
+- The training process (:class:`DeviceLoader`) hands each raw batch to :class:`DeviceDecoder` on a
+  background thread (its own CUDA stream on a GPU, one batch ahead) and yields
+  :class:`ran.data.batches.Batch` es whose uint8 images and int64 labels are already on the
+  device. The decoder crops, resizes, flips and lights the whole batch in a fixed number of
+  operations (:func:`place`: one gather of the crop boxes, two batched matrix products with
+  per-image antialiasing weights), and uploads what it needs in one copy from pinned buffers it
+  reuses, so the host never waits for the device. A JPEG the device cannot decode is dropped
+  from its batch and counted in ``skipped`` (that batch is then one sample short; the CPU path
+  fills it from the next sample instead).
+
+Only training batches take this path: evaluation decodes with the eval transform in the workers
+(:func:`resolve_decode`), so the validation pixels are the ones ``ran eval`` and serving see.
 
 Everything runs on a CPU too (``device="cpu"``: libjpeg-turbo through the same torchvision call),
 which is how CI tests this pipeline. The CPU path's reduced-size JPEG decode (DCT scaling) has no
@@ -39,40 +46,39 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ran.data import DataError
-from ran.data.read import (MIN_SAMPLES_FOR_BAD_CHECK, Batch, Loader, ShardDataset, _batch_tensor,
-                           _Health)
+from ran.data import check_decode
+from ran.data.batches import Batch, Health, Loader, batch_tensor
 from ran.data.transforms import (ImageNetEval, ImageNetTrain, Transform, add_saturating, center_box,
                                  check_pixels, jpeg_header, random_resized_box)
 
 log = logging.getLogger("ran.data")
 
-DECODE_MODES = ("cpu", "gpu", "auto")
 DEVICE_JPEG_MARKERS = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive Huffman
 PREFETCH_BATCHES = 2  # device batches made ahead of the training loop
+STAGING_BUFFERS = PREFETCH_BATCHES + 1  # pinned upload buffers, reused in turn
 
 
-def resolve_decode(decode: str, recipe: str, device: torch.device | str | None) -> str:
-    """``data.decode`` as it runs: ``"cpu"`` (workers decode) or ``"gpu"`` (the device decodes).
+def resolve_decode(decode: str, recipe: str, device: torch.device | str | None, *,
+                   train: bool = True) -> str:
+    """``data.decode`` as it runs for a loader: ``"cpu"`` (workers decode) or ``"gpu"`` (the
+    device decodes).
 
     ``auto`` is ``gpu`` on a CUDA device with the imagenet recipe, else ``cpu``; ``gpu`` on a CPU
-    device runs the same device pipeline on the CPU.
+    device runs the same device pipeline on the CPU. Evaluation (``train=False``) is always
+    ``cpu``: its pixels come from the model's eval transform, the one ``ran eval`` and the served
+    model use, so the top-1 a run records is the one they reproduce.
 
     Raises:
-        DataError: an unknown mode, or ``gpu`` with a recipe other than imagenet (CIFAR-size PNGs
-            decode on the CPU faster than a device round trip).
+        DataError: :func:`ran.data.check_decode` (an unknown mode, ``gpu`` with the cifar recipe).
     """
-    if decode not in DECODE_MODES:
-        raise DataError(f"data.decode={decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    check_decode(decode, recipe)
+    if not train:
+        return "cpu"
     if decode == "auto":
         on_gpu = device is not None and torch.device(device).type == "cuda"
         return "gpu" if on_gpu and recipe == "imagenet" else "cpu"
-    if decode == "gpu" and recipe != "imagenet":
-        raise DataError(f"data.decode=gpu decodes JPEGs for the imagenet recipe, not {recipe!r}; "
-                        "set data.decode to cpu or auto")
     return decode
 
 
@@ -129,11 +135,13 @@ class RawBatch(NamedTuple):
     skipped: int  # samples dropped since the previous batch of this loader worker
 
 
-class _RawCollector:
-    """Samples of one raw batch as a worker gathers them."""
+class RawCollector:
+    """The device path's collector for :class:`ran.data.read.ShardDataset` (see
+    :class:`ran.data.read.PixelCollector` for the protocol): JPEG bytes with their crop box and
+    flip for the device, anything else decoded here; ``finish`` returns a :class:`RawBatch`."""
 
-    def __init__(self, transform: Transform):
-        self.transform = transform
+    def __init__(self, transform: Transform, batch_size: int, rng: random.Random):
+        self.transform, self.rng = transform, rng
         self.jpegs: list[bytes] = []
         self.keys: list[str] = []
         self.slots: list[int] = []
@@ -146,16 +154,16 @@ class _RawCollector:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def add(self, key: str, data: bytes, label: int, rng: random.Random) -> None:
+    def add(self, key: str, data: bytes, label: int) -> None:
         """Queue a JPEG for the device, or decode anything else here (exceptions: unreadable;
         ImageTooLarge when the header is over ``data.max_pixels``, before any decode)."""
         size = device_jpeg_size(data)
         if size is None:
-            self.decoded.append(self.transform.sample(data, rng))
+            self.decoded.append(self.transform.sample(data, self.rng))
             self.decoded_slots.append(len(self.labels))
         else:
             check_pixels(size[0], size[1], self.transform.max_pixels)
-            box, flip = jpeg_params(self.transform, size[0], size[1], rng)
+            box, flip = jpeg_params(self.transform, size[0], size[1], self.rng)
             self.jpegs.append(data)
             self.keys.append(key)
             self.slots.append(len(self.labels))
@@ -163,17 +171,17 @@ class _RawCollector:
             self.flips.append(flip)
         self.labels.append(label)
 
-    def batch(self, rng: random.Random, skipped: int) -> RawBatch:
+    def finish(self, skipped: int) -> RawBatch:
         """The raw batch; draws the lighting shifts as ``transform.batch`` does on the CPU path."""
         t, n = self.transform, len(self.labels)
-        offsets = ([t.lighting_offsets(rng) for _ in range(n)]
+        offsets = ([t.lighting_offsets(self.rng) for _ in range(n)]
                    if isinstance(t, ImageNetTrain) and t.lighting > 0 else [])
-        data = _batch_tensor((sum(len(j) for j in self.jpegs),))
+        data = batch_tensor((sum(len(j) for j in self.jpegs),))
         array, pos = data.numpy(), 0
         for jpeg in self.jpegs:
             array[pos:pos + len(jpeg)] = np.frombuffer(jpeg, dtype=np.uint8)
             pos += len(jpeg)
-        decoded = _batch_tensor((len(self.decoded), 3, t.crop, t.crop))
+        decoded = batch_tensor((len(self.decoded), 3, t.crop, t.crop))
         if self.decoded:
             torch.stack(self.decoded, out=decoded)
         return RawBatch(
@@ -186,71 +194,211 @@ class _RawCollector:
             torch.tensor(self.labels, dtype=torch.int64), skipped)
 
 
-class RawShardDataset(ShardDataset):
-    """:class:`ShardDataset` whose workers yield :class:`RawBatch` es (see the module docstring):
-    the same shards, order, random draws and skipped-sample accounting."""
+# ---------------------------------------------------------------------------------------------
+# Crop, resize and flip a whole batch
 
-    def _assemble(self, items: Iterator[Any], rng: random.Random, health: _Health,
-                  limit: int | None) -> Iterator[RawBatch]:  # type: ignore[override]
-        # The control flow of ShardDataset._assemble, collecting bytes instead of pixels.
-        if limit == 0:
-            return
-        made = 0
-        collector = _RawCollector(self.transform)
 
-        def collect(key: str, data: bytes, label: int) -> None:
-            collector.add(key, data, label, rng)
+GEOMETRY = ("offset", "height", "width", "left", "top", "box_w", "box_h", "flip")  # columns
+# Padded box pixels one place() call holds (x 4 bytes as float32, plus the index of each row):
+# 256 crops of up to 500 x 500 px fit in one call; a batch with a huge image is cut in groups.
+PLACE_BUDGET = 1 << 28
 
-        for _ in self._good_samples(items, health, collect):
-            if len(collector) == self.batch_size:
-                yield collector.batch(rng, health.take_pending())
-                made += 1
-                if made == limit:
-                    return
-                collector = _RawCollector(self.transform)
-        if len(collector):
-            yield collector.batch(rng, health.take_pending())
+
+def resize_weights(sizes: torch.Tensor, length: int, out: int,
+                   flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Antialiased bilinear resampling weights, float32 ``(J, out, length)``: row ``x`` of image
+    ``j`` weighs source pixels ``0 .. sizes[j] - 1`` of a line (pixels at ``sizes[j]`` and beyond,
+    padding, weigh 0) into output pixel ``x`` (``out - 1 - x`` where ``flips[j]``).
+
+    The triangle filter widened by the downscale factor, normalised per output pixel, as
+    ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)`` computes it (ATen's
+    ``_compute_indices_min_size_weights_aa``). ``sizes``: int64 ``(J,)`` on the target device.
+    """
+    size = sizes.to(torch.float32)[:, None, None]  # (J, 1, 1)
+    scale = size / out
+    support = scale.clamp(min=1.0)
+    x = torch.arange(out, device=sizes.device, dtype=torch.float32)[None, :, None]  # (1, out, 1)
+    if flips is not None:
+        x = torch.where(flips[:, None, None], out - 1 - x, x)
+    center = scale * (x + 0.5)  # (J, out, 1)
+    low = (center - support + 0.5).floor().clamp(min=0)
+    high = torch.minimum((center + support + 0.5).floor(), size)
+    src = torch.arange(length, device=sizes.device, dtype=torch.float32)  # (length,)
+    weights = (1 - ((src - center + 0.5) / support).abs()).clamp(min=0)
+    weights = weights * ((src >= low) & (src < high))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def _flat_layout(decoded: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """Each ``(3, H, W)`` image as a flat view of its memory, and whether that memory is HWC
+    (libjpeg on a CPU) rather than CHW (nvJPEG); an image in the other layout is copied."""
+    hwc = decoded[0].permute(1, 2, 0).is_contiguous()
+    flat = []
+    for image in decoded:
+        view = image.permute(1, 2, 0) if hwc else image
+        flat.append(view.contiguous().view(-1))  # a view, unless the layout differs
+    return flat, hwc
+
+
+def place(decoded: list[torch.Tensor], geometry: torch.Tensor, box_max: tuple[int, int],
+          crop: int) -> torch.Tensor:
+    """Crop each decoded image to its box, resize it to ``crop`` x ``crop`` (bilinear,
+    antialiased, rounded to uint8) and flip it where asked, in a fixed number of operations
+    whatever the batch size: uint8 ``(J, 3, crop, crop)`` on the images' device.
+
+    ``decoded``: J uint8 ``(3, H_j, W_j)`` images (CHW or HWC memory, all alike). ``geometry``:
+    int64 ``(J, 8)`` on the same device, columns :data:`GEOMETRY` (``offset`` is where the image
+    starts in the concatenation of all of them). ``box_max``: the largest box (height, width).
+
+    How: the images are concatenated once; a strided window view over them gives every box row
+    by one index operation (a ``(J, 3, Hb, Wb)`` uint8 tensor, rows and columns padded to the
+    largest box); two batched matrix products with per-image weights (:func:`resize_weights`,
+    the flip folded into the horizontal ones) resize all boxes at once.
+    """
+    device = geometry.device
+    hb, wb = box_max
+    flat_views, hwc = _flat_layout(decoded)
+    step = 3 if hwc else 1  # between horizontally adjacent pixels of one channel
+    total = sum(v.numel() for v in flat_views)
+    flat = torch.cat([*flat_views, torch.zeros((wb - 1) * step, dtype=torch.uint8, device=device)])
+    windows = flat.as_strided((total, wb), (1, step))  # row i: wb pixels of one channel from i
+    offset, height, width, left, top, box_w, box_h, flip = geometry.unbind(1)
+    channel_stride = torch.ones_like(offset) if hwc else height * width
+    row_stride = width * step
+    rows = torch.arange(hb, device=device)[None, None, :]  # (1, 1, Hb)
+    rows = torch.minimum(rows, (box_h - 1)[:, None, None])  # padding rows repeat the last one
+    channels = torch.arange(3, device=device)[None, :, None]
+    starts = (offset[:, None, None] + channels * channel_stride[:, None, None]
+              + (top[:, None, None] + rows) * row_stride[:, None, None] + (left * step)[:, None, None])
+    boxes = windows[starts.view(-1)].view(len(decoded), 3 * hb, wb).to(torch.float32)
+    j = len(decoded)  # both axes' weights in one call: widths (flipped where asked), then heights
+    weights = resize_weights(torch.cat([box_w, box_h]), max(wb, hb), crop,
+                             torch.cat([flip.bool(), torch.zeros_like(flip, dtype=torch.bool)]))
+    across, down = weights[:j, :, :wb], weights[j:, :, :hb]  # (J, crop, Wb), (J, crop, Hb)
+    lines = torch.bmm(boxes, across.transpose(1, 2)).view(j, 3, hb, crop)
+    out = torch.matmul(down[:, None], lines)  # (J, 3, crop, crop)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def place_groups(indices: list[int], boxes: list[list[int]], budget: int | None = None) -> list[list[int]]:
+    """``indices`` split into the groups :func:`place` resizes together: sorted by box area, so
+    that boxes of a like size share their padding, and cut where a group's padded boxes
+    (``len(group) * 3 * max height * max width``) would pass ``budget`` (``PLACE_BUDGET``). A
+    batch of ImageNet-size crops is one group; a huge image only splits its batch in a few."""
+    budget = PLACE_BUDGET if budget is None else budget
+    groups: list[list[int]] = []
+    group: list[int] = []
+    high = wide = 0
+    for i in sorted(indices, key=lambda i: boxes[i][2] * boxes[i][3]):
+        h, w = max(high, boxes[i][3]), max(wide, boxes[i][2])
+        if group and (len(group) + 1) * 3 * h * w > budget:
+            groups.append(group)
+            group, h, w = [], boxes[i][3], boxes[i][2]
+        group.append(i)
+        high, wide = h, w
+    return groups + [group] if group else groups
+
+
+# ---------------------------------------------------------------------------------------------
+# The device side
+
+
+class _Staging:
+    """Pinned host buffers (on a CUDA device) that carry each batch's small tensors to the device
+    in one copy; reused in turn, each only once the copy out of it has finished."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: list[torch.Tensor | None] = [None] * STAGING_BUFFERS
+        self.events: list[Any] = [None] * STAGING_BUFFERS
+        self.turn = 0
+
+    def upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``parts`` (CPU tensors) as tensors on the device, in the same order, shapes and dtypes."""
+        if self.device.type != "cuda":
+            return parts
+        raw = [p.contiguous().view(-1).view(torch.uint8) for p in parts]
+        sizes = [(r.numel() + 7) // 8 * 8 for r in raw]  # each part starts 8-byte aligned
+        need = sum(sizes)
+        slot = self.turn % STAGING_BUFFERS
+        self.turn += 1
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()  # its copy, STAGING_BUFFERS batches ago, is long done
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < need:
+            buffer = self.buffers[slot] = torch.empty(max(need, 1 << 16), dtype=torch.uint8,
+                                                      pin_memory=True)
+        pos = 0
+        for r, size in zip(raw, sizes):
+            buffer[pos:pos + r.numel()].copy_(r)
+            pos += size
+        on_device = buffer[:need].to(self.device, non_blocking=True)
+        event = self.events[slot] = torch.cuda.Event()
+        event.record()
+        out, pos = [], 0
+        for p, r, size in zip(parts, raw, sizes):
+            out.append(on_device[pos:pos + r.numel()].view(p.dtype).view(p.shape))
+            pos += size
+        return out
 
 
 class DeviceDecoder:
-    """:class:`RawBatch` -> :class:`Batch` on ``device``: JPEG decode (one batched call), crop,
-    resize to ``crop`` x ``crop``, flip, lighting; uint8 ``(N', 3, crop, crop)`` images and int64
-    ``(N',)`` labels on the device, ``N'`` = N minus the JPEGs that failed to decode, which are
-    added to ``skipped`` and logged. Call it under the CUDA stream the work should run on."""
+    """:class:`RawBatch` -> :class:`Batch` on ``device``: JPEG decode (one batched call), then crop,
+    resize to ``crop`` x ``crop``, flip and lighting for the whole batch (:func:`place`); uint8
+    ``(N', 3, crop, crop)`` images and int64 ``(N',)`` labels on the device, ``N'`` = N minus the
+    JPEGs that failed to decode, which are added to ``skipped`` and logged. Call it under the
+    CUDA stream the work should run on; it never waits for the device."""
 
     def __init__(self, crop: int, device: torch.device | str):
         self.crop = crop
         self.device = with_index(device)
         self.failed = 0  # JPEGs that failed to decode on the device so far
+        self.last_reason = ""  # why the last one failed
+        self.staging = _Staging(self.device)
 
-    def __call__(self, raw: RawBatch | Batch) -> Batch:
-        device = self.device
-        if isinstance(raw, Batch):  # an evaluation pass's empty batch that carries skipped counts
-            return Batch(raw.images.to(device), raw.labels.to(device), raw.skipped)
+    def __call__(self, raw: RawBatch) -> Batch:
         n, crop = len(raw.labels), self.crop
-        images = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=device)
-        if len(raw.decoded_slots):
-            images[raw.decoded_slots.to(device)] = raw.decoded.to(device, non_blocking=True)
+        pieces = list(torch.split(raw.jpeg_data, raw.jpeg_sizes.tolist()))
+        decoded = self._decode(pieces, raw.jpeg_keys) if pieces else []
         keep = torch.ones(n, dtype=torch.bool)
-        if len(raw.jpeg_slots):
-            pieces = list(torch.split(raw.jpeg_data, raw.jpeg_sizes.tolist()))
-            slots = raw.jpeg_slots.tolist()
-            decoded = self._decode(pieces, raw.jpeg_keys)
-            for slot, image in zip(slots, decoded):
-                if image is None:
-                    keep[slot] = False
-            self._place(images, slots, raw.jpeg_boxes.tolist(), decoded)
-            flipped = [s for s, f, d in zip(slots, raw.jpeg_flips.tolist(), decoded) if f and d is not None]
-            if flipped:
-                index = torch.tensor(flipped, device=device)
-                images[index] = images[index].flip(-1)
-        if len(raw.lighting):
-            add_saturating(images, raw.lighting.to(device)[:, :, None, None])
-        labels = raw.labels
-        failed = n - int(keep.sum())
-        if failed:
-            images, labels = images[keep.to(device)], labels[keep]
-        return Batch(images, labels.to(device), raw.skipped + failed)
+        keep[raw.jpeg_slots[[i for i, image in enumerate(decoded) if image is None]]] = False
+        position = keep.cumsum(0) - 1  # each kept sample's slot in the output
+        boxes = raw.jpeg_boxes.tolist()
+        groups = place_groups([i for i, image in enumerate(decoded) if image is not None], boxes)
+        order = [i for group in groups for i in group]
+        geometry = self._geometry([[decoded[i] for i in group] for group in groups],
+                                  raw.jpeg_boxes[order], raw.jpeg_flips[order],
+                                  position[raw.jpeg_slots[order]])
+        lighting = raw.lighting[keep] if len(raw.lighting) else raw.lighting
+        geometry, decoded_dest, labels, lighting, cpu_images = self.staging.upload(
+            [geometry, position[raw.decoded_slots], raw.labels[keep], lighting, raw.decoded])
+        images = torch.empty((int(keep.sum()), 3, crop, crop), dtype=torch.uint8, device=self.device)
+        start = 0
+        for group in groups:
+            rows = geometry[start:start + len(group)]
+            start += len(group)
+            box_max = (max(boxes[i][3] for i in group), max(boxes[i][2] for i in group))
+            images.index_copy_(0, rows[:, 8], place([decoded[i] for i in group], rows[:, :8], box_max, crop))
+        if len(cpu_images):
+            images.index_copy_(0, decoded_dest, cpu_images)
+        if len(lighting):
+            add_saturating(images, lighting[:, :, None, None])
+        return Batch(images, labels, raw.skipped + n - len(labels))
+
+    @staticmethod
+    def _geometry(groups: list[list[torch.Tensor]], boxes: torch.Tensor, flips: torch.Tensor,
+                  dest: torch.Tensor) -> torch.Tensor:
+        """int64 ``(J, 9)``: :data:`GEOMETRY` of each decoded image (offsets counted within its
+        group), then its output slot; rows in the order of ``groups``."""
+        sizes = torch.tensor([image.shape[1:] for group in groups for image in group],
+                             dtype=torch.int64).view(-1, 2)
+        counts = sizes[:, 0] * sizes[:, 1] * 3
+        offsets, start = counts.cumsum(0) - counts, 0
+        for group in groups:  # each group's concatenation starts at 0
+            offsets[start:start + len(group)] -= offsets[start].clone()
+            start += len(group)
+        return torch.cat([offsets[:, None], sizes, boxes.view(-1, 4), flips.view(-1, 1).long(),
+                          dest.view(-1, 1)], dim=1)
 
     def _decode(self, pieces: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor | None]:
         """Decoded RGB ``(3, H, W)`` uint8 images (None where decoding failed); one batched call,
@@ -266,23 +414,10 @@ class DeviceDecoder:
             except RuntimeError as exc:
                 reason = str(exc).rsplit(", ", 1)[-1]
                 self.failed += 1
-                log.warning("skipped 1 sample: sample %s: corrupt JPEG (device decode): %s", key, reason)
+                self.last_reason = f"sample {key}: corrupt JPEG (device decode): {reason}"
+                log.warning("skipped 1 sample: %s", self.last_reason)
                 decoded.append(None)
         return decoded
-
-    def _place(self, images: torch.Tensor, slots: list[int], boxes: list[list[int]],
-               decoded: list[torch.Tensor | None]) -> None:
-        """Crop each decoded JPEG to its box and resize it into its slot, as the CPU path does
-        (bilinear, antialiased; the float result rounded to uint8)."""
-        size = (self.crop, self.crop)
-        for slot, (left, top, w, h), image in zip(slots, boxes, decoded):
-            if image is None:
-                continue
-            region = image[:, top:top + h, left:left + w]
-            if (h, w) != size:
-                region = F.interpolate(region[None].float(), size=size, mode="bilinear",
-                                       antialias=True, align_corners=False)[0].round_()
-            images[slot].copy_(region)
 
 
 _END = object()
@@ -294,10 +429,11 @@ class DeviceLoader(Loader):
 
     On a GPU the thread works on its own CUDA stream and the training stream waits for each
     batch's event, so the host never synchronises. Bad samples found on the device count towards
-    ``max_bad_fraction`` as the workers' do; past it iteration raises :class:`DataError`.
+    ``max_bad_fraction`` together with the workers' (one :class:`Health` for the rank); past it
+    iteration raises :class:`DataError`.
     """
 
-    def __init__(self, dataset: RawShardDataset, dataloader: Any, num_batches: int,
+    def __init__(self, dataset: Any, dataloader: Any, num_batches: int,
                  num_samples: int, manifest: dict[str, Any], device: torch.device | str | None):
         super().__init__(dataset, dataloader, num_batches, num_samples, manifest)
         self.device = with_index(device or "cpu")
@@ -333,7 +469,8 @@ class DeviceLoader(Loader):
     def _produce(self, items: queue.Queue, stop: threading.Event) -> None:
         cuda = self.device.type == "cuda"
         source = super().__iter__()
-        seen = bad = 0
+        health = Health(f"rank {self.dataset.rank} (workers and device decode)",
+                        self.dataset.max_bad_fraction)
         try:
             if cuda:
                 torch.cuda.set_device(self.device)
@@ -345,26 +482,21 @@ class DeviceLoader(Loader):
                     event = torch.cuda.Event() if stream is not None else None
                     if event is not None:
                         event.record(stream)
-                seen += len(raw.labels) + raw.skipped
-                bad += raw.skipped + self.decoder.failed - failed_before
-                if seen >= MIN_SAMPLES_FOR_BAD_CHECK:
-                    self._check(bad, seen)
+                failed = self.decoder.failed - failed_before
+                if failed:
+                    health.last_reason = self.decoder.last_reason
+                try:
+                    health.tally(len(raw.labels) - failed, raw.skipped + failed)
+                except Exception:
+                    self.close()
+                    raise
                 if not _put(items, (batch, event), stop):
                     return
-            if not self.dataset.train:  # as the workers check at the end of an evaluation pass
-                self._check(bad, seen)
             _put(items, _END, stop)
         except BaseException as exc:  # handed to the consumer, which raises it
             _put(items, exc, stop)
         finally:
             source.close()
-
-    def _check(self, bad: int, seen: int) -> None:
-        limit = self.dataset.max_bad_fraction
-        if bad and bad > limit * seen:
-            self.close()
-            raise DataError(f"{bad} of {seen} samples unreadable on rank {self.dataset.rank} "
-                            f"(workers and device decode), above max_bad_fraction={limit}")
 
 
 def _put(items: queue.Queue, item: Any, stop: threading.Event) -> bool:

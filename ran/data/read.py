@@ -24,7 +24,6 @@ import posixpath
 import random
 import re
 import sys
-import time
 from typing import Any, Iterator, NamedTuple
 
 import torch
@@ -32,24 +31,16 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ran.data import DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, DataError, storage
+from ran.data import gpu
+from ran.data.batches import Batch, Health, Loader, batch_tensor
 from ran.data.transforms import Transform, check_image, check_recipe, make_transform
 
 log = logging.getLogger("ran.data")
 
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
-RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds between attempts to open a shard
-MIN_SAMPLES_FOR_BAD_CHECK = 1000  # judge max_bad_fraction only after this many samples (or at
-# the end of an evaluation pass): over fewer, one unlucky bad sample would look like a high rate
-MAX_SAMPLE_WARNINGS = 5  # per worker; later bad samples are only counted
 
 storage.register_webdataset_opener()
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor  # uint8, (N, 3, H, W); normalise on the device with transforms.normalizer
-    labels: torch.Tensor  # int64, (N,)
-    skipped: int  # samples dropped since the previous batch of this loader worker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +188,11 @@ def iter_tar_members(stream: Any, max_member_bytes: int = MAX_MEMBER_BYTES,
                      ) -> Iterator[tuple[str, bytes | OversizeMember]]:
     """(name, data) of the regular files in an uncompressed tar stream.
 
-    A small reader for ustar/GNU/PAX archives: ``tarfile`` spends more time parsing headers than
-    PNG decoding takes for CIFAR-size images. A member over ``max_member_bytes`` is passed over
+    A small reader for ustar/GNU/PAX archives, kept instead of webdataset's (tarfile-based) for a
+    measured reason: ``benchmarks/tar_reader.py`` on the same shards in one run (2 shared cores,
+    webdataset 1.0.2): reading alone 82 vs 183 us a sample for ~75 kB JPEGs (2.2x) and 24 vs 111 us
+    for 32 px PNGs (4.7x); end to end with the eval decode 1.10x (JPEG) and 1.29x (PNG) faster.
+    Rerun it before replacing either. A member over ``max_member_bytes`` is passed over
     while streaming (never held whole) and yields an :class:`OversizeMember` instead of its data.
     TarFormatError on truncation or a bad header.
     """
@@ -284,18 +278,16 @@ def parse_sample(sample: dict[str, Any], num_classes: int) -> tuple[bytes, int]:
     return image, label
 
 
-def open_shard(url: str, delays: tuple[float, ...] = RETRY_DELAYS) -> Any:
-    """Open a shard, retrying with back-off; credential/config problems (DataError) fail at once."""
-    for attempt in range(len(delays) + 1):
-        try:
-            return storage.open_read(url)
-        except DataError:
-            raise
-        except Exception as exc:
-            if attempt == len(delays):
-                raise OSError(f"{type(exc).__name__}: {exc}") from None
-            time.sleep(delays[attempt])
-    raise AssertionError("unreachable")
+def open_shard(url: str, delays: tuple[float, ...] = storage.RETRY_DELAYS) -> Any:
+    """A binary stream of the shard at ``url``. Transient failures are retried by the one layer
+    that does (:func:`ran.data.storage.open_read`; ``delays`` for http(s)); OSError once they
+    persist, FileNotFoundError, and DataError for what retrying cannot fix (credentials, 403)."""
+    try:
+        return storage.open_read(url, delays)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,54 +324,48 @@ def _share(total: int, part: int, parts: int) -> int:
 # The dataset each loader worker iterates
 
 
-class _Health:
-    """Skipped-sample accounting of one worker, and the max_bad_fraction check."""
+class PixelCollector:
+    """The CPU path's collector: each sample decoded and transformed here, in the loader worker,
+    into one uint8 ``(batch_size, 3, crop, crop)`` tensor (shared memory); ``finish`` applies the
+    transform's batch step (lighting, CIFAR crops) and returns the :class:`Batch`.
 
-    def __init__(self, where: str, max_bad_fraction: float):
-        self.where, self.max_bad_fraction = where, max_bad_fraction
-        self.seen = self.bad = self.pending = self.warnings = 0
-        self.last_reason = ""
+    A collector is the strategy :class:`ShardDataset` gathers a batch with: ``len()`` samples so
+    far, ``add(key, data, label)`` (raises for a sample it cannot use) and ``finish(skipped)``.
+    :class:`ran.data.gpu.RawCollector` is the device path's.
+    """
 
-    def good(self) -> None:
-        self.seen += 1
+    def __init__(self, transform: Transform, batch_size: int, rng: random.Random):
+        self.transform, self.rng = transform, rng
+        self.images = batch_tensor((batch_size, 3, transform.crop, transform.crop))
+        self.labels: list[int] = []
 
-    def skip(self, count: int, reason: str, warn: bool = False) -> None:
-        self.seen += count
-        self.bad += count
-        self.pending += count
-        self.last_reason = reason
-        if warn or self.warnings < MAX_SAMPLE_WARNINGS:
-            self.warnings += not warn
-            log.warning("%s: skipped %d sample(s): %s", self.where, count, reason)
-        if self.seen >= MIN_SAMPLES_FOR_BAD_CHECK:
-            self.check()
+    def __len__(self) -> int:
+        return len(self.labels)
 
-    def take_pending(self) -> int:
-        pending, self.pending = self.pending, 0
-        return pending
+    def add(self, key: str, data: bytes, label: int) -> None:
+        self.images[len(self.labels)] = self.transform.sample(data, self.rng)
+        self.labels.append(label)
 
-    def check(self) -> None:
-        if self.bad and self.bad > self.max_bad_fraction * self.seen:
-            raise DataError(f"{self.bad} of {self.seen} samples unreadable in {self.where}, above "
-                            f"max_bad_fraction={self.max_bad_fraction} (last: {self.last_reason})")
-
-
-def _batch_tensor(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """An uninitialised uint8 batch; in a loader worker, allocated in shared memory right away
-    (as torch's default_collate does) so sending it to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    def finish(self, skipped: int) -> Batch:
+        n, images = len(self.labels), self.images
+        if n < len(images):
+            images = batch_tensor((n, *images.shape[1:]))
+            images.copy_(self.images[:n])
+        if n:
+            images = self.transform.batch(images, self.rng)
+        return Batch(images, torch.tensor(self.labels, dtype=torch.int64), skipped)
 
 
 class ShardDataset(IterableDataset):
-    """Batches of one split; see the module docstring for how work is split."""
+    """Batches of one split; see the module docstring for how work is split. ``collector`` is the
+    strategy a worker gathers each batch with (:class:`PixelCollector` on the CPU path)."""
 
     def __init__(self, shards: list[tuple[str, int]], *, train: bool, batch_size: int,
                  transform: Transform, num_classes: int, rank: int, world_size: int, seed: int,
-                 batches_per_rank: int, shuffle_buffer: int, max_bad_fraction: float):
+                 batches_per_rank: int, shuffle_buffer: int, max_bad_fraction: float,
+                 collector: Any = PixelCollector):
         super().__init__()
+        self.collector = collector
         self.urls = [url for url, _ in shards]
         self.counts = [count for _, count in shards]
         self.train, self.batch_size, self.transform = train, batch_size, transform
@@ -387,13 +373,13 @@ class ShardDataset(IterableDataset):
         self.batches_per_rank, self.shuffle_buffer = batches_per_rank, shuffle_buffer
         self.max_bad_fraction = max_bad_fraction
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # seen by persistent workers
-        self.retry_delays = RETRY_DELAYS
+        self.retry_delays = storage.RETRY_DELAYS  # http(s) shards (S3: botocore's own)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = int(self.epoch[0])
-        health = _Health(f"rank {self.rank} loader worker {worker}", self.max_bad_fraction)
+        health = Health(f"rank {self.rank} loader worker {worker}", self.max_bad_fraction)
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
         if self.train:
             count = _share(self.batches_per_rank, worker, workers)
@@ -404,14 +390,13 @@ class ShardDataset(IterableDataset):
     # -- sample streams: yield (key, sample) or an int = number of samples lost ---------------
 
     def _shard_samples(self, index: int, stride: int, offset: int,
-                       health: _Health) -> Iterator[tuple[str, dict[str, bytes]] | int]:
+                       health: Health) -> Iterator[tuple[str, dict[str, bytes]] | int]:
         url = self.urls[index]
         expected = _strided_count(self.counts[index], stride, offset)
         try:
             stream = open_shard(url, self.retry_delays)
         except OSError as exc:
-            log.warning("shard %s unreachable after %d attempts (%s); skipping its %d samples",
-                        url, len(self.retry_delays) + 1, exc, expected)
+            log.warning("shard %s unreachable (%s); skipping its %d samples", url, exc, expected)
             health.last_reason = f"shard {url} unreachable ({exc})"
             yield expected
             return
@@ -436,7 +421,7 @@ class ShardDataset(IterableDataset):
             health.last_reason = f"shard {url}: {expected - yielded} samples missing"
             yield expected - yielded
 
-    def _resampled(self, rng: random.Random, health: _Health) -> Iterator[Any]:
+    def _resampled(self, rng: random.Random, health: Health) -> Iterator[Any]:
         """Endless shuffled samples from shards drawn at random (weighted by sample count)."""
         weights = list(self.counts)
         buffer: list[Any] = []
@@ -456,13 +441,13 @@ class ShardDataset(IterableDataset):
                     yield buffer[slot]
                     buffer[slot] = item
 
-    def _strided(self, reader: int, readers: int, health: _Health) -> Iterator[Any]:
+    def _strided(self, reader: int, readers: int, health: Health) -> Iterator[Any]:
         for shard, stride, offset in eval_assignment(len(self.urls), reader, readers):
             yield from self._shard_samples(shard, stride, offset, health)
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _good_samples(self, items: Iterator[Any], health: _Health,
+    def _good_samples(self, items: Iterator[Any], health: Health,
                       use: Any) -> Iterator[int]:
         """Each sample of ``items`` (``(key, sample)``, or an int: that many unreadable) handed
         to ``use(key, data, label)``; yields the label of each one ``use`` took. A sample that
@@ -482,38 +467,33 @@ class ShardDataset(IterableDataset):
             health.good()
             yield label
 
-    def _assemble(self, items: Iterator[Any], rng: random.Random, health: _Health,
-                  limit: int | None) -> Iterator[Batch]:
-        """Decode samples into batches of ``batch_size`` (the last one may be partial)."""
+    def _assemble(self, items: Iterator[Any], rng: random.Random, health: Health,
+                  limit: int | None) -> Iterator[Any]:
+        """Samples gathered by the collector into batches of ``batch_size`` (the last one may be
+        partial), at most ``limit`` of them."""
         if limit == 0:
             return
         made = 0
-        crop = self.transform.crop
-        images = _batch_tensor((self.batch_size, 3, crop, crop))
-        labels: list[int] = []
+        collector = self.collector(self.transform, self.batch_size, rng)
 
-        def decode(key: str, data: bytes, label: int) -> None:
-            images[len(labels)] = self.transform.sample(data, rng)
+        def add(key: str, data: bytes, label: int) -> None:  # to the collector of the moment
+            collector.add(key, data, label)
 
-        for label in self._good_samples(items, health, decode):
-            labels.append(label)
-            if len(labels) == self.batch_size:
-                yield Batch(self.transform.batch(images, rng), torch.tensor(labels), health.take_pending())
+        for _ in self._good_samples(items, health, add):
+            if len(collector) == self.batch_size:
+                yield collector.finish(health.take_pending())
                 made += 1
                 if made == limit:
                     return
-                images = _batch_tensor(images.shape)
-                labels = []
-        if labels:
-            n = len(labels)
-            yield Batch(self.transform.batch(images[:n].clone(), rng), torch.tensor(labels),
-                        health.take_pending())
+                collector = self.collector(self.transform, self.batch_size, rng)
+        if len(collector):
+            yield collector.finish(health.take_pending())
 
-    def _train_batches(self, count: int, rng: random.Random, health: _Health) -> Iterator[Batch]:
+    def _train_batches(self, count: int, rng: random.Random, health: Health) -> Iterator[Batch]:
         return self._assemble(self._resampled(rng, health), rng, health, limit=count)
 
     def _eval_batches(self, reader: int, readers: int, rng: random.Random,
-                      health: _Health) -> Iterator[Batch]:
+                      health: Health) -> Iterator[Batch]:
         # Hold one batch back so that samples skipped after it are reported with it.
         held = None
         for batch in self._assemble(self._strided(reader, readers, health), rng, health, limit=None):
@@ -524,76 +504,18 @@ class ShardDataset(IterableDataset):
         pending = health.take_pending()
         if held is not None:
             yield held._replace(skipped=held.skipped + pending)
-        elif pending:
-            crop = self.transform.crop
-            yield Batch(torch.empty((0, 3, crop, crop), dtype=torch.uint8),
-                        torch.empty(0, dtype=torch.int64), pending)
+        elif pending:  # no batch left to carry the count: an empty one does
+            yield self.collector(self.transform, self.batch_size, rng).finish(pending)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loader
 
 
-class Loader:
-    """Iterable of :class:`Batch` for one rank; ``len()`` batches per epoch, ``set_epoch`` reshuffles."""
-
-    def __init__(self, dataset: ShardDataset, dataloader: DataLoader, num_batches: int,
-                 num_samples: int, manifest: dict[str, Any]):
-        self.dataset, self.dataloader = dataset, dataloader
-        self.num_batches, self.num_samples, self.manifest = num_batches, num_samples, manifest
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pick the epoch's shuffle (and crops); call before iterating."""
-        self.dataset.epoch[0] = epoch
-
-    def __iter__(self) -> Iterator[Batch]:
-        iterator = iter(self.dataloader)
-        while True:
-            message = None
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except DataError as exc:  # from a worker: keep the one-line message, drop the traceback
-                message = _worker_message(str(exc))
-            if message is not None:
-                # Stop the workers now: torch's re-raised exception sits in a reference cycle that
-                # keeps the DataLoader iterator alive until a garbage collection, which may close
-                # its queues before the iterator, and then each worker takes 5 s to time out.
-                del iterator
-                self.close()
-                raise DataError(message)
-            yield batch
-
-    def close(self) -> None:
-        """Stop the persistent loader workers now (they also stop when the loader is dropped)."""
-        iterator = getattr(self.dataloader, "_iterator", None)  # DataLoader's persistent iterator
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.dataloader._iterator = None
-
-
 def _reason(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "cannot identify image data"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _worker_message(text: str) -> str:
-    prefix = "ran.data.DataError: "
-    lines = [line for line in text.strip().splitlines() if line.startswith(prefix)]
-    return lines[-1][len(prefix):] if lines else text.strip().splitlines()[-1]
 
 
 def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: str,
@@ -607,19 +529,17 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
     ``train=True``: resampled shards, ``total // (batch_size * world_size)`` full batches on every
     rank. ``train=False``: every sample exactly once across ranks and workers (counts to be
     reduced by the caller). ``recipe`` ("imagenet" or "cifar") picks the transforms; ``crop`` the
-    output size (224 / 32 by default). ``decode`` (``data.decode``): ``cpu``, the loader workers
-    decode and batches come as uint8 CPU tensors; ``gpu``, ``device`` decodes JPEGs and batches come
-    on ``device`` (:mod:`ran.data.gpu`); ``auto``, gpu on a CUDA device with the imagenet recipe.
+    output size (224 / 32 by default). ``decode`` (``data.decode``, :func:`ran.data.gpu.resolve_decode`)
+    applies to training batches: ``cpu``, the loader workers decode and batches come as uint8 CPU
+    tensors; ``gpu``, ``device`` decodes JPEGs and batches come on ``device`` (:mod:`ran.data.gpu`);
+    ``auto``, gpu on a CUDA device with the imagenet recipe. Evaluation batches always come from
+    the eval transform in the loader workers, the one ``ran eval`` and the served model use, so a
+    run's validation top-1 is the one they reproduce whichever decode trained it.
     ``max_pixels`` (``data.max_pixels``): an image whose header says more is a bad sample, never
     decoded, on every path. DataError for bad arguments, a manifest or a shard name outside ``path``.
     """
     check_recipe(recipe)
-    gpu = None  # ran.data.gpu when the device decodes
-    if decode != "cpu":
-        from ran.data import gpu as device_path  # builds on this module: a top-level import is circular
-
-        if device_path.resolve_decode(decode, recipe, device) == "gpu":
-            gpu = device_path
+    on_device = gpu.resolve_decode(decode, recipe, device, train=train) == "gpu"
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -641,15 +561,17 @@ def make_loader(path: str, split: str, *, train: bool, batch_size: int, recipe: 
         per_reader = [eval_counts(counts, rank * readers + w, world_size * readers) for w in range(readers)]
         num_batches = sum(math.ceil(n / batch_size) for n in per_reader)
         num_samples = sum(per_reader)
-    dataset = (gpu.RawShardDataset if gpu else ShardDataset)(
+    dataset = ShardDataset(
         shards, train=train, batch_size=batch_size,
         transform=make_transform(recipe, train=train, crop=crop, max_pixels=max_pixels),
         num_classes=int(manifest["num_classes"]), rank=rank, world_size=world_size, seed=seed,
-        batches_per_rank=num_batches, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
-    # Device decoding: nvJPEG stages the JPEG bytes through its own pinned buffers.
-    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory and not gpu,
-                            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
-    if gpu:
+        batches_per_rank=num_batches, shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction,
+        collector=gpu.RawCollector if on_device else PixelCollector)
+    # Device decoding: the decoder stages what it uploads in pinned buffers of its own.
+    dataloader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            pin_memory=pin_memory and not on_device, persistent_workers=workers > 0,
+                            prefetch_factor=prefetch if workers > 0 else None)
+    if on_device:
         return gpu.DeviceLoader(dataset, dataloader, num_batches, num_samples, manifest, device)
     return Loader(dataset, dataloader, num_batches, num_samples, manifest)
 

@@ -20,6 +20,15 @@ from ran.data import DataError
 S3_HINT = "check AWS credentials or AWS_ENDPOINT_URL"
 MULTIPART_CHUNK = 64 * 1024 * 1024  # S3 parts; objects above this size are uploaded in parts
 HTTP_TIMEOUT = 60.0
+# Retries live in one layer, here, per backend: S3 requests are retried by botocore ("standard"
+# mode: throttling, 5xx and connection errors, exponential back-off with jitter, a retry quota),
+# which knows S3's transient errors better than a loop of ours would; http(s) reads are retried
+# by open_read itself (urllib retries nothing); local files not at all (a missing file stays
+# missing). Nothing above storage retries again: a loop on top of botocore's multiplied the
+# tries of one shard (4 x 4 = 16) and the wait.
+OPEN_ATTEMPTS = 4  # tries to open one object or URL, the first included
+RETRY_DELAYS = (1.0, 2.0, 4.0)  # seconds before the 2nd, 3rd and 4th http(s) try
+_RETRY_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 _sessions: dict[tuple, Any] = {}  # per configuration; forked loader workers reuse the parent's
 _clients: dict[tuple, Any] = {}  # per process and configuration (clients hold connection pools)
@@ -72,7 +81,7 @@ def s3_client() -> Any:
             session = _sessions[config_key] = boto3.session.Session()
 
         config = Config(
-            retries={"max_attempts": 4, "mode": "standard"},
+            retries={"total_max_attempts": OPEN_ATTEMPTS, "mode": "standard"},  # the one retry layer
             connect_timeout=10,
             read_timeout=60,
             # S3-compatible stores (MinIO, moto, Ceph) rarely resolve virtual-hosted bucket names.
@@ -118,22 +127,40 @@ def _s3_errors(url: str):
         raise s3_error(url, exc) from None
 
 
-def open_read(path: str) -> BinaryIO:
-    """A binary stream of a local file, S3 object or URL; FileNotFoundError if it does not exist."""
+def open_read(path: str, delays: tuple[float, ...] = RETRY_DELAYS) -> BinaryIO:
+    """A binary stream of a local file, S3 object or URL.
+
+    Transient failures are retried here (see ``OPEN_ATTEMPTS``): by botocore for S3, with
+    ``delays`` (seconds) between tries for http(s). Raises FileNotFoundError if it does not
+    exist, DataError for what a retry cannot fix (credentials, 403, a missing bucket), OSError
+    naming the last error once the retries are spent.
+    """
     if is_s3(path):
         bucket, key = split_s3(path)
         with _s3_errors(path):
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     if is_http(path):
+        return _open_http(path, delays)
+    return open(path, "rb")
+
+
+def _open_http(url: str, delays: tuple[float, ...]) -> BinaryIO:
+    import time
+
+    for attempt in range(len(delays) + 1):
         try:
-            return urllib.request.urlopen(path, timeout=HTTP_TIMEOUT)
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
-                raise FileNotFoundError(f"{path}: 404 Not Found") from None
-            raise DataError(f"{path}: HTTP {exc.code} {exc.reason}") from None
-        except urllib.error.URLError as exc:
-            raise OSError(f"{path}: {exc.reason}") from None
-    return open(path, "rb")
+                raise FileNotFoundError(f"{url}: 404 Not Found") from None
+            if exc.code not in _RETRY_HTTP_STATUS:
+                raise DataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            reason = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        if attempt < len(delays):
+            time.sleep(delays[attempt])
+    raise OSError(f"{url}: {reason} (after {len(delays) + 1} attempts)")
 
 
 def read_bytes(path: str) -> bytes:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ran.config import JobConfig
+    from ran.tracking.basis import Basis
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -259,10 +260,13 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
 
     Never when a recorded metric or a weight is not finite (``nonfinite``: the names of the
     tensors that are not, of ``total``: :func:`nonfinite_tensors`).
-    ``tracking.register_min_top1``: at least this top-1. ``tracking.register_if_beats``: a
-    strictly higher top-1 than the version holding that alias of ``tracking.registered_model``,
-    as recorded when it was registered, on the same ``data.path`` and ``data.val_split`` (an
-    unassigned alias is beaten by anything). No registered model name: not registered, no reason.
+    ``tracking.register_min_top1``: at least this top-1. ``tracking.register_if_beats: ALIAS``: a
+    strictly higher top-1, measured on the same validation data (by content,
+    :mod:`ran.tracking.basis`), than each of: the version holding ``ALIAS`` of
+    ``tracking.registered_model`` (while the alias is unassigned, the best version of that model
+    recorded on the same data), and the registered version the run was fine-tuned from
+    (``model.init_from``), when that parent was validated on the same data. No registered model
+    name: not registered, no reason.
     """
     t = cfg.tracking
     name = t.registered_model
@@ -282,31 +286,69 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
         return Registration(True, f"registered as {name}" + (
             f": val_top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
             if t.register_min_top1 is not None else ""))
-    return _beats_holder(name, t.register_if_beats, float(top1), cfg.data.path, cfg.data.val_split)
+    return _beats_rivals(cfg, name, t.register_if_beats, float(top1))
 
 
-def _beats_holder(name: str, alias: str, top1: float, data_path: str,
-                  val_split: str) -> Registration:
+def _validation_basis(cfg: "JobConfig") -> "Basis":
+    from ran.data import read_manifest
+    from ran.tracking.basis import Basis
+    from ran.tracking.runs import dataset_digest
+
+    digest = dataset_digest(read_manifest(cfg.data.path), cfg.data.val_split)
+    return Basis(digest, f"{cfg.data.path} [{cfg.data.val_split}]")
+
+
+def _parent_version(ref: str | None) -> Any | None:
+    """The registered version ``model.init_from`` names, None for a run, a checkpoint or none."""
+    match = MODELS_URI.match(ref or "")
+    if match is None:
+        return None
+    try:
+        return (alias_holder(match["name"], match["alias"]) if match["alias"]
+                else model_version(match["name"], match["version"]))
+    except ModelRefError:
+        return None
+
+
+def _beats_rivals(cfg: "JobConfig", name: str, alias: str, top1: float) -> Registration:
+    """The ``register_if_beats`` part of :func:`registration_gate`."""
+    from ran.tracking.basis import best_on, recorded_top1, run_basis
+
+    basis = _validation_basis(cfg)
     try:
         holder = alias_holder(name, alias)
+        versions = model_versions(name)
     except ModelRefError:  # no such registered model yet
-        holder = None
-    if holder is None:
-        return Registration(True, f"registered as {name}: val_top1 {top1:.4f}; {name}@{alias} "
-                                  "was unassigned")
-    recorded = (holder.tags or {}).get("val_top1")
-    params = run_params(holder.run_id)
-    basis = (params.get("data.path"), params.get("data.val_split"))
-    where = f"{name}@{alias} (version {holder.version}"
-    if recorded is None or basis != (data_path, val_split):
-        return Registration(False, f"not registered: {where}) has no val_top1 recorded on "
-                                   f"{data_path} [{val_split}] to compare with; evaluate both with "
-                                   "`ran eval` and register by hand if it is better")
-    if top1 <= float(recorded):
-        return Registration(False, f"not registered: val_top1 {top1:.4f} does not beat {where}, "
-                                   f"val_top1 {float(recorded):.4f} on the same data)")
-    return Registration(True, f"registered as {name}: val_top1 {top1:.4f} beats {where}, "
-                              f"val_top1 {float(recorded):.4f} on the same data)")
+        holder, versions = None, []
+    rivals: list[tuple[str, float]] = []
+    if holder is not None:
+        where = f"{name}@{alias} (version {holder.version})"
+        recorded = recorded_top1(holder)
+        if recorded is None or not run_basis(holder.run_id).same_data(basis):
+            return Registration(False, f"not registered: {where} has no val_top1 recorded on the "
+                                       f"same data as {basis.where} to compare with; evaluate "
+                                       "both with `ran eval` and register by hand if it is better")
+        rivals.append((where, recorded))
+    else:
+        best = best_on(versions, basis)
+        if best is not None:
+            rivals.append((f"{name}/{best[0].version}, the best version on the same data "
+                           f"({name}@{alias} is unassigned)", best[1]))
+    parent = _parent_version(cfg.model.init_from)
+    if parent is not None and recorded_top1(parent) is not None \
+            and run_basis(parent.run_id).same_data(basis):
+        rivals.append((f"the parent {parent.name}/{parent.version}", recorded_top1(parent)))
+    for where, recorded in rivals:
+        if top1 <= recorded:
+            return Registration(False, f"not registered: val_top1 {top1:.4f} does not beat {where}: "
+                                       f"val_top1 {recorded:.4f} on the same data")
+    if not rivals:
+        return Registration(True, f"registered as {name}: val_top1 {top1:.4f}; no version of "
+                                  f"{name} was validated on the same data ({name}@{alias} is "
+                                  "unassigned)")
+    beaten = "; ".join(f"{where}: {recorded:.4f}" for where, recorded in rivals)
+    return Registration(True, f"registered as {name}: val_top1 {top1:.4f} beats {beaten}, on the "
+                              "same data")
 
 
 def record_registration(tracker: RunTracker, registration: Registration) -> None:

@@ -56,9 +56,8 @@ DATASET_CONTEXTS = ("training", "validation")
 SYSTEM_METRICS_NODE = "node_{rank}"
 
 # Model version tags: the validation metrics a version was registered with (the promotion gate's
-# recorded basis), and the data params they were measured on.
+# recorded basis); the data they were measured on is the run's validation dataset (basis.py).
 METRIC_TAGS = ("val_top1", "val_top5", "val_loss")
-DATA_PARAMS = ("data.path", "data.val_split")
 
 # What every epoch of a training run reports (ray.train.report, hence each Tune result, and the
 # epoch's MLflow metrics), by name: the direction in which it is better ("max" or "min"), or None

@@ -24,7 +24,9 @@ What the default leaves out, and the switch that does it (:func:`configure`,
   logger that prints it, for the start (``RAY_AUTH_MODE=token``, which also silences it, counts
   only before Ray is imported, and would change how an explicit address is reached);
 - the error-level ``core_worker.cc ... 'PreemptionWatcher' ... max_restarts > 0`` line a Ray
-  Train controller prints when it starts its preemption watcher: ``RAY_DEDUP_LOGS_SKIP_REGEX``;
+  Train controller prints when it starts its preemption watcher, and torch.distributed's
+  ``[c10d] The hostname of the client socket cannot be retrieved`` warning from the workers:
+  ``RAY_DEDUP_LOGS_SKIP_REGEX``;
 - MLflow's INFO lines ("Creating initial MLflow database tables", "Validating input example"):
   ``MLFLOW_LOGGING_LEVEL=WARNING``;
 - ``ran tune``'s status tables and its trials' own output: a line per trial result from the driver
@@ -57,6 +59,11 @@ PROGRESS_EVERY_S = 10.0  # seconds between rank 0's progress lines within an epo
 # Ray's C++ line when a Ray Train controller starts its preemption watcher (max_restarts=-1, with
 # constructor arguments in the object store); nothing a user can or should act on.
 PREEMPTION_WATCHER_LINE = r"Actor with class name: 'PreemptionWatcher'.*max_restarts > 0"
+# torch.distributed's C++ warning on a worker whose host name does not resolve back (a container,
+# a GPU machine without reverse DNS); the process group works, nothing to act on (issue 21).
+C10D_HOSTNAME_LINE = r"\[c10d\] The hostname of the client socket cannot be retrieved"
+# What never reaches the driver's console from a worker or a Ray process (Ray's skip pattern).
+SKIPPED_LINES = f"{PREEMPTION_WATCHER_LINE}|{C10D_HOSTNAME_LINE}"
 
 log = logging.getLogger("ran.train")
 
@@ -93,7 +100,7 @@ def quiet_env() -> dict[str, str]:
     and MLflow are imported, and inherited by a local Ray's processes."""
     return {
         "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
-        "RAY_DEDUP_LOGS_SKIP_REGEX": PREEMPTION_WATCHER_LINE,
+        "RAY_DEDUP_LOGS_SKIP_REGEX": SKIPPED_LINES,
         "MLFLOW_LOGGING_LEVEL": "WARNING",
     }
 

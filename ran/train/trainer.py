@@ -399,7 +399,7 @@ class Trainer:
         self._ckpt_wait = wait = window_n = 0.0
         window_loss: Any = 0.0
         start = last_print = time.perf_counter()
-        done = 0
+        done, warm = 0, None
         while self.samples < end:
             size = step_size(plan, self.samples)
             shares = [m[self.rank] for m in step_shares(size, self.world_size, d.batch_size,
@@ -412,6 +412,8 @@ class Trainer:
             self._running[1] += n
             self._running[2] += sum(b.skipped for b in micro)
             window_loss, window_n, done = window_loss + step_loss, window_n + n, done + 1
+            if done == 1:
+                warm = time.perf_counter()
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(window_loss, "the training loss")
                 if self.run_log is not None:
@@ -428,7 +430,7 @@ class Trainer:
                     self._end(reporter)
             if time.perf_counter() - last_print >= self.console.every_s:
                 last_print = time.perf_counter()
-                self._progress(done, start, float(self._running[0]) / max(self._running[1], 1))
+                self._progress(done, warm, float(self._running[0]) / max(self._running[1], 1))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -456,15 +458,26 @@ class Trainer:
             self.train_loader.set_epoch(data_stream(self.epoch, resumed_at, part))
             yield from self.train_loader
 
-    def _progress(self, done: int, start: float, loss: float) -> None:
+    def _progress(self, done: int, warm: float | None, loss: float,
+                  now: float | None = None) -> None:
+        """Rank 0's progress line. ``done``: steps this process trained in the epoch so far;
+        ``warm``: ``time.perf_counter()`` at the end of the first of them. The rate and the ETA
+        leave that first step out: it carries the warm-up (the loader's first batch, cuDNN's
+        autotuning, compilation, a CUDA graph's capture), ~15 s of an H200's first step, which
+        made the first line say "17 img/s, eta 1h02m"; until a second step ends the line says
+        "warming up" instead. ``now``: the time to measure to (default: now)."""
         plan = self.plan
-        rate = done / (time.perf_counter() - start)
-        left = (plan.total_steps - self.step) / max(rate, 1e-9)
+        if warm is None or done < 2:
+            speed = "warming up"
+        else:
+            now = time.perf_counter() if now is None else now
+            rate = (done - 1) / max(now - warm, 1e-9)
+            left = (plan.total_steps - self.step) / max(rate, 1e-9)
+            speed = f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}"
         into = self.samples - self.epoch * plan.epoch_samples
         self.console.say(f"epoch {self.epoch + 1}/{plan.epochs} sample {into}/{plan.epoch_samples} "
                          f"(global step {self.step}/{plan.total_steps}) loss {loss:.4f} "
-                         f"lr {self.scheduler.lr:.4g} "
-                         f"{rate * plan.global_batch:.0f} img/s eta {_duration(left)}")
+                         f"lr {self.scheduler.lr:.4g} {speed}")
 
     # -- divergence
 

@@ -46,7 +46,8 @@ def store(synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
         model = build_model(cfg).eval()
         images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
         example = normalizer("cifar")(images).numpy().astype(np.float32)
-        tracker = RunTracker.create_training(cfg, run_name="parent", tags={})
+        tracker = RunTracker.create_training(cfg, run_name="parent", tags={},
+                                             manifest=read_manifest(synth_data))
         assert log_final_model(tracker, model, cfg, read_manifest(synth_data)["classes"], example,
                                {"val_top1": 1.0, "val_top5": 1.0, "val_loss": 0.0}) == f"{PARENT}/1"
         tracker.finish()
@@ -175,7 +176,7 @@ def test_a_search_from_one_parent_registers_its_best_only_if_it_beats_the_holder
     assert outcome.registered is None
     best = outcome.best
     expected = (f"not registered: val_top1 {best.metric:.4f} does not beat {PARENT}@champion "
-                f"(version 1, val_top1 1.0000 on the same data); the model is logged in MLflow run "
+                f"(version 1): val_top1 1.0000 on the same data; the model is logged in MLflow run "
                 f"{best.run_id}")
     assert summary(outcome, space).splitlines()[-1] == expected
     client = MlflowClient(env["uri"])
@@ -206,14 +207,17 @@ def test_the_gate_compares_with_the_alias_holder_on_the_same_data(env, tiny_job)
     beats = _gated(env, tiny_job, env["four"], register_if_beats="champion")
     assert registration_gate(beats, {"val_top1": 1.0}).register is False  # equal does not beat
     assert registration_gate(beats, {"val_top1": 0.5}).reason == (
-        f"not registered: val_top1 0.5000 does not beat {PARENT}@champion (version 1, val_top1 "
-        "1.0000 on the same data)")
+        f"not registered: val_top1 0.5000 does not beat {PARENT}@champion (version 1): val_top1 "
+        "1.0000 on the same data")
     other_data = _gated(env, tiny_job, env["three"], register_if_beats="champion")
     decision = registration_gate(other_data, {"val_top1": 0.9})
-    assert decision.register is False and "has no val_top1 recorded on" in decision.reason
+    assert decision.register is False and decision.reason.startswith(
+        f"not registered: {PARENT}@champion (version 1) has no val_top1 recorded on the same data "
+        f"as {env['three']} [val]")
     unassigned = _gated(env, tiny_job, env["four"], register_if_beats="staging")
-    assert registration_gate(unassigned, {"val_top1": 0.1}).reason == (
-        f"registered as {PARENT}: val_top1 0.1000; {PARENT}@staging was unassigned")
+    assert registration_gate(unassigned, {"val_top1": 0.1}).reason == (  # the best version instead
+        f"not registered: val_top1 0.1000 does not beat {PARENT}/1, the best version on the same "
+        f"data ({PARENT}@staging is unassigned): val_top1 1.0000 on the same data")
 
 
 def test_the_gate_holds_a_minimum_top1(env, tiny_job):

@@ -22,6 +22,9 @@ def test_every_shipped_job_loads_names_itself_and_registers_its_model(shipped_jo
     assert all(cfg.name == name for name, cfg in configs.items())
     assert all(cfg.tracking.registered_model for cfg in configs.values())
     assert {name: configs[name].tracking.registered_model for name in REGISTERED} == REGISTERED
+    # every recipe gates registration: a worse run is logged, not registered (issue 24)
+    assert {name: cfg.tracking.register_if_beats for name, cfg in configs.items()} == {
+        name: "champion" for name in configs}
 
 
 @pytest.mark.parametrize("name", ["cifar10_attention56", "cifar10_attention92"])

@@ -121,7 +121,7 @@ def test_quiet_settings_hold_for_the_command_and_are_undone_after(clean_env):
         assert {k: os.environ.get(k) for k in QUIET_KEYS} == {
             "RAN_LOG_LEVEL": None, "RAY_COLOR_PREFIX": "0",
             "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
-            "RAY_DEDUP_LOGS_SKIP_REGEX": console.PREEMPTION_WATCHER_LINE,
+            "RAY_DEDUP_LOGS_SKIP_REGEX": console.SKIPPED_LINES,
             "MLFLOW_LOGGING_LEVEL": "WARNING"}
     assert (sys.stdout, sys.stderr) == streams
     assert {k: os.environ.get(k) for k in QUIET_KEYS} == dict.fromkeys(QUIET_KEYS)
@@ -155,6 +155,20 @@ def test_the_preemption_watcher_line_is_what_the_skip_pattern_matches():
     assert re.search(console.PREEMPTION_WATCHER_LINE, line)
     assert not re.search(console.PREEMPTION_WATCHER_LINE, "Actor with class name: 'RayTrainWorker' "
                                                           "... max_restarts > 0")
+
+
+def test_rays_skip_pattern_drops_the_c10d_hostname_warning_and_keeps_other_worker_lines():
+    """Ray's own driver-side filter (its log deduplicator, given the skip pattern) drops the
+    warning a GPU machine without reverse DNS prints on every worker, and nothing else."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    dedup = LogDeduplicator(5, None, console.SKIPPED_LINES)
+    c10d = ("[W1204 18:02:11.123456 socket.cpp:752] [c10d] The hostname of the client socket "
+            "cannot be retrieved. err=-3")
+    kept = "epoch 1/1 sample 64/384 (global step 2/12) loss 1.3860"
+    batch = {"ip": "10.0.0.1", "pid": 7, "job": "01", "actor_name": "RayTrainWorker",
+             "task_name": "", "is_err": True, "lines": [c10d, kept]}
+    assert [b["lines"] for b in dedup.deduplicate(batch)] == [[kept]]
 
 
 # -- Ray's INFO records on a worker's console

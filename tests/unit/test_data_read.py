@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tarfile
 import threading
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from ran.data import DataError
-from ran.data.read import Batch, eval_assignment, make_loader, read_manifest
+from ran.data.read import Batch, eval_assignment, iter_tar, make_loader, read_manifest
 from ran.data.write import build_shards
 
 NUM_CLASSES = 3
@@ -29,6 +30,11 @@ def coded_png(index, label, size=16):
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def _png_id(data):
+    r, g, _ = Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))
+    return r + 256 * g
 
 
 def decode_ids(batch):
@@ -223,16 +229,16 @@ def test_too_many_bad_samples_is_a_clear_error(damaged):
     assert "\n" not in str(info.value)
 
 
-def test_unreachable_shard_is_retried_then_skipped_with_a_warning(coded, caplog):
+def test_a_missing_shard_is_skipped_at_once_with_a_warning(coded, caplog):
     path = coded(samples_per_shard=10)
     os.remove(os.path.join(path, "train-000002.tar"))
     loader = eval_loader(path, max_bad_fraction=0.5)
-    loader.dataset.retry_delays = (0.01, 0.02)
+    loader.dataset.retry_delays = (60.0,)  # a retry would hang the test: a missing file stays missing
     with caplog.at_level(logging.WARNING, logger="ran.data"):
         batches = list(loader)
     assert sum(len(b.labels) for b in batches) == 30
     assert sum(b.skipped for b in batches) == 10
-    assert any("train-000002.tar unreachable after 3 attempts" in r.message for r in caplog.records)
+    assert any("train-000002.tar unreachable (FileNotFoundError" in r.message for r in caplog.records)
 
 
 # -- manifests and URLs ----------------------------------------------------------------------
@@ -274,6 +280,42 @@ def test_reads_shards_over_http(coded, http_root):
     assert sorted(ids) == list(range(40))
 
 
+def test_http_shards_are_retried_in_one_layer_then_skipped(coded, tmp_path, caplog):
+    coded(samples_per_shard=10, name="flaky")
+    busy = {"/flaky/train-000001.tar": 2, "/flaky/train-000002.tar": 99}  # 503s left to answer
+    tries: dict[str, int] = {}
+
+    class Flaky(_QuietHandler):
+        def do_GET(self):
+            tries[self.path] = tries.get(self.path, 0) + 1
+            if busy.get(self.path, 0):
+                busy[self.path] -= 1
+                self.send_error(503, "Slow Down")
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Flaky, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        loader = eval_loader(f"http://127.0.0.1:{server.server_address[1]}/flaky", max_bad_fraction=0.5)
+        loader.dataset.retry_delays = (0.01, 0.01, 0.01)
+        with caplog.at_level(logging.WARNING, logger="ran.data"):
+            batches = list(loader)
+    finally:
+        server.shutdown()
+        server.server_close()
+    ids = sorted(i for b in batches for i in decode_ids(b)[0])
+    with open(tmp_path / "flaky" / "train-000002.tar", "rb") as stream:  # shard 2's samples
+        lost = {_png_id(sample["png"]) for _, sample in iter_tar(stream)}
+    assert len(lost) == 10
+    assert ids == sorted(set(range(40)) - lost)  # shard 1 read after two 503s, shard 2 never
+    assert sum(b.skipped for b in batches) == 10
+    assert tries["/flaky/train-000001.tar"] == 3 and tries["/flaky/train-000002.tar"] == 4
+    assert any("train-000002.tar unreachable (OSError" in r.message and "HTTP 503" in r.message
+               and "after 4 attempts" in r.message for r in caplog.records)
+
+
 def test_training_with_no_readable_shard_fails_clearly(coded):
     path = coded(samples_per_shard=20)
     for name in ("train-000000.tar", "train-000001.tar"):
@@ -285,3 +327,40 @@ def test_training_with_no_readable_shard_fails_clearly(coded):
                                         r"problem: shard \S+/train-000001.tar unreachable "
                                         r"\(FileNotFoundError"):
         list(loader)
+
+
+def test_the_main_process_does_no_per_sample_work(coded, monkeypatch):
+    """Decode, crop, flip, lighting and batch assembly happen in the loader workers: counted per
+    process (forked workers inherit the counting wrappers), the main process makes no such call."""
+    from ran.data import read, transforms
+
+    main = os.getpid()
+    in_workers = multiprocessing.get_context("fork").Value("l", 0)
+    in_main: list[str] = []
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            if os.getpid() == main:
+                in_main.append(name)
+            else:
+                with in_workers.get_lock():
+                    in_workers.value += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for owner, name in ((read, "parse_sample"), (transforms, "decode_region"),
+                        (transforms, "add_saturating")):
+        monkeypatch.setattr(owner, name, counted(name, getattr(owner, name)))
+    for cls, name in ((transforms.ImageNetTrain, "sample"), (transforms.ImageNetTrain, "lighting_offsets"),
+                      (read.PixelCollector, "add"), (read.PixelCollector, "finish")):
+        monkeypatch.setattr(cls, name, counted(f"{cls.__name__}.{name}", getattr(cls, name)))
+    path = coded(samples_per_shard=10)
+    loader = make_loader(path, "train", train=True, batch_size=4, recipe="imagenet", crop=16,
+                         workers=2, pin_memory=False)
+    loader.set_epoch(0)
+    batches = list(loader)
+    loader.close()
+    assert len(batches) == 10 and all(b.images.shape == (4, 3, 16, 16) for b in batches)
+    assert in_main == []
+    # per sample: parse, add, sample, decode_region, lighting draw; per batch: finish, lighting
+    assert in_workers.value >= 40 * 5 + 10 * 2
