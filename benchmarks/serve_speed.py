@@ -215,6 +215,7 @@ def measure(name: str, job: str, classes: int, side: int, iters: int, warmup: in
     import mlflow.pyfunc
     from mlflow.pyfunc import scoring_server
 
+    from ran.runtime import autocast
     from ran.serving import ImageClassifier
 
     log(f"{name}: logging and registering the model")
@@ -222,6 +223,7 @@ def measure(name: str, job: str, classes: int, side: int, iters: int, warmup: in
     uri = f"models:/{name}/1"
     pyfunc = mlflow.pyfunc.load_model(uri)
     classifier: ImageClassifier = pyfunc._model_impl.classifier
+    bundle = classifier.bundle
     images = jpegs(side, max(BATCHES))
     schema = pyfunc.metadata.get_input_schema()
 
@@ -234,13 +236,13 @@ def measure(name: str, job: str, classes: int, side: int, iters: int, warmup: in
     try:
         for batch in BATCHES:
             batch_jpegs = images[:batch]
-            x = classifier.normalize(classifier.images(batch_jpegs).to(classifier.device))
-            if classifier.channels_last:
+            x = bundle.normalize(classifier.images(batch_jpegs).to(bundle.device))
+            if bundle.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
 
             def forward() -> None:
-                with torch.inference_mode(), classifier_autocast(classifier):
-                    classifier.model(x).float().softmax(1)
+                with torch.inference_mode(), autocast(bundle.precision, bundle.device):
+                    bundle.model(x).float().softmax(1)
 
             body = json.dumps({"inputs": [base64.b64encode(j).decode() for j in batch_jpegs]}).encode()
             assert len(server.post(body)["predictions"]) == batch
@@ -255,9 +257,9 @@ def measure(name: str, job: str, classes: int, side: int, iters: int, warmup: in
                             batch, n, warmup)
             plain, in_process, over_http = t["plain_forward"], t["pyfunc"], t["http"]
             rows.append({
-                "model": name, "images_per_request": batch, "eval_crop": classifier.crop,
-                "source_jpeg": f"{side}x{side}", "precision": classifier.precision,
-                "device": str(classifier.device), "load_avg_1min": [load, os.getloadavg()[0]],
+                "model": name, "images_per_request": batch, "eval_crop": bundle.crop,
+                "source_jpeg": f"{side}x{side}", "precision": bundle.precision,
+                "device": str(bundle.device), "load_avg_1min": [load, os.getloadavg()[0]],
                 "plain_forward": plain, "pyfunc": in_process,
                 "scoring_handler": t["scoring_handler"], "http": over_http,
                 "pyfunc_vs_plain_img_per_s": round(in_process["img_per_s"] / plain["img_per_s"], 3),
@@ -269,12 +271,6 @@ def measure(name: str, job: str, classes: int, side: int, iters: int, warmup: in
     finally:
         server.stop()
     return rows
-
-
-def classifier_autocast(classifier: Any) -> Any:
-    from ran.runtime import autocast
-
-    return autocast(classifier.precision, classifier.device)
 
 
 def main() -> None:

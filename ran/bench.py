@@ -40,7 +40,7 @@ from torch import nn
 
 from ran import runtime, steptable
 from ran.config import ConfigError, JobConfig, load_config
-from ran.data.transforms import default_crop, normalizer
+from ran.data.transforms import normalizer, train_crop
 from ran.models import count_macs
 from ran.train.step import MicroBatch, TrainStep, build_optimizer, check_device, compile_model, layout_walk
 
@@ -519,7 +519,7 @@ def run_bench(cfg: JobConfig, job: str, *, batches: list[int], device: torch.dev
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     check_device(cfg, device)
     todo = variants(device, precisions, modes)
-    crop = cfg.data.crop or default_crop(cfg.data.recipe)
+    crop = cfg.data.crop or train_crop(cfg.data.recipe)
     classes = _num_classes(cfg)
     cfg = cfg.with_values({"model.num_classes": classes})
     peak, peak_dtype = matmul_peak(device)

@@ -1,8 +1,8 @@
 """``ran eval MODEL --data PATH``: evaluate a model exactly as training validated it, and log it.
 
 ``MODEL`` is ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow run id or a checkpoint path
-(:func:`ran.runtime.resolve_model`). The model is rebuilt as our own class and measured by
-:func:`ran.runtime.evaluate`: the eval transform at the eval crop, the training precision and
+(:func:`ran.runtime.resolve_model`). It is loaded as a :class:`ran.runtime.ModelBundle` and
+measured by its ``evaluate``: the eval transform at the eval crop, the training precision and
 memory format, counts summed over the whole split, so a registered version reproduces the
 ``val_top1`` it was registered with on the same data. The evaluation is logged as a run in the
 experiment ``<training experiment>-evaluations`` (not among the training runs), tagged with the
@@ -20,9 +20,10 @@ from ran.config import JobConfig
 
 def cli_eval(args: argparse.Namespace) -> int:
     """``ran eval MODEL --data PATH [--split S] [--crop N] [--batch-size N] [--workers N]``."""
-    loaded, metrics = runtime.evaluate_ref(args.model, args.data, args.split, args.crop,
-                                           args.batch_size, args.workers)
-    cfg, source = loaded.config, loaded.source
+    bundle = runtime.ModelBundle.load(args.model, crop=args.crop)
+    metrics = bundle.evaluate(args.data, args.split, args.batch_size, args.workers)
+    cfg, source = bundle.config, bundle.source
+    assert source is not None
     print(f"model   {source.label}  ({cfg.model.name}, {cfg.resolved_stem()} stem)")
     print(f"data    {args.data} [{args.split}]  {int(metrics['images'])} images"
           + (f", {int(metrics['skipped'])} skipped" if metrics["skipped"] else ""))
@@ -30,7 +31,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     print(f"top-5   {metrics['top5']:.4f}")
     print(f"loss    {metrics['loss']:.4f}")
     print(f"img/s   {metrics['img_per_s']:.1f}")
-    params = {"data": args.data, "split": args.split, "crop": args.crop or runtime.eval_crop(cfg),
+    params = {"data": args.data, "split": args.split, "crop": bundle.crop,
               "batch_size": args.batch_size or cfg.data.batch_size}
     experiment = evaluation_experiment(cfg)
     with tracking.linked_run(experiment, kind="evaluation", run_name=f"evaluation {source.label}",

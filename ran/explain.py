@@ -1,8 +1,8 @@
 """`ran explain`: each attention module's soft mask drawn over the image, as in the paper's Fig. 1.
 
 One PNG for all the images given: one row per image, one column per attention module (in network
-order) after the input itself. Each image goes through the eval transform of the model's recipe
-at its eval crop, as the model sees it. A module's soft mask ``M`` has the trunk's shape
+order) after the input itself. The model is a :class:`ran.runtime.ModelBundle`: each image goes
+through its eval transform and its one forward pass (precision, memory format), as served. A module's soft mask ``M`` has the trunk's shape
 ``(C, h, w)``; it is drawn as one ``h x w`` map, the **mean over its C channels** (for mixed
 attention, the mean of the per-channel sigmoids: where the module lets features through on
 average), bilinearly upsampled to the image and laid over a grey copy of it as a heat map in a
@@ -22,7 +22,6 @@ Layout: ``PANEL_INCHES`` square panels (plus a colour bar) at ``DPI``, a header 
 from __future__ import annotations
 
 import argparse
-import random
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
-from ran import runtime, tracking
-from ran.data.transforms import make_transform, normalizer
+from ran import tracking
+from ran.runtime import ModelBundle
 
 if TYPE_CHECKING:
     from torch import nn
@@ -84,8 +83,8 @@ class Explanation:
     true: int | None = None  # the true class, when known
 
 
-def read_image(path: str | Path, recipe: str, crop: int) -> torch.Tensor:
-    """The eval transform of ``recipe`` applied to the image file: uint8 ``(3, crop, crop)``.
+def read_image(path: str | Path, bundle: ModelBundle) -> torch.Tensor:
+    """The image file through the bundle's eval transform: uint8 ``(3, crop, crop)``.
 
     Raises:
         ImageError: no such file, or not an image Pillow can decode.
@@ -97,7 +96,7 @@ def read_image(path: str | Path, recipe: str, crop: int) -> torch.Tensor:
         data = path.read_bytes()
         with Image.open(path) as probe:
             probe.verify()
-        return make_transform(recipe, train=False, crop=crop).sample(data, random.Random(0))
+        return bundle.pixels(data)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"image {path}: cannot decode it ({err}); use a PNG, JPEG or other "
                          "format Pillow reads") from None
@@ -123,18 +122,18 @@ def mask_panels(masks: Sequence[torch.Tensor], size: tuple[int, int]) -> list[Ma
     return panels
 
 
-@torch.inference_mode()
-def explain(model: "nn.Module", image: torch.Tensor, recipe: str) -> Explanation:
-    """Run ``model`` on one uint8 ``(3, H, W)`` image and collect its prediction and masks."""
-    model.eval()
-    device = next(model.parameters()).device
-    x = normalizer(recipe)(image[None].to(device))
-    # A baseline (resnet152, preact_resnet164) has no masks: its row shows the prediction only.
-    logits, masks = model(x, return_masks=True) if model_has_masks(model) else (model(x), [])
-    probs = logits.float().softmax(dim=1)[0]
-    predicted = int(probs.argmax())
-    panels = mask_panels([m.cpu() for m in masks], tuple(image.shape[1:]))  # type: ignore[arg-type]
-    return Explanation(image, panels, predicted, float(probs[predicted]))
+def explain(bundle: ModelBundle, images: torch.Tensor) -> list[Explanation]:
+    """The prediction and masks of uint8 ``(N, 3, crop, crop)`` images (:func:`read_image`), from
+    the bundle's one forward pass (:meth:`ran.runtime.ModelBundle.predict_with_masks`: its
+    precision and memory format, as served). A baseline (resnet152, preact_resnet164) has no
+    masks: its rows show the prediction only."""
+    probs, masks = bundle.predict_with_masks(images)
+    results = []
+    for i, image in enumerate(images):
+        predicted = int(probs[i].argmax())
+        panels = mask_panels([m[i:i + 1] for m in masks], tuple(image.shape[1:]))  # type: ignore[arg-type]
+        results.append(Explanation(image, panels, predicted, float(probs[i, predicted])))
+    return results
 
 
 def stretch(mask: torch.Tensor) -> tuple[float, float, bool]:
@@ -204,10 +203,6 @@ def _draw_row(fig: Figure, axes: Sequence, e: Explanation,
         ax.set_axis_off()
 
 
-def model_has_masks(model: "nn.Module") -> bool:
-    return bool(getattr(model, "attention_modules", None))
-
-
 def mask_activation(model: "nn.Module") -> str:
     """``mixed``, ``channel`` or ``spatial``: how the model's first module activates its mask."""
     return str(getattr(model.attention_modules[0].mask[-1], "kind", "mixed"))
@@ -219,26 +214,22 @@ def output_name(images: Sequence[str | Path]) -> str:
     return f"attention_{Path(images[0]).stem}{more}.png"
 
 
-def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[str] | None,
-                   images: Sequence[str | Path], out: str | Path, crop: int | None = None) -> Path:
+def explain_images(bundle: ModelBundle, images: Sequence[str | Path], out: str | Path) -> Path:
     """Draw the grid of ``images`` (rows) by attention modules (columns) into
-    ``<out>/`` :func:`output_name`; returns its path.
+    ``<out>/`` :func:`output_name`; returns its path. The images go through one forward pass.
 
     Every image is read first, so an unreadable one fails the call before anything is written.
 
     Raises:
         ImageError: an image is missing or unreadable.
     """
-    crop = crop or runtime.eval_crop(cfg)
-    recipe = cfg.data.recipe
-    pictures = [read_image(path, recipe, crop) for path in images]
-    results = []
-    for path, picture in zip(images, pictures):
-        result = explain(model, picture, recipe)
+    cfg, class_names = bundle.config, bundle.class_names
+    pictures = torch.stack([read_image(path, bundle) for path in images])
+    results = explain(bundle, pictures)
+    for path, result in zip(images, results):
         result.name, result.true = Path(path).name, true_class(path, class_names)
-        results.append(result)
-    if model_has_masks(model):
-        activation = mask_activation(model)
+    if bundle.has_masks:
+        activation = mask_activation(bundle.model)
         title = (f"{cfg.model.name}, {activation} attention: each module's soft mask as the "
                  f"{REDUCTION.get(activation, 'channel mean')}\n"
                  "each map stretched from its min (dark) to its max (bright)")
@@ -256,13 +247,13 @@ def cli_explain(args: argparse.Namespace) -> int:
     for image in args.images:  # before any model or tracking store is touched
         if not Path(image).is_file():
             raise ImageError(f"image {image}: no such file")
-    loaded = runtime.load_model(args.model)
-    path = explain_images(loaded.model, loaded.config, loaded.class_names, args.images, args.out,
-                          crop=getattr(args, "crop", None))
+    bundle = ModelBundle.load(args.model, crop=getattr(args, "crop", None))
+    path = explain_images(bundle, args.images, args.out)
     print(path)
     named = getattr(args, "mlflow_run", None)
     if args.log_mlflow or named:
-        run_id = log_explanation(path, loaded.source, loaded.config, run_id=named)
+        assert bundle.source is not None
+        run_id = log_explanation(path, bundle.source, bundle.config, run_id=named)
         print(f"logged {path.name} to MLflow run {run_id} (attention/)")
     return 0
 

@@ -84,22 +84,21 @@ def _float(text: str | None) -> float | None:
     return None if text is None else float(text)
 
 
-def evaluated_standing(name: str, version: str, data: str) -> Standing:
-    """A fresh evaluation of ``models:/name/version`` on the ``val`` split of ``data``."""
-    _, m = runtime.evaluate_ref(f"models:/{name}/{version}", data, "val")
+def evaluated_standing(ref: str, version: str, data: str) -> Standing:
+    """A fresh evaluation of the model ``ref`` names (``models:/NAME/VERSION`` for the gate; any
+    reference :meth:`ran.runtime.ModelBundle.load` takes) on the ``val`` split of ``data``, as
+    ``version``."""
+    m = runtime.ModelBundle.load(ref).evaluate(data, "val")
     return Standing(str(version), m["top1"], m["top5"], m["loss"], basis=f"{data} [val] (evaluated)")
 
 
 def not_finite(name: str, mv: Any) -> str:
     """What of version ``mv`` is not finite: its recorded validation metrics (version tags), else
-    its weights (``state_dict.pt``, downloaded); "" when all is (:func:`ran.tracking.nonfinite_reason`)."""
+    its weights (:func:`ran.runtime.read_model`); "" when all is (:func:`ran.tracking.nonfinite_reason`)."""
     bad = tracking.nonfinite_reason(mv.tags or {})
     if bad:
         return bad
-    import torch
-
-    files = tracking.download_model_files(runtime.resolve_model(f"models:/{name}/{mv.version}"))
-    state = torch.load(files.state_dict, weights_only=True, map_location="cpu")
+    state = runtime.read_model(f"models:/{name}/{mv.version}").state
     return tracking.nonfinite_reason({}, tracking.nonfinite_tensors(state), len(state))
 
 
@@ -177,8 +176,9 @@ def promote(name: str, version: str, alias: str = "champion", *, min_top1: float
         return Decision("refused", f"version {mv.version} of {name!r} is not finite ({bad}); "
                         "retrain it, a diverged model cannot hold an alias")
     if eval_data:
-        candidate = evaluated_standing(name, str(mv.version), eval_data)
-        holder = evaluated_standing(name, str(holder_mv.version), eval_data) if holder_mv else None
+        candidate = evaluated_standing(f"models:/{name}/{mv.version}", str(mv.version), eval_data)
+        holder = (evaluated_standing(f"models:/{name}/{holder_mv.version}", str(holder_mv.version),
+                                     eval_data) if holder_mv else None)
     else:
         candidate = recorded_standing(mv)
         holder = recorded_standing(holder_mv) if holder_mv else None

@@ -4,11 +4,15 @@ share, each defined once.
 - :func:`build_model`: a config's model (``ran.models.create_model`` with the model section).
 - :func:`eval_crop`: the crop a model is validated and served at.
 - :func:`resolve_precision` / :func:`autocast`: ``train.precision`` as it runs on a device.
-- :func:`load_checkpoint`, :func:`model_from_state`, :func:`load_model`: a checkpoint, a registered
-  version or a run back into our own ``nn.Module`` with its config and class names.
+- :func:`forward`: the one forward pass (prepare, autocast) of validation, eval, serving, explain.
+- :func:`load_checkpoint`: the one reader of the checkpoint schema; :func:`latest_checkpoint`.
+- :func:`read_model`: the one place a reference (checkpoint, run, registered version) becomes
+  weights, config and class names; :class:`ModelBundle` (``ModelBundle.load``) builds the model
+  with its eval transform, normaliser, precision and memory format, and has the one
+  ``predict`` and the one ``evaluate``.
 - :func:`resolve_init`, :func:`init_weights`: ``model.init_from`` checked and pinned before Ray
   starts, then loaded by every worker (a classifier of another number of classes re-initialised).
-- :func:`eval_counts` and :func:`evaluate`: the evaluation loop (summed counts, so ranks add up).
+- :func:`eval_counts`: the evaluation loop (summed counts, so ranks add up).
 
 Layers: this module sits above :mod:`ran.tracking` (a registered model is fetched through it) and
 below :mod:`ran.train`, :mod:`ran.evaluate`, :mod:`ran.explain` and :mod:`ran.promotion`.
@@ -18,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +35,9 @@ from ran import steptable, tracking
 from ran.config import ConfigError, JobConfig, load_yaml, parse_config
 from ran.data import DataError
 from ran.data.read import Batch, make_loader, read_manifest
-from ran.data.transforms import default_crop, normalizer
+from ran.data.transforms import Transform, make_transform, normalizer, to_rgb, train_crop
 from ran.models import create_model, model_defaults
+from ran.tracking.models import SIDE_FILES
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint directory ``ran train`` writes
 
@@ -59,16 +65,17 @@ def build_model(cfg: JobConfig) -> nn.Module:
 def eval_crop(cfg: JobConfig) -> int:
     """The side in pixels of the centre crop a model is validated, evaluated and served at.
 
-    ``data.eval_crop`` when set; else the train crop when it is not the recipe's default (small
-    images); else the model's own for its stem (Attention-92 on ImageNet: 320, PAPER.md Table 3's
-    single-crop test size; AttentionInception-56: 299; CIFAR: 32).
+    The one resolver of the eval crop: ``data.eval_crop`` when set; else the train crop when it is
+    not the recipe's (small images); else the model's own for its stem (Attention-92 on ImageNet:
+    320, PAPER.md Table 3's single-crop test size; AttentionInception-56: 299); else the recipe's
+    crop (224 ImageNet, 32 CIFAR). :class:`ModelBundle` resolves it once and carries it.
     """
     if cfg.data.eval_crop:
         return cfg.data.eval_crop
-    if cfg.data.crop and cfg.data.crop != default_crop(cfg.data.recipe):
+    if cfg.data.crop and cfg.data.crop != train_crop(cfg.data.recipe):
         return cfg.data.crop
     own = model_defaults(cfg.model.name).eval_crop.get(cfg.resolved_stem())
-    return own or default_crop(cfg.data.recipe)
+    return own or train_crop(cfg.data.recipe)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -162,59 +169,116 @@ def autocast(precision: str, device: torch.device, cache: bool = True) -> contex
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
-def prepare_batch(batch: Batch, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
-                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(N, 3, H, W)`` images -> normalised float on ``device`` (channels_last if asked),
-    and int64 ``(N,)`` labels on ``device``. Copies are non-blocking (pinned loaders)."""
-    images = normalize(batch.images.to(device, non_blocking=True))
+def prepare_images(images: torch.Tensor, device: torch.device,
+                   normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` images -> normalised float on ``device`` (channels_last if asked).
+    The copy is non-blocking (pinned loaders)."""
+    images = normalize(images.to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch.labels.to(device, non_blocking=True)
+    return images
+
+
+def prepare_batch(batch: Batch, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's images through :func:`prepare_images`, and its int64 ``(N,)`` labels on
+    ``device``."""
+    return (prepare_images(batch.images, device, normalize, channels_last),
+            batch.labels.to(device, non_blocking=True))
+
+
+def forward(model: nn.Module, images: torch.Tensor, *, device: torch.device, precision: str,
+            normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool,
+            masks: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward pass of validation, ``ran eval``, serving, explain and the promotion gate:
+    uint8 ``(N, 3, H, W)`` images through :func:`prepare_images` and ``model`` under
+    :func:`autocast` (``precision`` resolved). Returns float32 logits ``(N, classes)`` on
+    ``device`` and, with ``masks``, the soft masks (``model(x, return_masks=True)``: one
+    ``(N, C, h, w)`` tensor per attention module; else ``[]``)."""
+    x = prepare_images(images, device, normalize, channels_last)
+    with autocast(precision, device):
+        if masks:
+            logits, found = model(x, return_masks=True)
+        else:
+            logits, found = model(x), []
+    return logits.float(), list(found)
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and registered models back into models
+# Checkpoints: the one schema, the one reader
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The latest checkpoint directory of a run directory: the last by name of its
+    subdirectories that hold a ``checkpoint.pt`` (``epoch=E_step=S`` sorts in training order);
+    None when there is none."""
+    found = sorted((p.parent for p in Path(directory).glob(f"*/{CHECKPOINT_FILE}")),
+                   key=lambda p: p.name)
+    return found[-1] if found else None
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``checkpoint.pt`` itself, in a checkpoint directory, or the latest under a run directory.
+
+    Raises:
+        tracking.ModelRefError: no checkpoint there.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise tracking.ModelRefError(f"checkpoint {path}: no {CHECKPOINT_FILE} in it or in its subdirectories")
+    return latest / CHECKPOINT_FILE
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file or directory with ``torch.load(weights_only=True)`` on the CPU.
+    """The one reader of ``ran train``'s checkpoint schema, on the CPU, ``weights_only``:
+    ``model`` (state_dict), ``config`` (the resolved job config, a dict), ``run_id``, and for a
+    resume ``optimizer``, ``scheduler``, ``scaler``, ``step``, ``epoch``, ``samples``,
+    ``epoch_progress``, ``last_val``, ``rng`` (one state per rank) and ``plan``.
+
+    ``path``: a checkpoint file, a checkpoint directory, or a run directory (its latest,
+    :func:`latest_checkpoint`). A file holding a plain ``state_dict``
+    (``torch.save(model.state_dict(), path)``) reads as ``{"model": state_dict}``: weights, no
+    config (``model.init_from`` takes it).
 
     Raises:
-        FileNotFoundError: no such file.
+        tracking.ModelRefError: no such file, a file torch cannot load, or neither a checkpoint
+            nor a state_dict (one line naming the file).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).exists():
+        raise tracking.ModelRefError(f"checkpoint {path}: no such file or directory")
+    file = checkpoint_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise tracking.ModelRefError(f"checkpoint {file}: cannot load it ({_first_line(err)})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        return state
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {"model": state}
+    raise tracking.ModelRefError(f"checkpoint {file}: neither a `ran train` checkpoint nor a "
+                                 "state_dict (torch.save(model.state_dict(), path))")
 
 
-def model_from_state(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                     source: str) -> tuple[nn.Module, JobConfig]:
-    """Rebuild a trained model (eval mode, CPU) from its resolved config and weights.
-
-    Raises:
-        ConfigError: ``config`` is not a valid job config (``source`` names it).
-    """
-    cfg = parse_config(config, source)
-    model = build_model(cfg)
-    model.load_state_dict(state_dict)
-    return model.eval(), cfg
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
-@dataclass
-class LoadedModel:
-    """A model back from a reference, with what it was trained with."""
-
-    model: nn.Module  # our ResidualAttentionNet (forward(x, return_masks=True) works), eval mode
-    config: JobConfig  # the resolved config it was trained with
-    class_names: list[str] | None  # index -> name; None when unknown (checkpoint, data gone)
-    source: tracking.ModelSource  # where it came from
+# ---------------------------------------------------------------------------------------------
+# References: what a checkpoint, run or registered version holds
 
 
 def resolve_model(ref: str) -> tracking.ModelSource:
     """A reference -> where the model is: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an
-    MLflow run id (32 hex digits), or a checkpoint path (file, checkpoint directory, or a run
-    directory: its latest checkpoint).
+    MLflow run id (32 hex digits: its registered or logged model; for a run that logged none,
+    such as a search trial, the latest checkpoint of its local Ray Train directory), a logged
+    model's side-file directory (what the pyfunc is given), or a checkpoint path (file,
+    checkpoint directory, or a run directory: its latest checkpoint).
 
     Raises:
         tracking.ModelRefError: the reference names nothing loadable (one line saying what was looked for).
@@ -222,54 +286,74 @@ def resolve_model(ref: str) -> tracking.ModelSource:
     if tracking.MODELS_URI.match(ref):
         return tracking.registry_source(ref)
     path = Path(ref)
+    if path.is_dir() and all((path / name).is_file() for name in SIDE_FILES):
+        return tracking.ModelSource(ref, "files", path=str(path))
     if path.exists():
-        return tracking.ModelSource(ref, "checkpoint", path=str(_checkpoint_file(path)))
+        return tracking.ModelSource(ref, "checkpoint", path=str(checkpoint_file(path)))
     if tracking.RUN_ID.match(ref):
-        return tracking.run_source(ref)
+        try:
+            return tracking.run_source(ref)
+        except tracking.ModelRefError:
+            checkpoint = _run_checkpoint(ref)  # a run that logged no model (a search trial)
+            if checkpoint is None:
+                raise
+            return tracking.ModelSource(ref, "checkpoint", run_id=ref, path=str(checkpoint))
     raise tracking.ModelRefError(
         f"model {ref!r}: not models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id (32 hex "
         "digits) or an existing checkpoint path")
 
 
-def _checkpoint_file(path: Path) -> Path:
-    """``checkpoint.pt`` itself, in a checkpoint directory, or the latest under a run directory."""
-    if path.is_file():
-        return path
-    if (path / CHECKPOINT_FILE).is_file():
-        return path / CHECKPOINT_FILE
-    found = sorted(path.glob(f"*/{CHECKPOINT_FILE}"), key=lambda p: p.parent.name)
-    if not found:
-        raise tracking.ModelRefError(f"checkpoint {path}: no {CHECKPOINT_FILE} in it or in its subdirectories")
-    return found[-1]
+def _run_checkpoint(ref: str) -> Path | None:
+    """The latest checkpoint file of MLflow run ``ref``, from its Ray Train directory
+    (``ran.storage`` tag) when that is a local directory; None otherwise."""
+    try:
+        storage = tracking.RunTracker(ref).tag(tracking.TAG_STORAGE)
+        latest = latest_checkpoint(storage) if storage and Path(storage).is_dir() else None
+    except Exception:  # noqa: BLE001 - no such run, store unreachable: the caller's error stands
+        return None
+    return latest / CHECKPOINT_FILE if latest else None
 
 
-def load_model(ref: str | tracking.ModelSource) -> LoadedModel:
-    """The model a reference names (see :func:`resolve_model`), ours, on the CPU, in eval mode.
+@dataclass
+class ModelParts:
+    """What a reference holds, before a model is built from it (:func:`read_model`)."""
 
-    Class names come with a logged model's side files; for a checkpoint they are read from the
-    manifest of the data it was trained on when that is a local directory (else None: nothing a
-    checkpoint names is fetched).
+    state: dict[str, torch.Tensor]  # the weights (CPU)
+    config: JobConfig | None  # the resolved config trained with; None for a plain state_dict file
+    class_names: list[str] | None  # index -> name; None when unknown (checkpoint, data gone)
+    source: tracking.ModelSource
+    progress: dict[str, Any]  # a checkpoint's epoch, step, samples and last_val; {} otherwise
+
+
+def read_model(ref: str | tracking.ModelSource) -> ModelParts:
+    """The weights, config and class names a reference names (see :func:`resolve_model`): the
+    one place a reference becomes a model (:meth:`ModelBundle.load` builds it; ``model.init_from``
+    takes its weights).
+
+    A logged or registered model is downloaded and checked to be ran's own
+    (:func:`ran.tracking.download_model_files`); a checkpoint is read by :func:`load_checkpoint`,
+    its class names from the manifest of the data it was trained on when that is a local directory
+    (else None: nothing a checkpoint names is fetched).
 
     Raises:
-        tracking.ModelRefError: nothing loadable there, or a file that is not a ``ran`` checkpoint.
+        tracking.ModelRefError: nothing loadable there, or a model ran did not log.
+        ConfigError: a config that is not a valid job config.
     """
     source = ref if isinstance(ref, tracking.ModelSource) else resolve_model(ref)
-    if source.kind != "checkpoint":
-        files = tracking.download_model_files(source)
-        state = torch.load(files.state_dict, weights_only=True, map_location="cpu")
-        model, cfg = model_from_state(load_yaml(files.config.read_text()), state,
-                                      source.ref)
-        return LoadedModel(model, cfg, json.loads(files.classes.read_text()), source)
-    try:
-        state = load_checkpoint(source.path)  # type: ignore[arg-type]
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise tracking.ModelRefError(f"checkpoint {source.path}: cannot load it ({err})") from None
-    if "model" not in state or "config" not in state:
-        raise tracking.ModelRefError(f"checkpoint {source.path}: no model or config in it; "
-                            "was it written by `ran train`?")
-    model, cfg = model_from_state(state["config"], state["model"], str(source.path))
-    source.run_id = source.run_id or state.get("run_id")
-    return LoadedModel(model, cfg, _manifest_classes(cfg.data.path), source)
+    if source.kind in ("registry", "run", "files"):
+        side = (Path(source.path) if source.kind == "files"  # type: ignore[arg-type]
+                else tracking.download_model_files(source).config.parent)
+        state = torch.load(side / "state_dict.pt", map_location="cpu", weights_only=True)
+        cfg = parse_config(load_yaml((side / "config.yaml").read_text()), source.ref)
+        classes = json.loads((side / "classes.json").read_text())
+        return ModelParts(state, cfg, classes, source, {})
+    checkpoint = load_checkpoint(source.path)  # type: ignore[arg-type]
+    source.run_id = source.run_id or checkpoint.get("run_id")
+    config = checkpoint.get("config")
+    cfg = parse_config(config, str(source.path)) if config is not None else None
+    progress = {k: checkpoint[k] for k in ("epoch", "step", "samples", "last_val") if k in checkpoint}
+    return ModelParts(checkpoint["model"], cfg, _manifest_classes(cfg.data.path) if cfg else None,
+                      source, progress)
 
 
 def _manifest_classes(path: str) -> list[str] | None:
@@ -300,57 +384,194 @@ def check_classes(model: nn.Module, class_names: list[str] | None, manifest: dic
 
 
 # ---------------------------------------------------------------------------------------------
+# The model bundle
+
+
+PREDICT_BATCH = 64  # images per forward pass of predict
+_RNG = random.Random(0)  # eval transforms are deterministic; the argument is part of their API
+
+
+def default_device() -> torch.device:
+    """The first GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class ModelBundle:
+    """A trained model with everything that turns images into its predictions, as training
+    validated it (torchvision's ``Weights.transforms()``, timm's ``pretrained_cfg``): what
+    ``ran eval``, the served pyfunc, ``ran explain``, the promotion gate, ``model.init_from`` and
+    the end of training all use. Build one with :meth:`load` (a reference) or :meth:`build` (a
+    model in memory)."""
+
+    model: nn.Module  # ours (forward(x, return_masks=True) works), eval mode, on device
+    config: JobConfig  # the resolved config it was trained with, data.eval_crop set to the crop
+    transform: Transform  # the eval transform: encoded image -> uint8 (3, crop, crop)
+    normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 NCHW -> normalised float32
+    precision: str  # train.precision as it runs on device: fp32, bf16 or fp16
+    channels_last: bool  # the memory format training used (train.channels_last)
+    class_names: list[str] | None  # index -> name; None when unknown
+    device: torch.device
+    source: tracking.ModelSource | None = None  # where it came from (provenance, run tags)
+    progress: dict[str, Any] = field(default_factory=dict)  # a checkpoint's epoch, step, last_val
+
+    @property
+    def crop(self) -> int:
+        """The side in pixels of the eval centre crop."""
+        return int(self.transform.crop)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the model has attention modules (a baseline has none)."""
+        return bool(getattr(self.model, "attention_modules", None))
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: JobConfig, class_names: list[str] | None = None,
+              source: tracking.ModelSource | None = None, *, device: torch.device | None = None,
+              crop: int | None = None, progress: dict[str, Any] | None = None) -> "ModelBundle":
+        """The bundle of ``model`` (moved to ``device``, default :func:`default_device`; eval mode;
+        channels_last where the config says) trained with ``cfg``. ``crop`` overrides the
+        config's eval crop (:func:`eval_crop`), which is resolved here once and pinned in
+        ``config`` (``data.eval_crop``)."""
+        device = device or default_device()
+        crop = crop or eval_crop(cfg)
+        cfg = cfg.with_values({"data.eval_crop": crop})
+        model = model.eval().to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, cfg,
+                   make_transform(cfg.data.recipe, train=False, crop=crop, max_pixels=cfg.data.max_pixels),
+                   normalizer(cfg.data.recipe),
+                   resolve_precision(cfg.train.precision, device, model_key(cfg)),
+                   cfg.train.channels_last, list(class_names) if class_names else None, device,
+                   source, dict(progress or {}))
+
+    @classmethod
+    def load(cls, ref: str | tracking.ModelSource, *, device: torch.device | None = None,
+             crop: int | None = None, class_names: list[str] | None = None) -> "ModelBundle":
+        """The bundle a reference names (:func:`read_model`): a checkpoint file, a checkpoint
+        or run directory, an MLflow run id, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+        ``class_names`` stand in for those a checkpoint cannot name.
+
+        Raises:
+            tracking.ModelRefError: nothing loadable there, weights without a config, or a
+                model ran did not log.
+            ConfigError: its config is not a valid job config.
+        """
+        parts = read_model(ref)
+        if parts.config is None:
+            raise tracking.ModelRefError(
+                f"checkpoint {parts.source.path}: weights only (a plain state_dict), no config to "
+                "build the model from; use a checkpoint `ran train` wrote or a logged model")
+        model = build_model(parts.config)
+        model.load_state_dict(parts.state)
+        return cls.build(model, parts.config, parts.class_names or class_names, parts.source,
+                         device=device, crop=crop, progress=parts.progress)
+
+    # -- images in, probabilities out
+
+    def pixels(self, image: bytes) -> torch.Tensor:
+        """One encoded image (any format Pillow reads) through the eval transform: uint8
+        ``(3, crop, crop)``.
+
+        Raises:
+            ImageTooLarge: more pixels than ``data.max_pixels`` (judged from the header).
+            PIL.UnidentifiedImageError, OSError, ValueError: not a readable image.
+        """
+        return self.transform.sample(image, _RNG)
+
+    def _batch(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return images
+        return torch.stack([self.pixels(_encoded(image)) for image in images])
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        """Class probabilities of a batch: float32 ``(N, classes)`` on the CPU.
+
+        ``images``: uint8 ``(N, 3, crop, crop)`` already through the eval transform
+        (:meth:`pixels`), or a sequence of PIL images or encoded images, which go through it.
+        Computed as training validated (:func:`forward`), :data:`PREDICT_BATCH` at a time.
+        """
+        return self.predict_with_masks(images, masks=False)[0]
+
+    @torch.inference_mode()
+    def predict_with_masks(self, images: torch.Tensor | Sequence[Any], masks: bool = True,
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`predict` and, with ``masks`` (and a model that has them), each attention
+        module's soft mask, float32 ``(N, C, h, w)`` on the CPU (``ran explain``)."""
+        pixels = self._batch(images)
+        probs: list[torch.Tensor] = []
+        found: list[list[torch.Tensor]] = []
+        for start in range(0, len(pixels), PREDICT_BATCH):
+            logits, chunk = forward(self.model, pixels[start:start + PREDICT_BATCH],
+                                    device=self.device, precision=self.precision,
+                                    normalize=self.normalize, channels_last=self.channels_last,
+                                    masks=masks and self.has_masks)
+            probs.append(logits.softmax(dim=1).cpu())
+            found.append([m.float().cpu() for m in chunk])
+        joined = [torch.cat(per_module) for per_module in zip(*found)] if found and found[0] else []
+        return torch.cat(probs), joined
+
+    # -- the evaluation loop
+
+    def evaluate(self, data_path: str, split: str = "val", batch_size: int | None = None,
+                 workers: int | None = None) -> dict[str, float]:
+        """Top-1, top-5 and mean loss over every sample of ``split`` of ``data_path``, exactly as
+        training validates (:func:`eval_counts` at the bundle's crop, precision and memory
+        format), after checking the data's classes are the model's (:func:`check_classes`).
+
+        ``batch_size`` and ``workers`` default to the config's. Returns ``top1``, ``top5``
+        (fractions), ``loss`` (nats), ``images``, ``skipped`` and ``img_per_s`` (model and data
+        time).
+
+        Raises:
+            ValueError: the data's classes are not the model's.
+            DataError: the shards cannot be read.
+        """
+        cfg, device = self.config, self.device
+        check_classes(self.model, self.class_names, read_manifest(data_path), data_path)
+        loader = make_loader(
+            data_path, split, train=False, batch_size=batch_size or cfg.data.batch_size,
+            recipe=cfg.data.recipe, crop=self.crop,
+            workers=cfg.data.workers if workers is None else workers,
+            max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=device.type == "cuda",
+            decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
+        )
+        start = time.perf_counter()
+        try:
+            counts = eval_counts(self.model, loader, device=device, precision=self.precision,
+                                 normalize=self.normalize, channels_last=self.channels_last)
+        finally:
+            loader.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        m = counts.metrics(prefix="")
+        return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "images": counts.samples,
+                "skipped": counts.skipped, "img_per_s": counts.samples / max(elapsed, 1e-9)}
+
+
+def _encoded(image: Any) -> bytes:
+    """Encoded image bytes as they are, a PIL image losslessly as PPM (so that the eval transform
+    treats it as it treats a stored image)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    import io
+
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"an image is encoded bytes or a PIL image, not a {type(image).__name__}")
+    buffer = io.BytesIO()
+    to_rgb(image).save(buffer, format="PPM")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
 # Fine-tuning: model.init_from
 
 CLASSIFIER = "fc"  # the classifier of every ran.models network: re-initialised for new classes
-
-
-def init_state(ref: str) -> tuple[dict[str, torch.Tensor], tracking.ModelSource]:
-    """The weights a ``model.init_from`` reference names, on the CPU, and where they are.
-
-    ``ref``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, an MLflow run id (its registered or
-    logged model; for a run that logged none, such as a search trial, the latest checkpoint of its
-    local Ray Train directory), a checkpoint file or directory ``ran train`` wrote (or a run
-    directory: its latest checkpoint), or a file holding a plain ``state_dict``
-    (``torch.save(model.state_dict(), path)``).
-
-    Raises:
-        tracking.ModelRefError: nothing loadable there (one line saying what was looked for).
-    """
-    try:
-        source = resolve_model(ref)
-    except tracking.ModelRefError:
-        checkpoint = _run_checkpoint(ref)  # a run that logged no model (a search trial)
-        if checkpoint is None:
-            raise
-        source = tracking.ModelSource(ref, "checkpoint", run_id=ref, path=str(checkpoint))
-    if source.kind != "checkpoint":
-        files = tracking.download_model_files(source)
-        return torch.load(files.state_dict, weights_only=True, map_location="cpu"), source
-    try:
-        state = load_checkpoint(source.path)  # type: ignore[arg-type]
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise tracking.ModelRefError(
-            f"model.init_from {source.path}: cannot load it ({err})") from None
-    if isinstance(state.get("model"), dict):
-        source.run_id = source.run_id or state.get("run_id")
-        return state["model"], source
-    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state, source
-    raise tracking.ModelRefError(f"model.init_from {source.path}: neither a `ran train` checkpoint "
-                                 "nor a state_dict (torch.save(model.state_dict(), path))")
-
-
-def _run_checkpoint(ref: str) -> Path | None:
-    """The latest checkpoint of MLflow run ``ref``, from its Ray Train directory (``ran.storage``
-    tag) when that is a local directory; None otherwise."""
-    if not tracking.RUN_ID.match(ref):
-        return None
-    try:
-        storage = tracking.RunTracker(ref).tag(tracking.TAG_STORAGE)
-        return _checkpoint_file(Path(storage)) if storage and Path(storage).is_dir() else None
-    except Exception:  # noqa: BLE001 - no such run, store unreachable: the caller's error stands
-        return None
 
 
 def pinned_ref(source: tracking.ModelSource) -> str:
@@ -415,7 +636,7 @@ def resolve_init(cfg: JobConfig) -> JobConfig:
     if not ref:
         return cfg
     try:
-        parent, source = init_state(ref)
+        parent = read_model(ref)
     except tracking.ModelRefError as err:
         raise ConfigError(f"model.init_from: {err}") from None
     try:
@@ -423,8 +644,8 @@ def resolve_init(cfg: JobConfig) -> JobConfig:
             model_state = build_model(cfg).state_dict()
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
-    fit_state(model_state, parent, ref, _describe(cfg))
-    return cfg.with_values({"model.init_from": pinned_ref(source)})
+    fit_state(model_state, parent.state, ref, _describe(cfg))
+    return cfg.with_values({"model.init_from": pinned_ref(parent.source)})
 
 
 def init_weights(model: nn.Module, cfg: JobConfig) -> nn.Module:
@@ -438,8 +659,8 @@ def init_weights(model: nn.Module, cfg: JobConfig) -> nn.Module:
     """
     if not cfg.model.init_from:
         return model
-    parent, _ = init_state(cfg.model.init_from)
     ref = cfg.model.init_from
+    parent = read_model(ref).state
     model.load_state_dict(fit_state(model.state_dict(), parent, ref, _describe(cfg)))
     return model
 
@@ -493,19 +714,17 @@ class EvalCounts:
 def eval_counts(model: nn.Module, batches: Iterable[Batch], *, device: torch.device,
                 precision: str, normalize: Callable[[torch.Tensor], torch.Tensor],
                 channels_last: bool) -> EvalCounts:
-    """Run ``model`` (set to eval mode, restored after) over ``batches`` and sum the counts.
-
-    ``precision`` is resolved (:func:`resolve_precision`); logits are compared in fp32.
-    """
+    """The evaluation loop of training's validation and :meth:`ModelBundle.evaluate`: run
+    ``model`` (set to eval mode, restored after) over ``batches`` through :func:`forward` and sum
+    the counts. ``precision`` is resolved (:func:`resolve_precision`)."""
     was_training = model.training
     model.eval()
     counts = EvalCounts()
     try:
         for batch in batches:
-            images, labels = prepare_batch(batch, device, normalize, channels_last)
-            with autocast(precision, device):
-                logits = model(images)
-            logits = logits.float()
+            logits, _ = forward(model, batch.images, device=device, precision=precision,
+                                normalize=normalize, channels_last=channels_last)
+            labels = batch.labels.to(device, non_blocking=True)
             counts.loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             counts.top1 += float(hits[:, 0].sum())
@@ -515,57 +734,3 @@ def eval_counts(model: nn.Module, batches: Iterable[Batch], *, device: torch.dev
     finally:
         model.train(was_training)
     return counts
-
-
-def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val",
-             crop: int | None = None, batch_size: int | None = None,
-             workers: int | None = None, device: torch.device | None = None) -> dict[str, float]:
-    """Top-1, top-5 and mean loss of ``model`` over every sample of ``split`` of ``data_path``,
-    exactly as training validates (:func:`eval_counts` with the config's recipe, eval crop,
-    precision and memory format).
-
-    ``crop``, ``batch_size`` and ``workers`` default to the config's. Returns ``top1``, ``top5``
-    (fractions), ``loss`` (nats), ``images``, ``skipped`` and ``img_per_s`` (model and data time).
-
-    Raises:
-        DataError: the shards cannot be read.
-    """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    channels_last = cfg.train.channels_last
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = make_loader(
-        data_path, split, train=False, batch_size=batch_size or cfg.data.batch_size,
-        recipe=cfg.data.recipe, crop=crop or eval_crop(cfg),
-        workers=cfg.data.workers if workers is None else workers,
-        max_bad_fraction=cfg.data.max_bad_fraction, pin_memory=device.type == "cuda",
-        decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
-    )
-    start = time.perf_counter()
-    try:
-        counts = eval_counts(model, loader, device=device,
-                             precision=resolve_precision(cfg.train.precision, device, model_key(cfg)),
-                             normalize=normalizer(cfg.data.recipe), channels_last=channels_last)
-    finally:
-        loader.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    m = counts.metrics(prefix="")
-    return {"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "images": counts.samples,
-            "skipped": counts.skipped, "img_per_s": counts.samples / max(elapsed, 1e-9)}
-
-
-def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "val",
-                 crop: int | None = None, batch_size: int | None = None,
-                 workers: int | None = None) -> tuple[LoadedModel, dict[str, float]]:
-    """Resolve, load, check the classes against the data, and :func:`evaluate` one reference.
-
-    Raises:
-        tracking.ModelRefError, ValueError, DataError: see :func:`load_model`, :func:`check_classes`.
-    """
-    loaded = load_model(ref)
-    check_classes(loaded.model, loaded.class_names, read_manifest(data_path), data_path)
-    metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers)
-    return loaded, metrics

@@ -11,10 +11,10 @@ client has, one image per item:
   integers 0..255 (JSON) are arrays too.
 
 given as a list, a single item, a pandas DataFrame or Series (column ``image``, or the only
-column), or a dict ``{"image": [...]}``. Every image goes through the job's own eval transform
-(:func:`ran.data.transforms.make_transform` at :func:`ran.runtime.eval_crop`, the crop training
-validated at; arrays exactly as the same pixels stored losslessly would), then the normalisation,
-memory format and precision training validated with. The answer is a DataFrame, one row per image:
+column), or a dict ``{"image": [...]}``. The model is a :class:`ran.runtime.ModelBundle`: every
+image goes through its eval transform (at the crop training validated at; arrays exactly as the
+same pixels stored losslessly would) and its ``predict`` (the normalisation, memory format and
+precision training validated with). The answer is a DataFrame, one row per image:
 ``indices``, ``classes`` (names) and ``probabilities`` of the top ``min(5, classes)``, best first.
 
 Over HTTP (``POST /invocations``, ``Content-Type: application/json``)::
@@ -30,27 +30,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
-import random
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 
-from ran import runtime
-from ran.config import JobConfig
-from ran.data.transforms import ImageTooLarge, check_pixels, make_transform, normalizer, to_rgb
+from ran.data.transforms import ImageTooLarge, check_pixels, to_rgb
+from ran.runtime import ModelBundle
 from ran.tracking.models import request_error
 
 TOP_K = 5  # classes answered per image (fewer when the model has fewer)
 IMAGE_COLUMN = "image"  # the column (or dict key) that holds the images
-MAX_BATCH = 64  # images per forward pass
-_RNG = random.Random(0)  # eval transforms are deterministic; the argument is part of their API
 
 
 class RequestError(ValueError):
@@ -58,51 +50,19 @@ class RequestError(ValueError):
 
 
 class ImageClassifier:
-    """A trained model with its eval transform and class names: images in, top-k classes out.
+    """A model bundle (:class:`ran.runtime.ModelBundle`) answering requests: images in, top-k
+    classes out. Class names default to ``"class <i>"`` where the bundle has none."""
 
-    Args:
-        model: our ``nn.Module`` (its weights); put in eval mode (and channels_last if the job
-            trained so) on ``device``.
-        cfg: the resolved config it was trained with (recipe, eval crop, precision, memory format).
-        class_names: index -> name; None gives ``"class <i>"``.
-        device: default CPU.
-    """
-
-    def __init__(self, model: nn.Module, cfg: JobConfig, class_names: Sequence[str] | None,
-                 device: torch.device | None = None) -> None:
-        self.device = device or torch.device("cpu")
-        self.cfg = cfg
-        self.channels_last = cfg.train.channels_last
-        model = model.eval().to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
-        self.crop = runtime.eval_crop(cfg)
-        self.transform = make_transform(cfg.data.recipe, train=False, crop=self.crop,
-                                        max_pixels=cfg.data.max_pixels)
-        self.normalize = normalizer(cfg.data.recipe)
-        self.precision = runtime.resolve_precision(cfg.train.precision, self.device,
-                                                   runtime.model_key(cfg))
-        outputs = int(cfg.model.num_classes or len(class_names or []))
-        self.class_names = (list(class_names) if class_names
-                            else [f"class {i}" for i in range(outputs)])
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+        outputs = int(bundle.config.model.num_classes or len(bundle.class_names or []))
+        self.class_names = bundle.class_names or [f"class {i}" for i in range(outputs)]
         self.k = min(TOP_K, outputs)
 
-    @classmethod
-    def from_directory(cls, path: str | Path,
-                       device: torch.device | None = None) -> "ImageClassifier":
-        """The classifier of a logged model's side files (``config.yaml``, ``classes.json``,
-        ``state_dict.pt`` in ``path``), on ``device`` (default: the first GPU if there is one,
-        else the CPU).
-
-        Raises:
-            FileNotFoundError: a side file is missing.
-            ConfigError: ``config.yaml`` is not a valid job config.
-        """
-        path = Path(path)
-        state = torch.load(path / "state_dict.pt", map_location="cpu", weights_only=True)
-        model, cfg = runtime.model_from_state(yaml.safe_load((path / "config.yaml").read_text()),
-                                              state, str(path))
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, cfg, json.loads((path / "classes.json").read_text()), device)
+    @property
+    def crop(self) -> int:
+        """The eval crop every image is brought to."""
+        return self.bundle.crop
 
     # -- input
 
@@ -121,15 +81,16 @@ class ImageClassifier:
     def _one(self, item: Any, index: int) -> torch.Tensor:
         if isinstance(item, str):
             item = _from_base64(item, index)
+        max_pixels = self.bundle.transform.max_pixels
         if isinstance(item, (bytes, bytearray, memoryview)):
             data = bytes(item)
         else:
-            data = _array_as_ppm(item, index, self.transform.max_pixels)
+            data = _array_as_ppm(item, index, max_pixels)
         try:
-            return self.transform.sample(data, _RNG)
+            return self.bundle.pixels(data)
         except ImageTooLarge as err:  # judged from the header: nothing was decoded
             raise RequestError(f"image {index}: too large: {err}; send an image of at most "
-                               f"{self.transform.max_pixels} pixels") from None
+                               f"{max_pixels} pixels") from None
         except UnidentifiedImageError:
             reason = f"{len(data)} bytes in no image format Pillow reads"
         except (OSError, ValueError, SyntaxError) as err:
@@ -139,22 +100,11 @@ class ImageClassifier:
 
     # -- prediction
 
-    @torch.inference_mode()
     def top_k(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``(N, 3, crop, crop)`` -> (probabilities float32 ``(N, k)``, indices int64
-        ``(N, k)``), best first, computed as training validated (normalisation, memory format,
-        precision)."""
-        probs, indices = [], []
-        for start in range(0, len(images), MAX_BATCH):
-            x = self.normalize(images[start:start + MAX_BATCH].to(self.device))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with runtime.autocast(self.precision, self.device):
-                logits = self.model(x)
-            top = logits.float().softmax(dim=1).topk(self.k, dim=1)
-            probs.append(top.values.cpu())
-            indices.append(top.indices.cpu())
-        return torch.cat(probs), torch.cat(indices)
+        ``(N, k)``), best first: the top of :meth:`ran.runtime.ModelBundle.predict`."""
+        top = self.bundle.predict(images).topk(self.k, dim=1)
+        return top.values, top.indices
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Top-k classes of every image: a DataFrame with one row per image and the columns
@@ -187,8 +137,9 @@ class _Pyfunc:
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> _Pyfunc:
-    """MLflow's loader hook (``loader_module: ran.serving``): ``data_path`` holds the side files."""
-    return _Pyfunc(ImageClassifier.from_directory(data_path))
+    """MLflow's loader hook (``loader_module: ran.serving``): ``data_path`` holds the side files,
+    loaded as a :class:`ran.runtime.ModelBundle` (on the first GPU if there is one)."""
+    return _Pyfunc(ImageClassifier(ModelBundle.load(data_path)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 RECIPES = ("imagenet", "cifar")
 EVAL_CROP_FRACTION = 0.875  # ImageNet eval: resize to crop / 0.875, then centre crop
-DEFAULT_CROP = {"imagenet": 224, "cifar": 32}
+TRAIN_CROP = {"imagenet": 224, "cifar": 32}  # data.crop unset; the eval crop: ran.runtime.eval_crop
 
 # PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch.
 _LIGHTING_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -184,8 +184,10 @@ def check_recipe(recipe: str) -> str:
     return recipe
 
 
-def default_crop(recipe: str) -> int:
-    return DEFAULT_CROP[check_recipe(recipe)]
+def train_crop(recipe: str) -> int:
+    """The recipe's train crop when ``data.crop`` is unset (224 ImageNet, 32 CIFAR). Not the eval
+    crop, which is the model's (:func:`ran.runtime.eval_crop`: 320 for Attention-92)."""
+    return TRAIN_CROP[check_recipe(recipe)]
 
 
 class Normalizer:
@@ -419,7 +421,7 @@ class ImageNetTrain:
 class ImageNetEval:
     """Resize to ``crop / 0.875`` then centre crop ``crop`` (done as crop-then-resize)."""
 
-    def __init__(self, crop: int = 224, fraction: float = EVAL_CROP_FRACTION,
+    def __init__(self, crop: int, fraction: float = EVAL_CROP_FRACTION,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.crop, self.fraction, self.max_pixels = crop, fraction, max_pixels
 
@@ -454,7 +456,7 @@ class CifarTrain:
 class CifarEval:
     """The image itself (resized only if it is not ``crop`` x ``crop``)."""
 
-    def __init__(self, crop: int = 32, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, crop: int, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.crop, self.max_pixels = crop, max_pixels
 
     def sample(self, data: bytes, rng: random.Random) -> torch.Tensor:
@@ -478,8 +480,19 @@ Transform = ImageNetTrain | ImageNetEval | CifarTrain | CifarEval
 def make_transform(recipe: str, *, train: bool, crop: int | None = None,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Transform:
     """The train or eval transform of a recipe ("imagenet" or "cifar") at ``crop`` pixels; images
-    over ``max_pixels`` (``data.max_pixels``) raise :class:`ImageTooLarge` undecoded."""
-    crop = crop or default_crop(recipe)
+    over ``max_pixels`` (``data.max_pixels``) raise :class:`ImageTooLarge` undecoded.
+
+    ``crop``: None trains at the recipe's :func:`train_crop`; an eval transform has no default,
+    since a model's eval crop is its own (:func:`ran.runtime.eval_crop`: 320 for Attention-92).
+
+    Raises:
+        ValueError: an eval transform without its crop.
+    """
+    check_recipe(recipe)
+    if crop is None and not train:
+        raise ValueError(f"the {recipe} eval transform needs its crop: the model's eval crop "
+                         "(ran.runtime.eval_crop), never a recipe default")
+    crop = crop or train_crop(recipe)
     if recipe == "imagenet":
         return (ImageNetTrain(crop, max_pixels=max_pixels) if train
                 else ImageNetEval(crop, max_pixels=max_pixels))

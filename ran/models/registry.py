@@ -63,7 +63,7 @@ class ModelDefaults:
     t: int | None = 2
     r: int | None = 1
     unit: str | None = "bottleneck"
-    eval_crop: dict[str, int] = field(default_factory=lambda: {"imagenet": 224, "cifar": 32})
+    eval_crop: dict[str, int] = field(default_factory=dict)  # per stem, where not the recipe's
     mask_activation: str | None = "mixed"
     combination: str | None = "arl"
     mask_structure: str | None = "encoder_decoder"
@@ -232,7 +232,7 @@ def attention56(**options: Any) -> ResidualAttentionNet:
 
 @register_model(ModelDefaults(
     92, "imagenet", "Attention-92, pre-activation bottleneck units",
-    eval_crop={"imagenet": 320, "cifar": 32},  # Table 7 evaluates Attention-92 at 320
+    eval_crop={"imagenet": 320},  # Table 7 evaluates Attention-92 at 320
 ))
 def attention92(**options: Any) -> ResidualAttentionNet:
     """Attention-92 (Table 2): modules (1, 2, 3) on ImageNet, as in the official prototxt, and
@@ -276,7 +276,7 @@ def attentionnext56(**options: Any) -> ResidualAttentionNet:
 
 @register_model(ModelDefaults(
     56, "imagenet", "AttentionInception-56, Inception-ResNet-A units", unit="inception",
-    eval_crop={"imagenet": 299, "cifar": 32},  # Table 7 evaluates it at 299
+    eval_crop={"imagenet": 299},  # Table 7 evaluates it at 299
 ))
 def attentioninception56(**options: Any) -> ResidualAttentionNet:
     """AttentionInception-56 (Table 7): Attention-56's layout, one module in each of stages 1-3,
@@ -307,27 +307,34 @@ def preact_resnet164(
 
 
 class _TorchvisionResNet(nn.Module):
-    """torchvision's ResNet-152 with our input check and a CIFAR stem option."""
+    """torchvision's ResNet-152 with our input check and a CIFAR stem option. Its layers are its
+    own children (torchvision's names: ``conv1`` ... ``layer4``, ``fc``), so that its classifier is
+    ``fc`` as in every registered model (the registry's provenance check, ``model.init_from``'s
+    new-classes rule and the class check of ``ran eval`` find it by that name)."""
 
     def __init__(self, stem: str, num_classes: int, in_channels: int) -> None:
         super().__init__()
         from torchvision.models import resnet152
 
         self.in_channels = in_channels
-        self.net = resnet152(weights=None, num_classes=num_classes)
+        net = resnet152(weights=None, num_classes=num_classes)
         if stem == "cifar" or in_channels != 3:
             k, s, pad = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
-            self.net.conv1 = nn.Conv2d(in_channels, 64, k, stride=s, padding=pad, bias=False)
-            nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.conv1 = nn.Conv2d(in_channels, 64, k, stride=s, padding=pad, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         if stem == "cifar":
-            self.net.maxpool = nn.Identity()
+            net.maxpool = nn.Identity()
+        for name, child in net.named_children():  # conv1, bn1, relu, maxpool, layer1-4, avgpool, fc
+            self.add_module(name, child)
 
     def forward(self, x: torch.Tensor, return_masks: bool = False):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        logits = self.net(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))
         return (logits, []) if return_masks else logits
 
 

@@ -4,16 +4,19 @@ gate's reads and writes).
 
 A model ``ran train`` logs has two flavors in one MLmodel:
 
-- ``pytorch`` (pt2 format, exported from a normalised float NCHW example of batch 2):
-  ``mlflow.pytorch.load_model`` gives an ``nn.Module``;
 - ``python_function`` whose loader is :mod:`ran.serving` (imported by name, as MLflow does; ``ran``
   must be installed where the model is served): it takes image bytes (raw, or base64 in JSON) and
   uint8 HWC arrays, applies the job's eval transform and returns the top-5 classes. The signature
   and the input example (one base64 JPEG) describe that interface.
+- ``pytorch`` (pt2 format, exported from a normalised float NCHW example of batch 2): for readers
+  without ``ran`` (``mlflow.pytorch.load_model`` gives an ``nn.Module``, README "Serving"); ran
+  itself never reads it (an exported program has no ``return_masks`` and no eval transform).
 
-Beside them, under ``data/ran/``: ``config.yaml`` (the resolved job config), ``classes.json``
-and ``state_dict.pt``, from which :func:`ran.runtime.load_model` and the pyfunc rebuild our own
-module class. Aliases are the registry's mutable pointers; model-version stages are deprecated and
+Beside them, under ``data/ran/``, everything a :class:`ran.runtime.ModelBundle` needs, and the
+only files ran reads back (:func:`ran.runtime.read_model`, for every verb and for the pyfunc):
+``config.yaml`` (the resolved job config, with ``data.eval_crop`` pinned to the crop the model was
+validated at, so a later change of a default cannot move it), ``classes.json`` and
+``state_dict.pt``. Aliases are the registry's mutable pointers; model-version stages are deprecated and
 not used.
 """
 
@@ -363,19 +366,21 @@ class ModelSource:
     """Where a model comes from, resolved from a reference."""
 
     ref: str  # as the user wrote it
-    kind: str  # "registry", "run" or "checkpoint"
+    kind: str  # "registry", "run", "checkpoint" or "files" (a logged model's side-file directory)
     name: str | None = None  # registered model name
     version: str | None = None  # registered version
     run_id: str | None = None  # the training run
     model_uri: str | None = None  # what to download: models:/NAME/VERSION or the logged model
     model_id: str | None = None  # MLflow 3 logged-model id (m-...), when known
-    path: str | None = None  # checkpoint file
+    path: str | None = None  # checkpoint file, or the side-file directory
 
     @property
     def label(self) -> str:
         """``name/version``, the checkpoint directory's name, or the run id."""
         if self.name and self.version:
             return f"{self.name}/{self.version}"
+        if self.path and self.kind == "files":
+            return self.path
         if self.path:
             return Path(self.path).parent.name or self.path
         return self.run_id or self.ref

@@ -47,7 +47,6 @@ from ran.config import ConfigError, JobConfig, load_config
 from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
-from ran.data.transforms import normalizer
 from ran.tracking.models import (
     Registration, nonfinite_tensors, record_registration, registration_gate,
 )
@@ -519,24 +518,24 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     """Log the model of the final checkpoint, and register it if it passes the registration gate
     (:func:`ran.tracking.models.registration_gate`, whose reason also tags the run).
 
-    The input example is 2 random uint8 images at the eval crop (:func:`ran.runtime.eval_crop`),
-    normalised as the recipe does.
+    The final checkpoint is loaded as a :class:`ran.runtime.ModelBundle` (on the CPU); its model
+    and config (the eval crop pinned) are logged. The input example is 2 random uint8 images at
+    the bundle's eval crop, normalised as the recipe does.
     """
     if not cfg.tracking.log_model:
         return Registration(False, "")
     with checkpoint.as_directory() as directory:
-        state = runtime.load_checkpoint(directory)
-    model, _ = runtime.model_from_state(cfg.model_dump(), state["model"], "final checkpoint")
-    crop = runtime.eval_crop(cfg)
+        bundle = runtime.ModelBundle.load(directory, device=torch.device("cpu"))
+    crop, state = bundle.crop, bundle.model.state_dict()
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8, generator=generator)
-    example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
-    metrics = dict(state.get("last_val") or {})
-    metrics.update(epoch=state["epoch"], step=state["step"])
-    gate = registration_gate(cfg, metrics, nonfinite_tensors(state["model"]), len(state["model"]))
-    gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
-                                            metrics, register=gate.register,
-                                            quiet=not console.verbose())
+    example = bundle.normalize(images).numpy().astype(np.float32)
+    metrics = dict(bundle.progress.get("last_val") or {})
+    metrics.update(epoch=bundle.progress["epoch"], step=bundle.progress["step"])
+    gate = registration_gate(cfg, metrics, nonfinite_tensors(state), len(state))
+    gate.version = tracking.log_final_model(tracker, bundle.model, bundle.config,
+                                            list(manifest["classes"]), example, metrics,
+                                            register=gate.register, quiet=not console.verbose())
     if not gate.register and gate.reason:
         gate.reason += f"; the model is logged in MLflow run {tracker.run_id}"
     record_registration(tracker, gate)

@@ -194,8 +194,8 @@ class LocalReporter:
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[str | None]:
-        found = sorted(self.directory.glob("epoch=*")) if self.directory else []
-        yield str(found[-1]) if found else None
+        found = runtime.latest_checkpoint(self.directory) if self.directory else None
+        yield str(found) if found else None
 
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None, name: str) -> None:
         self.metrics.append(dict(metrics))

@@ -127,7 +127,7 @@ def test_a_finetuning_run_below_its_registration_threshold_is_logged_tagged_and_
     from mlflow.tracking import MlflowClient
 
     from ran.cli import main
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     job = tmp_path / "child.yaml"
     job.write_text(_child(env, tiny_job, "child", **{
@@ -147,7 +147,7 @@ def test_a_finetuning_run_below_its_registration_threshold_is_logged_tagged_and_
     assert run.data.tags["ran.init_from"] == f"models:/{PARENT}/1"
     assert run.data.tags["ran.init_from_run"] == env["parent_run"]
     assert run.data.params["model.init_from"] == f"models:/{PARENT}/1"
-    child = load_model(run.info.run_id)  # the logged (unregistered) model of the run
+    child = ModelBundle.load(run.info.run_id)  # the logged (unregistered) model of the run
     assert child.config.model.init_from == f"models:/{PARENT}/1"
     assert child.model.fc.out_features == 3 and child.class_names == [
         "00-disc-solid", "01-square-solid", "02-triangle-solid"]

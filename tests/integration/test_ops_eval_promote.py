@@ -24,12 +24,12 @@ MODEL = "tiny-ran"
 def _register_untrained(cfg: Any, classes: list[str]) -> Any:
     """Version 2: same config, initial weights, metrics measured as training would record them."""
     from ran.data.transforms import normalizer
-    from ran.runtime import build_model, evaluate
+    from ran.runtime import ModelBundle, build_model
     from ran.tracking import RunTracker, log_final_model
 
     torch.manual_seed(1)
     model = build_model(cfg).eval()
-    m = evaluate(model, cfg, cfg.data.path, "val", device=torch.device("cpu"))
+    m = ModelBundle.build(model, cfg, classes, device=torch.device("cpu")).evaluate(cfg.data.path, "val")
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
     tracker = RunTracker.create_training(cfg, run_name="untrained", tags={"ran.model": cfg.model.name})
@@ -72,7 +72,7 @@ def _printed(text: str, label: str) -> float:
 
 
 def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys):
-    from ran.runtime import evaluate_ref
+    from ran.runtime import ModelBundle
 
     trained = store["trained"]
     assert main(["eval", f"models:/{MODEL}/1", "--data", store["data"], "--workers", "1"]) == 0
@@ -82,7 +82,7 @@ def test_eval_of_the_registered_model_reproduces_the_final_validation(store, cap
     assert _printed(out, "img/s") > 0
 
     for ref in (f"models:/{MODEL}/1", trained.run_id, trained.checkpoint):
-        _, m = evaluate_ref(ref, store["data"], workers=0)
+        m = ModelBundle.load(ref).evaluate(store["data"], workers=0)
         assert m["top1"] == trained.metrics["val_top1"], ref  # the same counts, exactly
         assert m["images"] == 128
         assert m["loss"] == pytest.approx(trained.metrics["val_loss"], rel=2e-2)  # bf16 autocast
@@ -106,7 +106,7 @@ def test_the_worse_version_cannot_take_champion_and_the_better_can(store, capsys
     import mlflow
     import mlflow.pytorch
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     client = _client(store["uri"])
     tags = {v: client.get_model_version(MODEL, v).tags for v in ("1", "2")}
@@ -139,8 +139,8 @@ def test_the_worse_version_cannot_take_champion_and_the_better_can(store, capsys
     champion = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        expected = load_model(f"models:/{MODEL}/1").model(x)
-        other = load_model(f"models:/{MODEL}/2").model(x)
+        expected = ModelBundle.load(f"models:/{MODEL}/1", device=torch.device("cpu")).model(x)
+        other = ModelBundle.load(f"models:/{MODEL}/2", device=torch.device("cpu")).model(x)
         got = champion(x)
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, other, atol=1e-2)
@@ -188,7 +188,7 @@ def test_promotion_through_an_mlflow_server(server, store, capsys):
     import mlflow
     import mlflow.pytorch
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     assert main(["promote", MODEL, "--version", "2", "--alias", "staging"]) == 0
     assert main(["promote", MODEL, "--version", "1", "--alias", "staging", "--reason", "better"]) == 0
@@ -205,7 +205,8 @@ def test_promotion_through_an_mlflow_server(server, store, capsys):
     x = torch.randn(2, 3, 16, 16)
     staging = mlflow.pytorch.load_model(f"models:/{MODEL}@staging")
     with torch.no_grad():
-        assert torch.allclose(staging(x), load_model(f"models:/{MODEL}/1").model(x), atol=1e-4)
+        ours = ModelBundle.load(f"models:/{MODEL}/1", device=torch.device("cpu")).model
+        assert torch.allclose(staging(x), ours(x), atol=1e-4)
 
 
 def test_explain_a_registered_model_and_log_the_pictures(store, tmp_path, capsys):

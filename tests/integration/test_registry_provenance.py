@@ -158,11 +158,11 @@ def test_promote_refuses_it_and_leaves_the_alias(store, capsys):
 def test_init_from_and_explain_refuse_it(store, tmp_path, capsys):
     from PIL import Image
 
-    from ran.runtime import init_state
+    from ran.runtime import read_model
     from ran.tracking import ProvenanceError
 
     with pytest.raises(ProvenanceError, match=CODE_PATHS.replace("(", r"\(").replace(")", r"\)")):
-        init_state(f"models:/{MODEL}/3")
+        read_model(f"models:/{MODEL}/3")  # what model.init_from reads
     image = tmp_path / "x.png"
     Image.new("RGB", (16, 16)).save(image)
     assert main(["explain", f"models:/{MODEL}@champion", str(image), "--out", str(tmp_path / "o")]) == 2

@@ -82,7 +82,7 @@ def test_pyfunc_on_image_bytes_and_arrays_gives_ran_evals_top1(store):
     import mlflow
     import mlflow.pyfunc
 
-    from ran.runtime import evaluate_ref
+    from ran.runtime import ModelBundle
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     samples = _val_samples(store["data"])
@@ -91,8 +91,8 @@ def test_pyfunc_on_image_bytes_and_arrays_gives_ran_evals_top1(store):
 
     from_bytes = _predict_in_batches(pyfunc, encoded)
     top1 = np.array([row[0] for row in from_bytes["indices"]])
-    _, evaluated = evaluate_ref(f"models:/{MODEL}/1", store["data"], "val", batch_size=BATCH,
-                                workers=0)
+    evaluated = ModelBundle.load(f"models:/{MODEL}/1").evaluate(store["data"], "val",
+                                                                batch_size=BATCH, workers=0)
     assert float((top1 == labels).mean()) == evaluated["top1"]  # the same 128 verdicts' count
     assert evaluated["top1"] > 0.25  # it learned (chance: 0.25), so the comparison means something
 
@@ -113,13 +113,13 @@ def test_pyfunc_on_jpeg_bytes_matches_the_runtime_model_on_the_same_pixels(store
     import mlflow.pyfunc
 
     from ran.data.transforms import make_transform, normalizer
-    from ran.runtime import autocast, eval_crop, load_model, resolve_precision
+    from ran.runtime import ModelBundle, autocast, eval_crop, resolve_precision
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     jpegs = [_jpeg(_pixels(data)) for data, _ in _val_samples(store["data"])[:BATCH]]
     answer = pyfunc.predict(jpegs)
 
-    loaded = load_model(f"models:/{MODEL}/1")
+    loaded = ModelBundle.load(f"models:/{MODEL}/1", device=torch.device("cpu"))
     cfg, cpu = loaded.config, torch.device("cpu")
     transform = make_transform(cfg.data.recipe, train=False, crop=eval_crop(cfg))
     import random
@@ -137,7 +137,7 @@ def test_the_logged_model_has_a_signature_an_example_its_classes_and_config(stor
     import yaml
     from mlflow.models import Model
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1"))
     meta = Model.load(str(local))
@@ -155,7 +155,8 @@ def test_the_logged_model_has_a_signature_an_example_its_classes_and_config(stor
     assert isinstance(module, torch.nn.Module)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(module(x), load_model(f"models:/{MODEL}/1").model(x), atol=1e-4)
+        ours = ModelBundle.load(f"models:/{MODEL}/1", device=torch.device("cpu")).model
+        assert torch.allclose(module(x), ours(x), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +198,10 @@ def _post(url: str, body: Any, content_type: str = "application/json") -> tuple[
 def test_the_server_answers_a_posted_jpeg_with_its_top5(server, store):
     import mlflow.pyfunc
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     samples = _val_samples(store["data"])
-    classes = load_model(f"models:/{MODEL}/1").class_names
+    classes = ModelBundle.load(f"models:/{MODEL}/1").class_names
     jpegs = [_jpeg(_pixels(data)) for data, _ in samples[:8]]
     expected = mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(jpegs)
 
@@ -271,10 +272,10 @@ def test_explain_logs_its_grid_into_a_new_run_or_the_run_named(store, tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from ran.cli import main
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     data, label = _val_samples(store["data"])[0]
-    folder = tmp_path / load_model(f"models:/{MODEL}/1").class_names[label]
+    folder = tmp_path / ModelBundle.load(f"models:/{MODEL}/1").class_names[label]
     folder.mkdir()
     (folder / "first.png").write_bytes(data)
     out = tmp_path / "pictures"

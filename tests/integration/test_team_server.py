@@ -174,9 +174,9 @@ def test_a_model_registered_there_loads_through_its_alias_from_elsewhere(trained
     done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, text=True,
                           capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
     run_dir, = (trained.workdir / "runs").iterdir()
-    ours = load_model(str(run_dir)).model  # its final checkpoint
+    ours = ModelBundle.load(str(run_dir), device=torch.device("cpu")).model  # its final checkpoint
     with torch.no_grad():
         expected = ours(x).numpy()
     np.testing.assert_allclose(np.load(elsewhere / "y.npy"), expected, rtol=1e-4, atol=1e-4)

@@ -77,7 +77,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
 def test_registered_version_loads_and_runs(trained):
     import mlflow.pytorch
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     name, version = trained.registered.split("/")
     assert name == "tiny-ran"
@@ -91,7 +91,7 @@ def test_registered_version_loads_and_runs(trained):
     logits = exported(x)
     assert logits.shape == (3, 4)
 
-    rebuilt = load_model(f"models:/{name}/{version}")
+    rebuilt = ModelBundle.load(f"models:/{name}/{version}", device=torch.device("cpu"))
     assert type(rebuilt.model).__name__ == "ResidualAttentionNet"
     assert rebuilt.class_names[0] == "00-disc-solid"
     with torch.no_grad():

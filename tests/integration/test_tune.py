@@ -176,13 +176,13 @@ def test_search_run_holds_results_table_plot_and_best_config(grid_search, workdi
 def test_best_trial_model_is_registered_and_loads(grid_search):
     import torch
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
     _, outcome = grid_search
     assert outcome.registered is not None
     name, version = outcome.registered.rsplit("/", 1)
     assert name == "grid-model"
-    loaded = load_model(f"models:/{name}/{version}")
+    loaded = ModelBundle.load(f"models:/{name}/{version}", device=torch.device("cpu"))
     assert loaded.config.model.depth == outcome.best.overrides["model.depth"]
     assert loaded.config.model.mask_activation == outcome.best.overrides["model.mask_activation"]
     with torch.no_grad():

@@ -43,7 +43,8 @@ def test_tiny_cnn_beats_chance_clearly_within_seconds(tmp_path, one_thread):
     classes = 4
     write_synthetic(str(tmp_path), classes=classes, train=480, val=160, workers=1, progress=False)
     train = make_loader(str(tmp_path), "train", train=True, batch_size=32, recipe="cifar", workers=0)
-    val = make_loader(str(tmp_path), "val", train=False, batch_size=160, recipe="cifar", workers=0)
+    val = make_loader(str(tmp_path), "val", train=False, batch_size=160, recipe="cifar", crop=32,
+                      workers=0)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

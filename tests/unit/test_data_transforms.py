@@ -112,7 +112,7 @@ def test_cifar_train_pads_crops_and_flips_per_batch():
     assert out.shape == (64, 3, 32, 32)
     zero_rows = (out.sum(dim=(1, 3)) == 0).sum(dim=1)  # padded rows at the top or bottom
     assert zero_rows.max() <= 4 and zero_rows.float().mean() > 0.5
-    assert CifarEval().sample(data, rng)[:, 5, 5].tolist() == [200, 100, 50]
+    assert CifarEval(32).sample(data, rng)[:, 5, 5].tolist() == [200, 100, 50]
 
 
 def test_normalizer_matches_mean_and_std():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ran.config import parse_config
-from ran.runtime import check_classes, eval_crop, evaluate, load_model, resolve_model
+from ran.runtime import ModelBundle, check_classes, eval_crop, resolve_model
 from ran.tracking import ModelRefError
 
 
@@ -32,7 +32,8 @@ def trainer(tmp_path_factory):
 def test_evaluate_matches_the_trainers_validation(trainer):
     expected = trainer.validate()
     cfg = trainer.cfg
-    got = evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=5, workers=2)
+    bundle = ModelBundle.build(trainer.raw_model, cfg, device=torch.device("cpu"))
+    got = bundle.evaluate(cfg.data.path, "val", batch_size=5, workers=2)
 
     assert got["images"] == expected["val_samples"] == 24
     assert got["top1"] == expected["val_top1"]
@@ -43,10 +44,11 @@ def test_evaluate_matches_the_trainers_validation(trainer):
 
 def test_a_checkpoint_directory_loads_as_our_model(trainer, tmp_path):
     trainer.save(tmp_path / "epoch=0001_step=0000002")
-    loaded = load_model(str(tmp_path))  # a run directory: its latest checkpoint
+    loaded = ModelBundle.load(str(tmp_path))  # a run directory: its latest checkpoint
     model, cfg, classes = loaded.model, loaded.config, loaded.class_names
 
-    assert cfg == trainer.cfg
+    assert loaded.crop == 32  # the eval crop, resolved once and carried in the config
+    assert cfg == trainer.cfg.with_values({"data.eval_crop": 32})
     assert classes is not None and len(classes) == 4
     trained = trainer.raw_model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())

@@ -44,13 +44,14 @@ def test_every_listed_model_trains_evaluates_and_explains_from_a_job(name, shard
     assert samples == 2 and math.isfinite(loss)
     assert not torch.equal(weight.detach(), before), "one optimizer step changed no weight"
 
-    metrics = runtime.evaluate(trainer.raw_model, cfg, shards, "val", workers=0,
-                               device=torch.device("cpu"))
+    bundle = runtime.ModelBundle.build(trainer.raw_model, cfg, manifest["classes"],
+                                       device=torch.device("cpu"))
+    metrics = bundle.evaluate(shards, "val", workers=0)
     assert metrics["images"] == VAL and 0.0 <= metrics["top1"] <= 1.0
 
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
-    written = explain_images(trainer.raw_model, cfg, manifest["classes"], [image], tmp_path / "out")
+    written = explain_images(bundle, [image], tmp_path / "out")
     modules = len(getattr(trainer.raw_model, "attention_modules", []))
     assert written.name == "attention_x.png"
     assert (modules > 0) == (name not in ("resnet152", "preact_resnet164"))

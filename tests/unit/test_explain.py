@@ -25,6 +25,7 @@ from ran.explain import (
     read_image,
 )
 from ran.models import create_model
+from ran.runtime import ModelBundle
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 GREY = 128  # the test image: uniform grey, so every heat-map pixel is blended over the same grey
@@ -32,7 +33,17 @@ GREY = 128  # the test image: uniform grey, so every heat-map pixel is blended o
 
 def _cfg(name: str = "attention56", classes: int = 4, **model):
     return parse_config({"model": {"name": name, "num_classes": classes, **model},
-                         "data": {"recipe": "cifar"}})
+                         "data": {"recipe": "cifar"}, "train": {"precision": "fp32"}})
+
+
+def _bundle(model, cfg=None, classes=CLASSES):
+    """``model`` as ``ran explain`` sees it: a bundle on the CPU (the crop: CIFAR's 32)."""
+    return ModelBundle.build(model, cfg or _cfg(), classes, device=torch.device("cpu"))
+
+
+def _explain(model, path):
+    bundle = _bundle(model)
+    return explain(bundle, read_image(path, bundle)[None])[0]
 
 
 def _model(name: str = "attention56", classes: int = 4, **options):
@@ -94,7 +105,7 @@ def _inside_outside(values: np.ndarray) -> tuple[float, float]:
 def test_a_mask_forced_high_inside_a_square_is_drawn_bright_there_and_dark_outside(grey):
     model = _model()
     _force_first_mask(model, inside=0.9, outside=0.1)
-    result = explain(model, read_image(grey, "cifar", 32), "cifar")
+    result = _explain(model, grey)
 
     assert float(result.panels[0].mask[16, 16]) == pytest.approx(0.9)
     fig = draw([result], CLASSES)
@@ -105,7 +116,7 @@ def test_a_mask_forced_high_inside_a_square_is_drawn_bright_there_and_dark_outsi
 def test_each_map_is_stretched_on_its_own_so_a_nearly_constant_mask_shows_its_pattern(grey):
     model = _model()
     _force_first_mask(model, inside=0.501, outside=0.5)  # a 0.001 difference
-    result = explain(model, read_image(grey, "cifar", 32), "cifar")
+    result = _explain(model, grey)
     fig = draw([result], CLASSES)
 
     inside, outside = _inside_outside(_heat_values(fig, 1))
@@ -117,7 +128,7 @@ def test_each_map_is_stretched_on_its_own_so_a_nearly_constant_mask_shows_its_pa
 def test_a_constant_mask_is_drawn_in_the_middle_colour_and_titled_so(grey):
     model = _model()
     _force_first_mask(model, inside=0.3, outside=0.3)
-    fig = draw([explain(model, read_image(grey, "cifar", 32), "cifar")], CLASSES)
+    fig = draw([_explain(model, grey)], CLASSES)
 
     inside, outside = _inside_outside(_heat_values(fig, 1))
     assert abs(inside - 127.5) <= 3 and abs(outside - 127.5) <= 3
@@ -127,12 +138,13 @@ def test_a_constant_mask_is_drawn_in_the_middle_colour_and_titled_so(grey):
 def test_one_row_per_image_one_column_per_module_with_a_colour_bar_each(image, tmp_path):
     model = _model("attention92")  # CIFAR Attention-92: 2 modules in each of 3 stages
     other = _save(tmp_path / "dog" / "x.png", np.zeros((20, 20, 3), dtype=np.uint8))
-    png = explain_images(model, _cfg("attention92"), CLASSES, [image, other], tmp_path / "out")
+    bundle = _bundle(model, _cfg("attention92"))
+    png = explain_images(bundle, [image, other], tmp_path / "out")
 
     assert png.name == "attention_cat_and_1_more.png"
     width, height = Image.open(png).size
     assert (width, height) == (round(7 * PANEL_INCHES * DPI), round((2 * PANEL_INCHES + TITLE_INCHES) * DPI))
-    results = [explain(model, read_image(p, "cifar", 32), "cifar") for p in (image, other)]
+    results = [_explain(model, p) for p in (image, other)]
     fig = draw(results, CLASSES)
     assert len(fig.axes) == 2 * 7 + 2 * 6  # 2 rows of input + 6 modules, and 12 colour bars
     titles = [ax.get_title().split("\n") for ax in fig.axes[1:7]]
@@ -154,13 +166,14 @@ def test_rows_name_the_file_the_prediction_and_the_true_class_from_its_folder(tm
     loose = _save(tmp_path / "2.png", np.full((32, 32, 3), 200, dtype=np.uint8))
     from ran.data.transforms import normalizer
 
+    bundle = _bundle(model)
     with torch.no_grad():
-        probs = model(normalizer("cifar")(read_image(in_class, "cifar", 32)[None])).softmax(1)[0]
+        probs = model(normalizer("cifar")(read_image(in_class, bundle)[None])).softmax(1)[0]
     predicted = int(probs.argmax())
-    png = explain_images(model, _cfg(), CLASSES, [in_class, loose], tmp_path / "out")
+    png = explain_images(bundle, [in_class, loose], tmp_path / "out")
     assert png.exists()
 
-    result = explain(model, read_image(in_class, "cifar", 32), "cifar")
+    result = _explain(model, in_class)
     assert result.predicted == predicted
     assert result.probability == pytest.approx(float(probs.max()), abs=1e-6)
     result.name, result.true = "1.png", 1
@@ -174,10 +187,10 @@ def test_the_title_says_how_channels_are_reduced(image, tmp_path):
 
     mixed, channel = _model(), _model(mask_activation="channel")
     assert (mask_activation(mixed), mask_activation(channel)) == ("mixed", "channel")
-    png = explain_images(channel, _cfg(mask_activation="channel"), CLASSES, [image], tmp_path)
+    png = explain_images(_bundle(channel, _cfg(mask_activation="channel")), [image], tmp_path)
     assert png.exists()
     cfg = _cfg()
-    title = draw([explain(mixed, read_image(image, "cifar", 32), "cifar")], CLASSES,
+    title = draw([_explain(mixed, image)], CLASSES,
                  reduction="mean over channels of the per-channel sigmoid").get_suptitle()
     assert title.startswith("soft attention masks, mean over channels of the per-channel sigmoid")
     assert cfg.model.mask_activation is None  # the model's own: mixed
@@ -200,10 +213,10 @@ def test_unreadable_or_missing_images_fail_before_anything_is_written(image, tmp
     bad.write_text("not an image")
     out = tmp_path / "out"
     with pytest.raises(ImageError, match=r"notes\.png: cannot decode"):
-        explain_images(_model(), _cfg(), None, [image, bad], out)
+        explain_images(_bundle(_model(), classes=None), [image, bad], out)
     assert not out.exists()
     with pytest.raises(ImageError, match=r"missing\.jpg: no such file"):
-        read_image(tmp_path / "missing.jpg", "cifar", 32)
+        read_image(tmp_path / "missing.jpg", _bundle(_model()))
 
 
 def test_cli_explains_a_checkpoint(image, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ran.config import ConfigError, load_config
-from ran.runtime import build_model, fit_state, init_state, init_tags, init_weights, resolve_init
+from ran.runtime import build_model, fit_state, init_tags, init_weights, read_model, resolve_init
 from ran.tracking import ModelRefError
 
 BASE = {"model.name": "attention56", "model.stem": "cifar", "data.crop": 16}
@@ -40,15 +40,15 @@ def checkpoint(tmp_path, parent) -> Path:
 
 def test_a_checkpoint_directory_and_a_plain_state_dict_file_both_give_the_weights(checkpoint, parent,
                                                                                   tmp_path):
-    state, source = init_state(str(checkpoint))
-    assert source.kind == "checkpoint" and source.run_id == "a" * 32
-    assert torch.equal(state[TRUNK], parent[TRUNK])
+    found = read_model(str(checkpoint))
+    assert found.source.kind == "checkpoint" and found.source.run_id == "a" * 32
+    assert torch.equal(found.state[TRUNK], parent[TRUNK])
     plain = tmp_path / "weights.pt"
     torch.save(parent, plain)
-    state, _ = init_state(str(plain))
-    assert state.keys() == parent.keys()
+    found = read_model(str(plain))
+    assert found.state.keys() == parent.keys() and found.config is None
     run_dir = checkpoint.parent  # a run directory: its latest checkpoint
-    assert Path(init_state(str(run_dir))[1].path) == checkpoint / "checkpoint.pt"
+    assert Path(read_model(str(run_dir)).source.path) == checkpoint / "checkpoint.pt"
 
 
 def test_other_files_are_refused_with_what_they_are_not(tmp_path):
@@ -56,11 +56,11 @@ def test_other_files_are_refused_with_what_they_are_not(tmp_path):
     torch.save({"epoch": 3}, odd)
     with pytest.raises(ModelRefError, match=r"odd\.pt: neither a `ran train` checkpoint nor a "
                                             r"state_dict"):
-        init_state(str(odd))
+        read_model(str(odd))
     text = tmp_path / "notes.pt"
     text.write_text("hello")
     with pytest.raises(ModelRefError, match=r"notes\.pt: cannot load it"):
-        init_state(str(text))
+        read_model(str(text))
 
 
 def test_new_classes_reinitialise_the_classifier_and_only_it(checkpoint, parent):

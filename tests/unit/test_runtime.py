@@ -10,9 +10,17 @@ from ran import runtime
 from ran.config import parse_config
 from ran.models import list_models
 
-# The paper's single-crop test sizes on ImageNet (PAPER.md Table 3; Inception's own 299), else 224.
-IMAGENET_OWN = {"attention92": 320, "attentioninception56": 299}
 CUSTOM = 160
+
+# The eval crop of every registered model with data.crop unset, written out (not derived): ImageNet
+# at 224, except the paper's single-crop test sizes of Attention-92 (PAPER.md Table 3: 320) and
+# Inception's own 299; CIFAR at its 32x32 images.
+EVAL_CROP = {
+    "attention56": (224, 32), "attention92": (320, 32), "attention128": (224, 32),
+    "attention164": (224, 32), "attention236": (224, 32), "attention452": (224, 32),
+    "attentioninception56": (299, 32), "attentionnext56": (224, 32),
+    "preact_resnet164": (224, 32), "resnet152": (224, 32),
+}
 
 
 def _cfg(name: str, recipe: str, crop: int | None, **data) -> object:
@@ -20,14 +28,27 @@ def _cfg(name: str, recipe: str, crop: int | None, **data) -> object:
                          "data": {"recipe": recipe, "crop": crop, **data}})
 
 
+def test_the_table_names_every_registered_model():
+    assert sorted(EVAL_CROP) == list_models()
+
+
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("crop", [None, "default", CUSTOM])
-def test_eval_crop_of_every_model_and_crop_setting(name, crop):
-    imagenet = _cfg(name, "imagenet", 224 if crop == "default" else crop)
-    cifar = _cfg(name, "cifar", 32 if crop == "default" else (24 if crop == CUSTOM else None))
-    own = IMAGENET_OWN.get(name, 224)
-    assert runtime.eval_crop(imagenet) == (CUSTOM if crop == CUSTOM else own)
-    assert runtime.eval_crop(cifar) == (24 if crop == CUSTOM else 32)
+def test_eval_crop_of_every_model_and_crop_setting(name):
+    imagenet, cifar = EVAL_CROP[name]
+    assert runtime.eval_crop(_cfg(name, "imagenet", None)) == imagenet
+    assert runtime.eval_crop(_cfg(name, "imagenet", 224)) == imagenet  # the recipe's train crop
+    assert runtime.eval_crop(_cfg(name, "imagenet", CUSTOM)) == 160  # small images: their size
+    assert runtime.eval_crop(_cfg(name, "cifar", None)) == cifar
+    assert runtime.eval_crop(_cfg(name, "cifar", 32)) == cifar
+    assert runtime.eval_crop(_cfg(name, "cifar", 24)) == 24
+
+
+def test_an_eval_transform_has_no_default_crop():
+    from ran.data.transforms import make_transform
+
+    with pytest.raises(ValueError, match="the imagenet eval transform needs its crop"):
+        make_transform("imagenet", train=False)
+    assert make_transform("imagenet", train=True).crop == 224  # data.crop unset: the train crop
 
 
 def test_an_explicit_eval_crop_wins():
@@ -48,11 +69,12 @@ class _Recorder(torch.nn.Module):
 
 
 def test_training_validation_ran_eval_and_explain_see_the_same_crop(tmp_path, monkeypatch):
-    """Attention-92 with the recipe's default train crop (the issue's case): 320 everywhere."""
+    """Attention-92 with the recipe's default train crop (the issue's case): 320 everywhere, each
+    verb finding the crop itself (ran eval and ran explain from a checkpoint of the run)."""
     from PIL import Image
 
+    from ran.cli import main
     from ran.data.synth import write_synthetic
-    from ran.explain import read_image
     from ran.train.trainer import Trainer
 
     data = tmp_path / "synth"
@@ -62,16 +84,20 @@ def test_training_validation_ran_eval_and_explain_see_the_same_crop(tmp_path, mo
                         "data": {"recipe": "imagenet", "crop": 224, "path": str(data),
                                  "batch_size": 4, "workers": 0},
                         "train": {"epochs": 1}})
-    monkeypatch.setattr(runtime, "build_model", lambda cfg: _Recorder())
+    recorder = _Recorder()  # every model any verb builds
+    monkeypatch.setattr(runtime, "build_model", lambda cfg: recorder)
     trainer = Trainer(cfg)
     trainer.validate()
-    assert trainer.raw_model.sizes == {(320, 320)}
+    assert recorder.sizes == {(320, 320)}
+    trainer.save(tmp_path / "run" / "epoch=0001_step=0000002")
 
-    recorder = _Recorder()
-    metrics = runtime.evaluate(recorder, cfg, str(data), "val", device=torch.device("cpu"))
-    assert metrics["images"] == 4
+    recorder.sizes.clear()
+    bundle = runtime.ModelBundle.load(str(tmp_path / "run"), device=torch.device("cpu"))
+    assert bundle.evaluate(str(data), "val")["images"] == 4
     assert recorder.sizes == {(320, 320)}
 
+    recorder.sizes.clear()
     picture = tmp_path / "x.png"
     Image.new("RGB", (50, 40), (10, 200, 30)).save(picture)
-    assert tuple(read_image(picture, cfg.data.recipe, runtime.eval_crop(cfg)).shape) == (3, 320, 320)
+    assert main(["explain", str(tmp_path / "run"), str(picture), "--out", str(tmp_path / "o")]) == 0
+    assert recorder.sizes == {(320, 320)}

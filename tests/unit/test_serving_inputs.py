@@ -17,6 +17,7 @@ from PIL import Image
 from ran.config import parse_config
 from ran.data.transforms import make_transform, normalizer
 from ran.models import create_model
+from ran.runtime import ModelBundle
 from ran.serving import ImageClassifier, RequestError
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -27,7 +28,8 @@ def classifier() -> ImageClassifier:
     cfg = parse_config({"model": {"name": "attention56", "stem": "cifar", "num_classes": 10},
                         "data": {"recipe": "cifar"}, "train": {"precision": "fp32"}})
     torch.manual_seed(0)
-    return ImageClassifier(create_model("attention56", stem="cifar", num_classes=10), cfg, CLASSES)
+    model = create_model("attention56", stem="cifar", num_classes=10)
+    return ImageClassifier(ModelBundle.build(model, cfg, CLASSES, device=torch.device("cpu")))
 
 
 def _pixels(seed: int, size: int = 32) -> np.ndarray:
@@ -77,7 +79,7 @@ def test_the_answer_is_the_models_top5_with_names(classifier):
 
     x = normalizer("cifar")(classifier.images(pngs)).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        probs = classifier.model(x).softmax(1)
+        probs = classifier.bundle.model(x).softmax(1)
     top = probs.topk(5, dim=1)
     assert list(answer.columns) == ["indices", "classes", "probabilities"]
     assert answer["indices"].tolist() == top.indices.tolist()

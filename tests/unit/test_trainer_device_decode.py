@@ -13,7 +13,7 @@ from ran.config import parse_config
 from ran.data.gpu import DeviceLoader
 from ran.data.read import Loader
 from ran.data.write import build_shards
-from ran.runtime import evaluate
+from ran.runtime import ModelBundle
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_trainer_trains_on_the_device_pipeline_and_validates_as_ran_eval_does(jp
 
     # One number: the same model evaluated as `ran eval` does, after a run that trained with the
     # CPU decode, gives the recorded figures exactly (same pixels, device and precision).
-    cpu = evaluate(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
-                   trainer.cfg.data.path, "val", workers=0, device=torch.device("cpu"))
+    cpu = ModelBundle.build(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
+                            device=torch.device("cpu")).evaluate(trainer.cfg.data.path, "val", workers=0)
     assert cpu["images"] == 13
     assert (cpu["top1"], cpu["top5"], cpu["loss"]) == (val["val_top1"], val["val_top5"], val["val_loss"])
 

@@ -271,7 +271,7 @@ def test_the_cap_is_a_job_setting(tmp_path):
     assert load_config(None).data.max_pixels == DEFAULT_MAX_PIXELS
     small = load_config(None, ["data.max_pixels=1000"]).data.max_pixels
     path = shards_with(tmp_path, [("png", png((40, 40))), ("png", png((20, 20)))])
-    loader = make_loader(path, "train", train=False, batch_size=4, recipe="cifar", workers=0,
+    loader = make_loader(path, "train", train=False, batch_size=4, recipe="cifar", crop=32, workers=0,
                          max_bad_fraction=0.9, max_pixels=small)
     assert [len(b.labels) for b in loader] == [1]  # 40x40 = 1600 pixels is over a cap of 1000
 

@@ -65,9 +65,9 @@ def test_a_checkpoint_neither_fetches_its_data_url_nor_logs_into_its_run(tmp_pat
     image = tmp_path / "x.png"
     Image.new("RGB", (16, 16), (200, 10, 10)).save(image)
 
-    from ran.runtime import load_model
+    from ran.runtime import ModelBundle
 
-    loaded = load_model(str(checkpoint))
+    loaded = ModelBundle.load(str(checkpoint))
     assert loaded.class_names is None  # not read from the URL the checkpoint names
     assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "o"), "--log-mlflow"]) == 0
     logged = re.search(r"logged attention_x.png to MLflow run ([0-9a-f]{32})", capsys.readouterr().out)
