@@ -32,7 +32,10 @@ def _register_untrained(cfg: Any, classes: list[str]) -> Any:
     m = ModelBundle.build(model, cfg, classes, device=torch.device("cpu")).evaluate(cfg.data.path, "val")
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
-    tracker = RunTracker.create_training(cfg, run_name="untrained", tags={"ran.model": cfg.model.name})
+    from ran.data.read import read_manifest
+
+    tracker = RunTracker.create_training(cfg, run_name="untrained", tags={"ran.model": cfg.model.name},
+                                         manifest=read_manifest(cfg.data.path))  # as training does
     version = log_final_model(tracker, model, cfg, classes, example, {
         "val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]})
     tracker.finish()
