@@ -40,7 +40,7 @@ from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
 from ran.config import JobConfig, load_config
-from ran.train.localray import auth_token
+from ran.train.localray import auth_token, ray_address
 from ran.tune.space import check_space, load_space
 
 # Environment passed to the job: where runs and artifacts go and which S3 endpoint and region to
@@ -301,7 +301,7 @@ def connect(address: str | None, insecure: bool = False) -> JobSubmissionClient:
     Raises:
         ValueError: no address, or a named token over plain http:// without ``insecure``.
         ConnectionError: the dashboard wanted a token (the message says how to give it)."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = ray_address(address, dashboard=True)
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     url = normalize_address(address)
@@ -420,8 +420,7 @@ def submit(client: "JobSubmissionClient", sub: Submission) -> str:
 def cli_submit(args: argparse.Namespace) -> int:
     """``ran submit JOB [--set k=v]... --address URL [--tune SPACE] [--wait]``."""
     validate(args.job, args.overrides, args.tune)  # fail fast, before talking to the cluster
-    args.address = (args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
-                    or os.environ.get("RAY_ADDRESS"))  # the fallback `ran jobs` has too
+    args.address = ray_address(args.address, dashboard=True)  # the fallback `ran jobs` has too
     insecure = getattr(args, "insecure", False)
     client = connect(args.address, insecure)
     sub = build_submission(args.job, args.overrides,

@@ -205,25 +205,35 @@ def trial_cpus_gpus(space: SearchSpace, base: JobConfig) -> tuple[float, int]:
     return cpus, sc.max_workers if sc.use_gpu else 0
 
 
-def concurrency_limit(space: SearchSpace, base: JobConfig, cluster: dict[str, float]) -> int:
-    """Trials that fit on ``cluster`` at once (capped by ``max_concurrent_trials``).
+def concurrency_limit(space: SearchSpace, base: JobConfig, nodes: list[dict[str, float]]) -> int:
+    """Trials that fit on the cluster's ``nodes`` at once (each node's resources), placed node by
+    node as Ray places them (:func:`ran.train.localray.place`: the driver and each worker whole on
+    one node), capped by ``max_concurrent_trials``.
 
     Tune only sees each driver's CPU fraction; without this limit it would start more drivers
-    than there are CPUs for their workers, and trials would wait on each other forever.
+    than there are CPUs for their workers, and trials would wait on each other forever. Cluster
+    totals are not enough: 2 nodes of 3 CPUs hold one trial of 2 workers x 2 CPUs, not two.
+
+    Raises:
+        ConfigError: not even one trial fits.
     """
-    cpus, gpus = trial_cpus_gpus(space, base)
-    fit = math.floor(cluster.get("CPU", 0.0) / cpus + 1e-9)
-    if gpus:
-        fit = min(fit, math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
-    if fit < 1:
-        need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
-        raise ConfigError(
-            f"one trial needs {need} (driver {space.settings.resources.driver_cpus:g} + "
-            f"{base.scaling.max_workers} workers x {base.scaling.cpus_per_worker:g} CPU) but the "
-            f"Ray cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-            "lower search.resources.num_workers / cpus_per_worker or add nodes")
+    driver = {"CPU": space.settings.resources.driver_cpus}
+    trial = [driver] + [localray.worker_bundle(base)] * base.scaling.max_workers
     wanted = space.settings.max_concurrent_trials
-    return min(fit, wanted) if wanted else fit
+    free = [dict(node) for node in nodes]
+    fit = 0
+    while (not wanted or fit < wanted) and localray.place(free, trial):
+        fit += 1
+    if fit < 1:
+        cpus, gpus = trial_cpus_gpus(space, base)
+        need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+        has = ", ".join(f"{n.get('CPU', 0):g} CPUs + {n.get('GPU', 0):g} GPUs" for n in nodes)
+        raise ConfigError(
+            f"one trial needs {need} (driver {driver['CPU']:g} + {base.scaling.max_workers} "
+            f"workers x {base.scaling.cpus_per_worker:g} CPU), each worker whole on one node, but "
+            f"the Ray cluster's {len(nodes)} node(s) have {has or 'nothing'}; lower "
+            "search.resources.num_workers / cpus_per_worker or add nodes")
+    return fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,7 +704,7 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     # The trials' own lines (Ray Train's, each trial's progress) only with -v: TrialLines otherwise.
     started = localray.connect(address, log_to_driver=console.verbose())
     try:
-        limit = concurrency_limit(space, base, ray.cluster_resources())
+        limit = concurrency_limit(space, base, localray.node_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
         print(f"search {name}: {storage.run_uri}; up to {limit} trial(s) at a time; "
