@@ -64,10 +64,7 @@ from ran.tracking import (
 )
 from ran.tracking.models import Registration
 from ran.train import console, localray
-from ran.train.launch import (
-    check_model, check_shards, check_sizes, finalize, resolve_config, run_training,
-)
-from ran.tracking.validate import check_names
+from ran.train.launch import check_data, check_job, check_sizes, finalize, open_run, run_training
 from ran.train.rundir import storage_for
 from ran.train import schedule
 from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
@@ -129,17 +126,28 @@ def search_name(space: SearchSpace, base: JobConfig) -> str:
     return f"{base.run_name}-{space.name}"
 
 
-def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
-    """Validate the space against the job, then the data and the base model as ``ran train`` does.
+def check_search(space: SearchSpace, job_raw: dict[str, Any]) -> JobConfig:
+    """The space against the job (:func:`ran.tune.space.check_space`, the search metric), then the
+    base job as the Launcher's pre-flight checks it before data (:func:`ran.train.launch.check_job`;
+    a searched model is checked per trial). What ``ran submit --tune`` checks; returns the base.
 
-    Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
+    Raises:
+        ConfigError: one line naming the key.
     """
     base = check_space(space, job_raw)
     check_search_metric(space.settings, base)
-    check_names(base)
-    base, manifest = resolve_config(base)
-    check_shards(base, manifest)
-    check_sizes(base, manifest)
+    check_job(base, model=not any(k.startswith("model.") for k in space.searched_keys))
+    return base
+
+
+def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
+    """Validate the space against the job (:func:`check_search`), then the data as the Launcher's
+    pre-flight does (:func:`ran.train.launch.check_data`), for every searched batch size too.
+
+    Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
+    """
+    base = check_search(space, job_raw)
+    base, manifest = check_data(base)
     for dist in space.params.values():  # a searched batch, worker count or grad_accum
         if any(k in SIZE_KEYS for k in dist.keys):
             for value in dist.probes():
@@ -148,8 +156,6 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
                 except ConfigError as err:
                     raise ConfigError(f"search space {space.name}: {dist.name}={value!r}: "
                                       f"{err}") from None
-    if not any(k.startswith("model.") for k in space.searched_keys):
-        check_model(base)  # searched models are checked per trial
     s = space.settings
     max_t = asha_max_t(space, base, manifest)
     if s.scheduler == "asha" and s.grace_period > max_t:
@@ -293,19 +299,18 @@ def _started_before(cfg: JobConfig) -> bool:
 
 def open_parent_run(space: SearchSpace, base: JobConfig, name: str, storage_uri: str,
                     uri: str, resume: bool) -> tracking.RunTracker:
-    """The search's MLflow run: found by its storage tag on resume, else created."""
-    if resume:
-        found = tracking.RunTracker.find(base.tracking.experiment, storage_uri, uri)
-        if found is not None:
-            found.reopen()
-            return found
-    tags = {TAG_KIND: "search", TAG_SEARCH: name, tracking.TAG_STORAGE: storage_uri,
+    """The search's MLflow run, opened as a training run is (:func:`ran.train.launch.open_run`):
+    found by its storage tag on resume (and reopened), else created."""
+    tags = {TAG_KIND: "search", TAG_SEARCH: name,
             "mlflow.note.content": space.description or f"ran tune {space.name}",
-            tracking.TAG_JOB: base.name, tracking.TAG_MODEL: base.model.name,
             **tracking.ray_job_tags(ray.get_runtime_context().get_job_id())}
-    commit = tracking.git_commit()
-    if commit:
-        tags[tracking.TAG_GIT] = commit
+    return open_run(base, storage_uri, uri, resume=resume, tags=tags, reopen_finished=True,
+                    create=lambda all_tags: _create_parent_run(space, base, name, uri, all_tags))
+
+
+def _create_parent_run(space: SearchSpace, base: JobConfig, name: str, uri: str,
+                       tags: dict[str, Any]) -> tracking.RunTracker:
+    """A new search run: the base job's options (not the searched ones), the settings, the space."""
     parent = tracking.RunTracker.create(base.tracking.experiment, run_name=name, tags=tags, uri=uri)
     searched = set(space.searched_keys)
     # The options the trials use (JobConfig.applicable), unless the schedule itself is searched.
