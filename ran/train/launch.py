@@ -9,7 +9,7 @@ Order of events (:func:`run_training`):
    failure is a :class:`~ran.config.ConfigError` (or DataError) with a one-line message.
 2. The MLflow run is created (or, with ``--resume``, found by its storage tag and reopened), while
    a local Ray starts (:mod:`ran.train.localray`).
-3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.trainer.train_fn_per_worker`.
+3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.raytrain.train_fn_per_worker`.
    ``FailureConfig(max_failures=scaling.max_failures)`` restarts the worker group from the latest
    checkpoint when a worker dies (an elastic group with as many workers as can be placed, the
    rest of the run re-planned: :mod:`ran.train.schedule`); the MLflow run id travels in the
@@ -54,7 +54,7 @@ from ran.tracking.models import (
 from ran.tracking.validate import check_names
 from ran.train import console, localray
 from ran.train.rundir import Storage, latest_checkpoint, storage_for
-from ran.train.trainer import SigtermNotice, attempts, train_fn_per_worker
+from ran.train.raytrain import SigtermNotice, attempts, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
@@ -260,7 +260,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
     """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
     e.g. the ``TuneReportCallback`` of a ``ran tune`` trial). An elastic ``scaling.num_workers``
     ([min, max]) becomes Ray Train's elastic ``(min, max)``; every worker gets
-    :class:`~ran.train.trainer.SigtermNotice` (checkpoint and stop on SIGTERM)."""
+    :class:`~ran.train.raytrain.SigtermNotice` (checkpoint and stop on SIGTERM)."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     workers = (s.min_workers, s.max_workers) if s.elastic else s.max_workers
@@ -323,7 +323,7 @@ def stop_key(run_id: str) -> str:
 
 def request_stop(key: str | None, value: bool = True) -> None:
     """Set (or, ``value`` False, clear) a stop request read by every worker every
-    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.trainer.RayReporter.stop_requested`)."""
+    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.raytrain.RayReporter.stop_requested`)."""
     from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
 
     if key and internal_kv._internal_kv_initialized():
