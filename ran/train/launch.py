@@ -1,6 +1,7 @@
-"""Config -> pre-flight -> a Ray Train ``TorchTrainer``, tracked in MLflow: what ``ran train`` does.
+"""The Launcher: config -> pre-flight -> a Ray Train ``TorchTrainer``, tracked in MLflow: what
+``ran train`` and every ``ran tune`` trial do.
 
-Order of events (:func:`run_training`):
+Order of events (:class:`Launcher`):
 
 1. *Pre-flight* (:func:`preflight`), before any worker starts: the config is valid (pydantic, once),
    the manifest and every shard of both splits exist, the model builds (on the meta device), the

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ran import runtime
-from ran.config import JobConfig, parse_config
+from ran.config import JobConfig
 from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
 from ran.train.schedule import RunPlan, build_scheduler, plan_run, step_shares, step_size

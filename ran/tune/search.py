@@ -7,7 +7,7 @@ Order of events (:func:`run_search`):
    ``ran train`` checks them; the searcher is built (Optuna must be installed for TPE).
 2. A parent MLflow run for the search (found again by its storage tag on ``--resume``).
 3. ``Tuner.fit()``. Ray Train V2 refuses ``Tuner(trainer)``, so each trial runs a small driver
-   (:func:`_trial_driver`, ``driver_cpus`` CPU) that calls :func:`ran.train.launch.run_training`
+   (:func:`_trial_driver`, ``driver_cpus`` CPU) that runs a :class:`ran.train.launch.Launcher`
    with a ``TuneReportCallback``: every epoch's report reaches Tune, which stops weak trials (ASHA).
    The trial's MLflow run is a child of the search run (tag ``mlflow.parentRunId``). At most as
    many trials run at once as the cluster can place workers for, so drivers never hold CPUs that
@@ -64,7 +64,7 @@ from ran.tracking import (
 )
 from ran.tracking.models import Registration
 from ran.train import console, localray
-from ran.train.launch import check_data, check_job, check_sizes, finalize, open_run, run_training
+from ran.train.launch import Launcher, check_data, check_job, check_sizes, finalize, open_run
 from ran.train.rundir import storage_for
 from ran.train import schedule
 from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
@@ -280,8 +280,8 @@ def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[s
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(job_raw, space.trial_overrides(params), ctx.name, trial_id)
     tags = {TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial_id}
-    run_training(cfg, resume=_started_before(cfg), callbacks=[EpochReports()], run_tags=tags,
-                 resume_from_nothing=True)  # a trial restored before its first checkpoint
+    Launcher(cfg, resume=_started_before(cfg), callbacks=[EpochReports()], run_tags=tags,
+             resume_from_nothing=True).run()  # resume_from_nothing: restored before a checkpoint
 
 
 def _started_before(cfg: JobConfig) -> bool:
