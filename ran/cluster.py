@@ -40,8 +40,8 @@ from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
 from ran.config import JobConfig, load_config
-from ran.train.localray import auth_token
-from ran.tune.space import check_space, load_space
+from ran.train.localray import auth_token, ray_address
+from ran.tune.space import load_space
 
 # Environment passed to the job: where runs and artifacts go and which S3 endpoint and region to
 # use, never a credential. The runtime env is stored with the job and shown to anyone who can list
@@ -183,11 +183,22 @@ def submission_id(cfg: JobConfig) -> str:
 
 
 def validate(job: str, overrides: list[str], tune: str | None = None) -> JobConfig:
-    """The job config (and the Tune space over it) as ``ran train`` / ``ran tune`` will check them."""
+    """The job config (and the Tune space over it) through the stage of the Launcher's pre-flight
+    that needs no data (:func:`ran.train.launch.check_job`, :func:`ran.tune.search.check_search`):
+    the data and the run directory are the cluster's, checked there when the job starts.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
     cfg = load_config(job, overrides)
     if tune:
+        from ran.tune.search import check_search  # Ray Tune: only for a search
 
-        check_space(load_space(tune), cfg.model_dump())
+        check_search(load_space(tune), cfg.model_dump())
+    else:
+        from ran.train.launch import check_job  # Ray Train and MLflow: after the arguments parse
+
+        check_job(cfg)
     return cfg
 
 
@@ -301,7 +312,7 @@ def connect(address: str | None, insecure: bool = False) -> JobSubmissionClient:
     Raises:
         ValueError: no address, or a named token over plain http:// without ``insecure``.
         ConnectionError: the dashboard wanted a token (the message says how to give it)."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = ray_address(address, dashboard=True)
     if not address:
         raise ValueError("no cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     url = normalize_address(address)
@@ -420,8 +431,7 @@ def submit(client: "JobSubmissionClient", sub: Submission) -> str:
 def cli_submit(args: argparse.Namespace) -> int:
     """``ran submit JOB [--set k=v]... --address URL [--tune SPACE] [--wait]``."""
     validate(args.job, args.overrides, args.tune)  # fail fast, before talking to the cluster
-    args.address = (args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
-                    or os.environ.get("RAY_ADDRESS"))  # the fallback `ran jobs` has too
+    args.address = ray_address(args.address, dashboard=True)  # the fallback `ran jobs` has too
     insecure = getattr(args, "insecure", False)
     client = connect(args.address, insecure)
     sub = build_submission(args.job, args.overrides,

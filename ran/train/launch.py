@@ -1,6 +1,7 @@
-"""Config -> pre-flight -> a Ray Train ``TorchTrainer``, tracked in MLflow: what ``ran train`` does.
+"""The Launcher: config -> pre-flight -> a Ray Train ``TorchTrainer``, tracked in MLflow: what
+``ran train`` and every ``ran tune`` trial do.
 
-Order of events (:func:`run_training`):
+Order of events (:class:`Launcher`):
 
 1. *Pre-flight* (:func:`preflight`), before any worker starts: the config is valid (pydantic, once),
    the manifest and every shard of both splits exist, the model builds (on the meta device), the
@@ -9,7 +10,7 @@ Order of events (:func:`run_training`):
    failure is a :class:`~ran.config.ConfigError` (or DataError) with a one-line message.
 2. The MLflow run is created (or, with ``--resume``, found by its storage tag and reopened), while
    a local Ray starts (:mod:`ran.train.localray`).
-3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.trainer.train_fn_per_worker`.
+3. ``TorchTrainer(...).fit()``: workers run :func:`ran.train.raytrain.train_fn_per_worker`.
    ``FailureConfig(max_failures=scaling.max_failures)`` restarts the worker group from the latest
    checkpoint when a worker dies (an elastic group with as many workers as can be placed, the
    rest of the run re-planned: :mod:`ran.train.schedule`); the MLflow run id travels in the
@@ -31,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psutil
@@ -52,9 +53,8 @@ from ran.tracking.models import (
 )
 from ran.tracking.validate import check_names
 from ran.train import console, localray
-from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, latest_checkpoint, storage_for
-from ran.train.trainer import SigtermNotice, attempts, train_fn_per_worker
+from ran.train.raytrain import SigtermNotice, attempts, train_fn_per_worker
 
 
 class FinalizeError(RuntimeError):
@@ -195,6 +195,8 @@ def check_model(cfg: JobConfig) -> None:
     Raises:
         ConfigError: an option the model cannot take, or an impossible layout.
     """
+    if cfg.model.num_classes is None:  # not resolved yet (`ran submit`): the layout is the same
+        cfg = cfg.with_values({"model.num_classes": 2})
     try:
         with torch.device("meta"):
             runtime.build_model(cfg)
@@ -202,20 +204,44 @@ def check_model(cfg: JobConfig) -> None:
         raise ConfigError(f"model: {err}") from None
 
 
+def check_job(cfg: JobConfig, *, model: bool = True) -> None:
+    """The pre-flight's first stage, needing neither data nor Ray (``ran submit`` runs it on the
+    submitting machine): names MLflow takes as tags and params, and (``model``) the model builds.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    check_names(cfg)
+    if model:
+        check_model(cfg)
+
+
+def check_data(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
+    """The pre-flight's data stage: the resolved config (:func:`resolve_config`) and the manifest,
+    every shard of both splits there (:func:`check_shards`) and the batch fitting the splits
+    (:func:`check_sizes`).
+
+    Raises:
+        ConfigError, DataError: one line each.
+    """
+    cfg, manifest = resolve_config(cfg)
+    check_shards(cfg, manifest)
+    check_sizes(cfg, manifest)
+    return cfg, manifest
+
+
 def preflight(cfg: JobConfig, *, resume: bool,
               resume_from_nothing: bool = False) -> tuple[JobConfig, dict[str, Any], Storage]:
-    """Everything checked before Ray starts; returns the resolved config (with its run directory
-    name), the manifest and the run directory.
+    """Everything checked before Ray starts (:func:`check_job`, :func:`check_data`, the run
+    directory); returns the resolved config (with its run directory name), the manifest and the
+    run directory.
 
     Raises:
         ConfigError: ... and ``resume`` of a run directory that holds no checkpoint (unless
             ``resume_from_nothing``: a Tune trial restored before its first checkpoint).
     """
-    check_names(cfg)
-    cfg, manifest = resolve_config(cfg)
-    check_shards(cfg, manifest)
-    check_sizes(cfg, manifest)
-    check_model(cfg)
+    check_job(cfg)
+    cfg, manifest = check_data(cfg)
     storage = storage_for(cfg, resume=resume)
     if resume and not resume_from_nothing and latest_checkpoint(storage) is None:
         fresh = (f"set storage.name to a new name (or remove {storage.run_uri}) to start again"
@@ -234,7 +260,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
     """The ``TorchTrainer`` for a resolved config (``callbacks``: Ray Train ``UserCallback`` s,
     e.g. the ``TuneReportCallback`` of a ``ran tune`` trial). An elastic ``scaling.num_workers``
     ([min, max]) becomes Ray Train's elastic ``(min, max)``; every worker gets
-    :class:`~ran.train.trainer.SigtermNotice` (checkpoint and stop on SIGTERM)."""
+    :class:`~ran.train.raytrain.SigtermNotice` (checkpoint and stop on SIGTERM)."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     workers = (s.min_workers, s.max_workers) if s.elastic else s.max_workers
@@ -297,7 +323,7 @@ def stop_key(run_id: str) -> str:
 
 def request_stop(key: str | None, value: bool = True) -> None:
     """Set (or, ``value`` False, clear) a stop request read by every worker every
-    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.trainer.RayReporter.stop_requested`)."""
+    ``PREEMPTION_POLL_STEPS`` steps (:meth:`ran.train.raytrain.RayReporter.stop_requested`)."""
     from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
 
     if key and internal_kv._internal_kv_initialized():
@@ -333,69 +359,257 @@ def on_sigint(controller: Any, key: str | None) -> None:
 # The run
 
 
-def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = None,
-                 fault: Fault | None = None, callbacks: list[Any] | None = None,
-                 run_tags: dict[str, str] | None = None,
-                 launched_at: float | None = None,
-                 resume_from_nothing: bool = False) -> TrainOutcome:
-    """Pre-flight, train on Ray, log and register the model; the whole of ``ran train``.
+class Launcher:
+    """One training run, in four steps: :meth:`preflight` -> :meth:`open_run` -> :meth:`fit` ->
+    :meth:`finalize`; :meth:`run` does all four (``ran train``, and every ``ran tune`` trial).
+    ``ran tune`` opens its search run and ``ran submit`` checks a job with the same steps
+    (:func:`check_job`, :func:`check_data`, :func:`open_run`).
 
     Args:
         cfg: the job config (relative paths are taken from the working directory).
         resume: continue the job's run directory (:mod:`ran.train.rundir`) instead of a new one.
-        address: Ray address; default ``RAY_ADDRESS``, else a local Ray started (and stopped) here.
-            An already initialised Ray (``ray.init`` by the caller) is used as is.
-        fault: kill a worker once, for tests and drills (:mod:`ran.train.faults`).
-        callbacks: extra Ray Train callbacks (``ran tune`` passes a ``TuneReportCallback``).
+        address: Ray address (:func:`ran.train.localray.ray_address`), else a local Ray started
+            (and stopped) here. An already initialised Ray (``ray.init`` by the caller) is used as is.
+        callbacks: extra Ray Train callbacks (``ran tune`` passes a ``TuneReportCallback``; tests
+            a fault injector).
         run_tags: extra tags for a new MLflow run (``ran tune`` nests trial runs under the search
             run with ``mlflow.parentRunId``).
         launched_at: ``time.time()`` when the user asked for this run (default: now); the first
             epoch reports ``startup_s``, the seconds from then to the first optimizer step.
         resume_from_nothing: with ``resume``, continue a run directory that holds no checkpoint
             (from step 0, in its MLflow run) instead of refusing it (a restored Tune trial).
-
-    Raises:
-        ConfigError, DataError: a problem found before any worker started.
-        RunFailed: workers kept failing beyond ``scaling.max_failures`` (a
-            ``ray.train.TrainingFailedError`` naming the latest checkpoint, if any).
-        DivergedError: a loss or the weights stopped being finite (the run is FAILED, tagged
-            ``ran.diverged``; nothing is registered).
     """
-    launched_at = launched_at or time.time()
-    cfg, manifest, storage = preflight(cfg, resume=resume, resume_from_nothing=resume_from_nothing)
-    uri = tracking.tracking_uri()
-    # A tracking server answers, takes our credentials and lets us write there: before Ray starts.
-    tracking.check_server(uri, experiment=cfg.tracking.experiment,
-                          registered_model=cfg.tracking.registered_model if cfg.tracking.log_model else None)
-    local = localray.starts_local_ray(address)
-    if local:  # before anything starts; the local Ray then gets exactly these resources
-        localray.check_resources(cfg, [localray.local_resources()])
-    callbacks = list(callbacks or []) + ([KillWorker(fault)] if fault else [])
-    started, tracker = None, None
+
+    def __init__(self, cfg: JobConfig, *, resume: bool = False, address: str | None = None,
+                 callbacks: list[Any] | None = None, run_tags: dict[str, str] | None = None,
+                 launched_at: float | None = None, resume_from_nothing: bool = False) -> None:
+        self.cfg = cfg
+        self.resume, self.resume_from_nothing = resume, resume_from_nothing
+        self.address = address
+        self.callbacks = list(callbacks or [])
+        self.run_tags = dict(run_tags or {})
+        self.launched_at = launched_at or time.time()
+        self.manifest: dict[str, Any] = {}
+        self.storage: Storage | None = None
+        self.uri = ""
+
+    def preflight(self) -> None:
+        """Everything checked before Ray starts (:func:`preflight`), then that the tracking server
+        answers, takes our credentials and lets us write there.
+
+        Raises:
+            ConfigError, DataError: one line each.
+        """
+        self.cfg, self.manifest, self.storage = preflight(
+            self.cfg, resume=self.resume, resume_from_nothing=self.resume_from_nothing)
+        self.uri = tracking.tracking_uri()
+        t = self.cfg.tracking
+        tracking.check_server(self.uri, experiment=t.experiment,
+                              registered_model=t.registered_model if t.log_model else None)
+
+    def open_run(self) -> tracking.RunTracker:
+        """The MLflow run of this job: found and reopened (``resume``) or created. Needs no Ray:
+        it runs while Ray starts, and the Ray job tags come later (:meth:`fit`)."""
+        cfg, storage = self.cfg, self.storage
+        assert storage is not None, "preflight first"
+        tags = {tracking.TAG_DATASET: f"{self.manifest.get('dataset', '?')} ({cfg.data.path})",
+                **runtime.init_tags(cfg), **self.run_tags}
+        return open_run(cfg, storage.run_uri, self.uri, resume=self.resume, tags=tags,
+                        create=lambda all_tags: tracking.RunTracker.create_training(
+                            cfg, run_name=cfg.tracking.run_name or storage.name, tags=all_tags,
+                            uri=self.uri, manifest=self.manifest))
+
+    def run(self) -> TrainOutcome:
+        """Pre-flight, open the run while Ray connects or starts, fit, finalize.
+
+        Raises:
+            ConfigError, DataError: a problem found before any worker started.
+            RunFailed: workers kept failing beyond ``scaling.max_failures`` (a
+                ``ray.train.TrainingFailedError`` naming the latest checkpoint, if any).
+            DivergedError: a loss or the weights stopped being finite (the run is FAILED, tagged
+                ``ran.diverged``; nothing is registered).
+            TrainingInterrupted: SIGINT; the step reached is checkpointed (the run is KILLED).
+        """
+        self.preflight()
+        local = localray.starts_local_ray(self.address)
+        if local:  # before anything starts; the local Ray then gets exactly these resources
+            localray.check_resources(self.cfg, [localray.local_resources()])
+        started, tracker = None, None
+        try:
+            if local:
+                # Opening the MLflow run (importing mlflow, maybe creating the store) takes seconds
+                # of CPU; starting Ray mostly waits for its processes. Both at once.
+                with ThreadPoolExecutor(1, thread_name_prefix="ran-mlflow") as pool:
+                    opening = pool.submit(self.open_run)
+                    try:
+                        started = localray.connect(None, lean=True)
+                    finally:
+                        if opening.exception() is None:
+                            tracker = opening.result()
+                tracker = opening.result()  # raises what opening the run met, if Ray started well
+            else:
+                localray.connect(self.address)
+                localray.check_resources(self.cfg)
+                tracker = self.open_run()
+            return self.fit(tracker)
+        except BaseException as err:
+            if tracker is not None:
+                close_run(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            if started is not None:
+                started.stop()
+
+    def fit(self, tracker: tracking.RunTracker) -> TrainOutcome:
+        """Fit on the connected Ray, :meth:`finalize`, finish the MLflow run."""
+        cfg, storage = self.cfg, self.storage
+        assert storage is not None, "preflight first"
+        outcome = TrainOutcome(cfg, storage.run_uri, None, tracker.run_id, tracker.uri, resumed=self.resume)
+        if tracker.status == "FINISHED":
+            print(f"{storage.run_uri} already finished (MLflow run {tracker.run_id}); nothing to do")
+            outcome.registered = tracker.tag(tracking.TAG_VERSION)
+            return outcome
+        tracker.set_tags(tracking.ray_job_tags(ray.get_runtime_context().get_job_id()))
+        print(f"run directory {storage.run_uri}; MLflow run {tracker.run_id} "
+              f"({tracking.shown(tracker.uri)})", flush=True)
+        key, counted = stop_key(tracker.run_id), f"ran-attempts/{tracker.run_id}"
+        loop_config = {"job": cfg.model_dump(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+                       "launched_at": self.launched_at, "stop_key": key, "attempts_key": counted}
+        request_stop(key, False)  # an earlier interrupted attempt of this run asked its workers to stop
+        attempts(counted, clear=True)  # worker groups of this fit only
+        try:
+            result = build_trainer(cfg, storage, loop_config, self.callbacks).fit()
+        except TrainingFailedError as err:
+            text = str(err).strip()
+            cause = text.splitlines()[-1] if text else type(err).__name__
+            cause = re.sub(r"^ran\.[\w.]+Error: ", "", cause)  # ran's own errors say what they are
+            try:
+                kept: str | None = latest_checkpoint(storage)
+            except OSError:  # the storage does not answer either: say where checkpoints would be
+                kept = f"(if any) under {storage.run_uri}"
+            raise run_failed(cause, kept, cfg.scaling.max_failures, attempts(counted)) from err
+        finally:
+            request_stop(key, False)
+            attempts(counted, clear=True)
+        outcome.metrics = {k: v for k, v in (result.metrics or {}).items() if k != "worker_pid"}
+        outcome.unlogged = str(outcome.metrics.pop(tracking.REPORT_UNLOGGED, "") or "")
+        if result.checkpoint is not None:
+            outcome.checkpoint = _checkpoint_uri(storage, result.checkpoint.path)
+        returned = getattr(result, "return_value", None)
+        if isinstance(returned, dict) and returned.get("diverged"):
+            raise _diverged(cfg, tracker, str(returned["diverged"]), outcome.checkpoint)
+        if isinstance(returned, dict) and returned.get("stopped"):
+            raise TrainingInterrupted(outcome.checkpoint, int(returned.get("step", 0)))
+        if not tracking.answers(tracker.uri):  # gone: say so (where_to_look), not minutes of retries
+            outcome.mlflow_unreachable = True
+            return outcome
+        try:
+            if outcome.unlogged:  # the workers' logger could not say so itself: the server was away
+                tracker.set_tags({tracking.TAG_METRICS_GAP: f"not logged: {outcome.unlogged}"[:5000]})
+            if result.checkpoint is not None:
+                registration = self.finalize(tracker, result.checkpoint)
+                outcome.registered, outcome.registration = registration.version, registration.reason
+            tracker.log_curves()
+        except Exception as err:  # noqa: BLE001 - MLflow's many kinds: one line, the checkpoint kept
+            text = str(err).strip().splitlines()
+            raise FinalizeError(
+                f"training finished (checkpoint {outcome.checkpoint}) but logging the model to MLflow "
+                f"at {tracking.shown(tracker.uri)} failed: {text[0] if text else type(err).__name__}; fix that and run "
+                "the same command with --resume to log and register it") from err
+        tracker.finish("FINISHED")
+        return outcome
+
+    def finalize(self, tracker: tracking.RunTracker, checkpoint: Any) -> Registration:
+        """Log (and register, if it passes the gate) the model of the final checkpoint."""
+        return finalize(self.cfg, self.manifest, tracker, checkpoint)
+
+
+def run_training(cfg: JobConfig, **options: Any) -> TrainOutcome:
+    """The whole of ``ran train``: ``Launcher(cfg, **options).run()`` (:class:`Launcher`)."""
+    return Launcher(cfg, **options).run()
+
+
+def open_run(cfg: JobConfig, storage_uri: str, uri: str, *, resume: bool, tags: dict[str, Any],
+             create: Callable[[dict[str, Any]], tracking.RunTracker],
+             reopen_finished: bool = False) -> tracking.RunTracker:
+    """The MLflow run of a run directory (a training run's, a search's), in ``cfg``'s experiment:
+    with ``resume``, the one tagged with ``storage_uri``, reopened unless it finished (with
+    ``reopen_finished``, always); else ``create(tags)``, the tags completed with the storage, the
+    job, the model and the git commit."""
+    if resume:
+        found = tracking.RunTracker.find(cfg.tracking.experiment, storage_uri, uri)
+        if found is not None:
+            if reopen_finished or found.status != "FINISHED":
+                found.reopen()
+            return found
+    tags = {tracking.TAG_MODEL: cfg.model.name, tracking.TAG_STORAGE: storage_uri,
+            tracking.TAG_JOB: cfg.name, **tags}
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.TAG_GIT] = commit
+    return create(tags)
+
+
+def close_run(tracker: Any, status: str) -> None:
+    """End an open (RUNNING) MLflow run with ``status`` as an error propagates: a run that
+    ``--resume`` found finished stays so, and a failure to reach MLflow never hides that error."""
     try:
-        if local:
-            # Opening the MLflow run (importing mlflow, maybe creating the store) takes seconds of
-            # CPU; starting Ray mostly waits for its processes. Both at once.
-            with ThreadPoolExecutor(1, thread_name_prefix="ran-mlflow") as pool:
-                opening = pool.submit(_open_run, cfg, manifest, storage, uri, resume, run_tags)
-                try:
-                    started = localray.connect(None, lean=True)
-                finally:
-                    if opening.exception() is None:
-                        tracker = opening.result()
-            tracker = opening.result()  # raises what opening the run met, if Ray started well
-        else:
-            localray.connect(address)
-            localray.check_resources(cfg)
-            tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
-        return _train(cfg, manifest, storage, tracker, resume, launched_at, callbacks)
-    except BaseException as err:
-        if tracker is not None:
-            close_run(tracker, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        if started is not None:
-            started.stop()
+        if tracker.status == "RUNNING":
+            tracker.finish(status)
+    except Exception as err:  # noqa: BLE001 - the error being raised matters more
+        print(f"warning: could not mark MLflow run {tracker.run_id} {status}: {err}", file=sys.stderr)
+
+
+def _diverged(cfg: JobConfig, tracker: tracking.RunTracker, reason: str,
+              checkpoint: str | None) -> DivergedError:
+    """The one line of a diverged run, also set as the run's ``ran.diverged`` tag (the caller's
+    error handling then ends the run FAILED)."""
+    kept = (f"the last finite checkpoint {checkpoint} is kept" if checkpoint
+            else "no checkpoint was written before it")
+    message = (f"training diverged: {reason}; {kept}; nothing is registered; lower optim.lr "
+               f"({cfg.optim.lr:g}) or check the data, and start a fresh run")
+    try:
+        tracker.set_tags({tracking.TAG_DIVERGED: message})
+    except Exception as err:  # noqa: BLE001 - the divergence matters more than the tag
+        print(f"warning: could not tag MLflow run {tracker.run_id}: {err}", file=sys.stderr)
+    return DivergedError(message)
+
+
+def _checkpoint_uri(storage: Storage, path: str) -> str:
+    if storage.filesystem is not None and not path.startswith("s3://"):
+        return "s3://" + path
+    return path
+
+
+def finalize(self, tracker: tracking.RunTracker, checkpoint: Any) -> Registration:
+        """Log (and register, if it passes the gate) the model of the final checkpoint."""
+        return finalize(self.cfg, self.manifest, tracker, checkpoint)
+
+
+def run_training(cfg: JobConfig, **options: Any) -> TrainOutcome:
+    """The whole of ``ran train``: ``Launcher(cfg, **options).run()`` (:class:`Launcher`)."""
+    return Launcher(cfg, **options).run()
+
+
+def open_run(cfg: JobConfig, storage_uri: str, uri: str, *, resume: bool, tags: dict[str, Any],
+             create: Callable[[dict[str, Any]], tracking.RunTracker],
+             reopen_finished: bool = False) -> tracking.RunTracker:
+    """The MLflow run of a run directory (a training run's, a search's), in ``cfg``'s experiment:
+    with ``resume``, the one tagged with ``storage_uri``, reopened unless it finished (with
+    ``reopen_finished``, always); else ``create(tags)``, the tags completed with the storage, the
+    job, the model and the git commit."""
+    if resume:
+        found = tracking.RunTracker.find(cfg.tracking.experiment, storage_uri, uri)
+        if found is not None:
+            if reopen_finished or found.status != "FINISHED":
+                found.reopen()
+            return found
+    tags = {tracking.TAG_MODEL: cfg.model.name, tracking.TAG_STORAGE: storage_uri,
+            tracking.TAG_JOB: cfg.name, **tags}
+    commit = tracking.git_commit()
+    if commit:
+        tags[tracking.TAG_GIT] = commit
+    return create(tags)
 
 
 def close_run(tracker: Any, status: str) -> None:
@@ -589,8 +803,7 @@ def cli_train(args: argparse.Namespace) -> int:
     tracking.refuse_password(tracking.tracking_uri(), "ran train")
     cfg = load_config(args.job, args.overrides)
     try:
-        outcome = run_training(cfg, resume=args.resume, address=args.address,
-                               fault=Fault.from_env(), launched_at=started)
+        outcome = run_training(cfg, resume=args.resume, address=args.address, launched_at=started)
     except TrainingInterrupted as err:
         again = shlex.join(["ran", "train", args.job,
                             *(a for o in args.overrides for a in ("--set", o)), "--resume"])

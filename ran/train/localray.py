@@ -110,24 +110,59 @@ def local_resources() -> dict[str, int]:
     return {"CPU": cpus, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
 
 
-def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> None:
-    """The cluster can place every worker (CPUs per worker, one GPU each when asked); for an
-    elastic group, its minimum.
+def node_resources() -> list[dict[str, float]]:
+    """Each live node's resources in the connected Ray cluster (``ray.nodes()``)."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
-    ``nodes``: each node's resources; default: the live Ray cluster's (``ray.nodes()``).
+
+def worker_bundle(cfg: JobConfig) -> dict[str, float]:
+    """What one Ray Train worker of ``cfg`` holds on its node: ``scaling.cpus_per_worker`` CPUs
+    and, with ``scaling.use_gpu``, one GPU."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
+
+
+def place(free: list[dict[str, float]], bundles: list[dict[str, float]]) -> bool:
+    """Place every bundle (CPUs, GPUs) whole on one node each, as Ray places actors: each on the
+    node it leaves the least CPU room on (best fit). On success the bundles' resources are taken
+    from ``free`` (one dict per node, changed in place); when one does not fit, ``free`` is left
+    unchanged and False is returned."""
+    trial = [dict(node) for node in free]
+    for bundle in bundles:
+        fits = [i for i, node in enumerate(trial)
+                if all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())]
+        if not fits:
+            return False
+        best = min(fits, key=lambda i: trial[i].get("CPU", 0.0))
+        for k, v in bundle.items():
+            trial[best][k] = trial[best].get(k, 0.0) - v
+    free[:] = trial
+    return True
+
+
+def workers_that_fit(cfg: JobConfig, nodes: list[dict[str, float]]) -> int:
+    """How many workers of ``cfg`` the ``nodes`` can hold at once, node by node (at most
+    ``scaling.max_workers``)."""
+    free = [dict(node) for node in nodes]
+    placed = 0
+    while placed < cfg.scaling.max_workers and place(free, [worker_bundle(cfg)]):
+        placed += 1
+    return placed
+
+
+def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> None:
+    """The cluster can place every worker (CPUs per worker, one GPU each when asked), node by node
+    (:func:`place`); for an elastic group, its minimum.
+
+    ``nodes``: each node's resources; default: the live Ray cluster's (:func:`node_resources`).
 
     Raises:
         ConfigError: not enough room, with what the cluster has.
     """
     s = cfg.scaling
     if nodes is None:
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    placeable = 0
-    for res in nodes:
-        fit = int(res.get("CPU", 0) // s.cpus_per_worker)
-        if s.use_gpu:
-            fit = min(fit, int(res.get("GPU", 0)))
-        placeable += fit
+        nodes = node_resources()
+    placeable = workers_that_fit(cfg, nodes)
     if placeable < s.min_workers:
         cpus = sum(r.get("CPU", 0) for r in nodes)
         gpus = sum(r.get("GPU", 0) for r in nodes)
@@ -141,9 +176,17 @@ def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None)
         )
 
 
+def ray_address(given: str | None, *, dashboard: bool = False) -> str | None:
+    """The Ray address a verb uses: ``given`` (``--address``), else ``RAY_ADDRESS``; for the
+    dashboard (``ran submit``, ``ran jobs``: ``dashboard``), ``RAY_API_SERVER_ADDRESS`` before
+    ``RAY_ADDRESS``. None when neither is set (``ran train`` then starts a local Ray)."""
+    env = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if dashboard else ("RAY_ADDRESS",)
+    return given or next((os.environ[k] for k in env if os.environ.get(k)), None)
+
+
 def starts_local_ray(address: str | None) -> bool:
     """Whether :func:`connect` would start a local Ray: no Ray yet, no address given."""
-    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    return not ray.is_initialized() and not ray_address(address)
 
 
 class LocalRay:
@@ -265,7 +308,7 @@ def connect(address: str | None, *, lean: bool = False, log_to_driver: bool = Tr
     """
     if ray.is_initialized():
         return None
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(address)
     if address:
         check_reachable(address)
         try:

@@ -1,12 +1,15 @@
-"""The per-worker training loop: a :class:`Trainer` that Ray Train runs once per worker.
+"""The per-worker training loop: a :class:`Trainer`, run once per worker (by Ray Train through
+:mod:`ran.train.raytrain`, or directly in a plain process).
 
 A Trainer owns the model (DDP-wrapped when a process group is up), the optimizer, the lr
 schedule, the loaders and the counters (``step``, ``samples``, ``epoch``): ``train_step`` /
 ``train_epoch`` / ``validate`` / ``state_dict`` / ``load_state_dict``. It knows nothing of Ray or
-MLflow. It is handed its components: a *reporter* (:class:`RayReporter`: the checkpoint to restore
-from, and where metrics and checkpoints go), a *console* (:class:`Console`: progress lines on rank
-0) and, on rank 0, a *run logger* (``ran.tracking.RunLogger``: MLflow, off the training path). The
-same class runs in a plain process (``Trainer(cfg)``), which the tests use.
+MLflow and imports neither (a test walks its imports). It is handed its components: a *reporter*
+(:class:`Reporter`: the checkpoint to restore from, and where metrics and checkpoints go;
+:class:`LocalReporter` here, ``ran.train.raytrain.RayReporter`` on Ray Train), a *console*
+(:class:`Console`: progress lines on rank 0) and, on rank 0, a *run log* (:class:`RunLog`:
+MLflow off the training path, ``ran.train.raytrain.TrackedRun``). The same class runs in a plain
+process (``Trainer(cfg)``), which the tests use.
 
 Loop: restore (and re-plan, :mod:`ran.train.schedule`) -> for each epoch: train -> validate (on
 cadence, always at the end) -> rank 0 queues its metrics for MLflow -> every worker reports (a
@@ -20,9 +23,9 @@ where the attempt began), never as params, which MLflow would refuse to change.
 
 Checkpoints come on an epoch cadence (``train.checkpoint_every``), a step cadence
 (``train.checkpoint_every_steps``) and on notice: a SIGTERM to any worker (how spot reclaims and
-Kubernetes evictions arrive; :class:`SigtermNotice` turns Ray's exit-at-once into a flag) makes
-every rank, at the next step boundary, write a checkpoint at that step, wait until Ray Train has
-registered it and stop the worker group (:class:`Interrupted`), which Ray Train restarts from it;
+Kubernetes evictions arrive; ``ran.train.raytrain.SigtermNotice`` turns Ray's exit-at-once into
+the Trainer's ``notice``) makes every rank, at the next step boundary, write a checkpoint at that
+step, wait until Ray Train has registered it and stop the worker group (:class:`Interrupted`), which Ray Train restarts from it;
 Ray's own preemption notice (``ray.train.get_preemption_info``, a drained node) makes a
 just-in-time checkpoint and training goes on until Ray restarts the group. Rank 0 copies its state
 to host memory and hands it to Ray Train's asynchronous upload (``train.checkpoint_upload``:
@@ -46,14 +49,10 @@ the RNG states of every rank, the MLflow run id, the resolved config and the att
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import math
-import os
 import random
-import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -61,15 +60,12 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train.v2._internal.execution.callback import WorkerCallback  # DeveloperAPI (SigtermNotice)
 from torch import nn
 
-from ran import runtime, tracking
-from ran.config import JobConfig, parse_config
+from ran import runtime
+from ran.config import JobConfig
 from ran.data.read import make_loader, split_shards
 from ran.data.transforms import normalizer
 from ran.train.rundir import storage_full
@@ -118,13 +114,27 @@ from ran.train.console import Console  # noqa: E402 - its own module (output set
 
 
 class RunLog(Protocol):
-    """Where rank 0's metrics, params and tags go (``ran.tracking.RunLogger``, or a list)."""
+    """Where rank 0's metrics and notes about the run go: MLflow through
+    :class:`ran.train.raytrain.TrackedRun`, or a list in a test. The log names them (tags)."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics at optimizer step ``step``."""
+        ...
 
-    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_attempt(self, attempt: dict[str, Any]) -> None:
+        """How this attempt (a start of the worker group) runs: ``plan`` (the
+        :class:`~ran.train.schedule.RunPlan` as a dict), ``precision``, ``precision_reason``,
+        ``compile``; on a restart ``resumed_from`` (``epoch=E step=S``) and, when the plan
+        changed, ``replanned`` (``(step, what changed)``)."""
+        ...
 
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_notice(self, message: str) -> None:
+        """The SIGTERM the worker group checkpointed and stopped on (one line)."""
+        ...
+
+    def unlogged(self) -> dict[str, str]:
+        """For the run's last report: what the log could not write ({} when it wrote all)."""
+        ...
 
 
 @dataclass
@@ -213,10 +223,6 @@ class LocalReporter:
         return False
 
 
-# A SIGTERM reached this process (set by :class:`SigtermNotice`'s handler; read by the Trainer).
-NOTICE = threading.Event()
-
-
 class Diverged(RuntimeError):
     """A loss or the weights stopped being finite: every rank stops at the same step, and no
     checkpoint of this state is written (the last one written is the last finite one)."""
@@ -277,6 +283,8 @@ class Trainer:
         console: progress lines (default: printed on rank 0).
         launched_at: the launcher's ``time.time()``; the first epoch then reports ``startup_s``,
             the seconds from launch to the first optimizer step.
+        notice: set when this worker got a SIGTERM (:class:`ran.train.raytrain.SigtermNotice`):
+            every rank checkpoints the step reached and stops (:class:`Interrupted`).
 
     Rank and world size come from ``torch.distributed`` when a process group is up (Ray Train
     sets one up); with more than one worker the model is then wrapped in DDP.
@@ -284,7 +292,8 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, *, device: torch.device | None = None,
                  run_id: str | None = None, run_log: RunLog | None = None,
-                 console: Console | None = None, launched_at: float | None = None) -> None:
+                 console: Console | None = None, launched_at: float | None = None,
+                 notice: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         group = dist.is_available() and dist.is_initialized()
@@ -301,7 +310,7 @@ class Trainer:
         self.samples = 0  # training samples seen, all ranks together
         self.epoch = 0  # epochs done
         self.last_val: dict[str, float] = {}
-        self.notice = NOTICE  # set by a SIGTERM (SigtermNotice): checkpoint and stop
+        self.notice = notice or threading.Event()  # set on a SIGTERM: checkpoint and stop
         self.previous_plan: dict[str, Any] | None = None  # the plan of the checkpoint restored
         # Sums of the epoch in progress: this attempt's [loss (device tensor), samples, skipped]
         # on this rank, and [loss, samples, skipped] of all ranks before a mid-epoch resume.
@@ -571,7 +580,7 @@ class Trainer:
                    "this worker group so that it restarts from it")
         self.console.say(message)
         if self.run_log is not None:
-            self.run_log.set_tags({tracking.TAG_NOTICE: message})
+            self.run_log.log_notice(message)
         raise Interrupted(message)
 
     def _end(self, reporter: Reporter) -> None:
@@ -715,15 +724,15 @@ class Trainer:
         metrics at the step where the attempt began. Never params: they would change."""
         assert self.run_log is not None
         plan = self.plan
-        tags = {f"{tracking.TAG_PLAN}.{k}": v for k, v in plan.to_dict().items()}
-        tags[tracking.TAG_PRECISION] = self.precision
-        tags[tracking.TAG_PRECISION_REASON] = self.precision_reason
-        tags[tracking.TAG_COMPILE] = f"{self.compile_mode} ({self.compile_reason})"
+        attempt: dict[str, Any] = {
+            "plan": plan.to_dict(), "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "compile": f"{self.compile_mode} ({self.compile_reason})"}
         if self.step:  # a restart: say from where, for people reading the run later
-            tags[tracking.TAG_RESUMED_FROM] = f"epoch={self.epoch} step={self.step}"
+            attempt["resumed_from"] = f"epoch={self.epoch} step={self.step}"
         if self.replanned():
-            tags[f"{tracking.TAG_REPLANNED}.step_{self.step}"] = self.replanned()
-        self.run_log.set_tags(tags)
+            attempt["replanned"] = (self.step, self.replanned())
+        self.run_log.log_attempt(attempt)
         self.run_log.log_metrics({"plan_world_size": plan.world_size,
                                   "plan_global_batch": plan.global_batch,
                                   "plan_peak_lr": plan.peak_lr,
@@ -752,10 +761,8 @@ class Trainer:
         # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
         report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
                   "epoch": self.epoch, "step": self.step, "samples": self.samples}
-        unlisted = set(report) - set(tracking.EPOCH_METRICS) - set(tracking.VALIDATION_METRICS)
-        assert not unlisted, f"reported metrics {sorted(unlisted)} are not in tracking.EPOCH_METRICS"
-        if last and isinstance(self.run_log, tracking.RunLogger):  # what MLflow lacks, if anything
-            report.update(self.run_log.gap_report())
+        if last and self.run_log is not None:  # what the run log lacks, if anything
+            report.update(self.run_log.unlogged())
         if last or self.epoch % t.checkpoint_every == 0 or self._due:
             self._running = [0.0, 0, 0.0]  # the epoch is whole: nothing in progress to carry
             self._checkpoint(reporter, self._due or "epoch", report)
@@ -789,184 +796,3 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Train glue
-
-
-class RayReporter:
-    """Checkpoints and metrics through Ray Train (``ray.train.get_checkpoint`` / ``report``).
-
-    Rank 0's checkpoint is a host-memory :class:`Snapshot`; Ray Train's upload (``upload``:
-    ``async``, its ``CheckpointUploadMode.ASYNC``, in a background thread of the worker; ``sync``,
-    in the training thread) writes it to a local directory and persists that to the run's storage
-    (:func:`_write_and_persist`), then registers it. Before a new checkpoint the previous one must
-    be registered (``ray.train.get_all_reported_checkpoints(COMMITTED)``), so at most one is in
-    flight. Ray Train's controller takes one report per worker per health check
-    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): checkpoints closer together than that wait.
-
-    Every report carries the worker's ``worker_pid``, so that a Ray Train callback on the
-    controller can find a worker's process (``ran.train.faults``).
-    """
-
-    def __init__(self, upload: str = "async", stop_key: str | None = None) -> None:
-        self.pid = os.getpid()
-        self.stop_key = stop_key  # Ray's internal KV key the launcher sets to end the run
-        self.mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
-                     else ray.train.CheckpointUploadMode.SYNC)
-        self.pending = False  # a checkpoint was reported and is not known to be registered
-        # Ray's preemption watcher is off on the lean local Ray (ran.train.localray): don't poll.
-        self.watch_preemption = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield directory
-
-    def report(self, metrics: dict[str, float], snapshot: Snapshot | None, name: str) -> None:
-        checkpoint, upload = None, None
-        if snapshot is not None:
-            if self.pending:  # at most one checkpoint in flight
-                self.wait_committed()
-            checkpoint = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="ran-ckpt-"))
-            upload = functools.partial(_write_and_persist, snapshot)
-            self.pending = True
-        ray.train.report({**metrics, "worker_pid": self.pid}, checkpoint=checkpoint,
-                         checkpoint_dir_name=name if checkpoint else None,
-                         checkpoint_upload_mode=self.mode, checkpoint_upload_fn=upload,
-                         delete_local_checkpoint_after_upload=True)
-
-    def wait_committed(self) -> None:
-        ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        self.pending = False
-
-    def preempted(self) -> bool:
-        """Ray Train's preemption notice (a drained node), the same on every rank."""
-        return self.watch_preemption and ray.train.get_preemption_info() is not None
-
-    def stop_requested(self) -> bool:
-        """Whether the launcher set :attr:`stop_key` in Ray's internal KV (``ran train`` got
-        SIGINT: :func:`ran.train.launch.request_stop`)."""
-        from ray.experimental import internal_kv  # private (2.60); what a driver and its workers share
-
-        return bool(self.stop_key) and internal_kv._internal_kv_get(self.stop_key) is not None
-
-
-def note_attempt(key: str | None) -> None:
-    """Count one start of the worker group under ``key`` in Ray's internal KV (rank 0 calls it
-    once per attempt; attempts follow each other): :func:`attempts` tells the launcher how many
-    restarts happened, which Ray Train does not."""
-    from ray.experimental import internal_kv  # private (2.60); shared by the driver and its workers
-
-    if key and internal_kv._internal_kv_initialized():
-        count = int(internal_kv._internal_kv_get(key) or 0) + 1
-        internal_kv._internal_kv_put(key, str(count).encode(), overwrite=True)
-
-
-def attempts(key: str, clear: bool = False) -> int | None:
-    """How many worker groups :func:`note_attempt` counted under ``key`` (None: unknown); with
-    ``clear``, forget them (a new ``fit``)."""
-    from ray.experimental import internal_kv
-
-    if not internal_kv._internal_kv_initialized():
-        return None
-    found = internal_kv._internal_kv_get(key)
-    if clear:
-        internal_kv._internal_kv_del(key)
-    return int(found) if found is not None else None
-
-
-def _write_and_persist(snapshot: Snapshot, checkpoint: ray.train.Checkpoint,
-                       name: str) -> ray.train.Checkpoint:
-    """Ray Train's ``checkpoint_upload_fn``: write the snapshot into the (empty) local checkpoint
-    directory, drop it from memory, and persist the directory as Ray Train does by default."""
-    snapshot.write(checkpoint.path)
-    snapshot.release()
-    storage = ray.train.get_context().get_storage()
-    try:
-        return storage.persist_current_checkpoint(checkpoint, name)
-    except OSError as err:  # a full disk names the checkpoint (pyarrow's text does not)
-        raise storage_full(err, storage.build_checkpoint_path_from_name(name)) from err
-
-
-class SigtermNotice(WorkerCallback):
-    """Turns a SIGTERM to a Ray Train worker (spot reclaim, Kubernetes eviction, ``kill PID``)
-    from an immediate exit into a notice: it sets :data:`NOTICE`, on which the Trainer checkpoints
-    the current step, waits until it is registered, and stops the worker group for a restart.
-
-    Ray's worker sets its own handler (raise ``SystemExit``) on its main thread, where signal
-    handlers run; the training function runs in another thread. Ray Train calls this callback's
-    ``after_init_train_context`` on each worker's main thread, before the training function
-    starts. ``WorkerCallback`` is a Ray Train DeveloperAPI (2.60): ``RunConfig.callbacks`` passes
-    it through to the workers.
-    """
-
-    def after_init_train_context(self) -> None:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    NOTICE.set()
-
-
-def train_fn_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """What Ray Train runs on every worker: build a Trainer from the launcher's
-    ``train_loop_config`` (``job``, ``run_id``, ``tracking_uri``, ``launched_at``) and fit.
-
-    Returns None, or on divergence (:class:`Diverged`, raised on every rank at the same step)
-    ``{"diverged": reason, "step": step}`` once the last checkpoint reported is registered: the
-    group ends without an error, so that Ray Train does not restart it into the same divergence,
-    and rank 0's return value tells the launcher (``Result.return_value``). On the launcher's stop
-    request (``stop_key``, :class:`Stopped`) ``{"stopped": checkpoint name, "step": step}``."""
-    Console.use_stdout_logger()
-    cfg = parse_config(config["job"], "<train_loop_config>")
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times and keeps the fastest kernels
-    if config.get("tracking_uri"):  # the driver's store, for a registered model.init_from
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
-    rank0 = ray.train.get_context().get_world_rank() == 0
-    if rank0:
-        note_attempt(config.get("attempts_key"))
-    run_log = (tracking.RunLogger(config["run_id"], config.get("tracking_uri"))
-               if rank0 and config.get("run_id") else None)
-    system = _system_metrics(cfg, config)
-    try:
-        trainer = Trainer(cfg, device=device, run_id=config.get("run_id"), run_log=run_log,
-                          launched_at=config.get("launched_at"))
-        reporter = RayReporter(cfg.train.checkpoint_upload, config.get("stop_key"))
-        try:
-            trainer.fit(reporter)
-        except Stopped as err:
-            return {"stopped": err.checkpoint, "step": err.step}
-        except Diverged as err:
-            if reporter.pending:  # the last finite checkpoint is registered before the group ends
-                reporter.wait_committed()
-            if run_log is not None:
-                run_log.set_tags({tracking.TAG_DIVERGED: str(err)})
-            return {"diverged": str(err), "step": err.step}
-        return None
-    finally:
-        if system is not None:
-            system.close()
-        if run_log is not None:
-            run_log.close()
-
-
-def _system_metrics(cfg: JobConfig, config: dict[str, Any]) -> "tracking.SystemMetrics | None":
-    """MLflow's system metrics of this node, sampled by its local rank 0 (one per node, labelled
-    ``node_<node rank>``); None elsewhere or when ``tracking.system_metrics_every_s`` is 0."""
-    context = ray.train.get_context()
-    if not (config.get("run_id") and cfg.tracking.system_metrics_every_s > 0
-            and context.get_local_rank() == 0):
-        return None
-    node = tracking.SYSTEM_METRICS_NODE.format(rank=context.get_node_rank())
-    return tracking.SystemMetrics(config["run_id"], config.get("tracking_uri"), node,
-                                  cfg.tracking.system_metrics_every_s)

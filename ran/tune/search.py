@@ -7,7 +7,7 @@ Order of events (:func:`run_search`):
    ``ran train`` checks them; the searcher is built (Optuna must be installed for TPE).
 2. A parent MLflow run for the search (found again by its storage tag on ``--resume``).
 3. ``Tuner.fit()``. Ray Train V2 refuses ``Tuner(trainer)``, so each trial runs a small driver
-   (:func:`_trial_driver`, ``driver_cpus`` CPU) that calls :func:`ran.train.launch.run_training`
+   (:func:`_trial_driver`, ``driver_cpus`` CPU) that runs a :class:`ran.train.launch.Launcher`
    with a ``TuneReportCallback``: every epoch's report reaches Tune, which stops weak trials (ASHA).
    The trial's MLflow run is a child of the search run (tag ``mlflow.parentRunId``). At most as
    many trials run at once as the cluster can place workers for, so drivers never hold CPUs that
@@ -65,10 +65,7 @@ from ran.tracking import (
 )
 from ran.tracking.models import Registration
 from ran.train import console, localray
-from ran.train.launch import (
-    check_model, check_shards, check_sizes, finalize, resolve_config, run_training,
-)
-from ran.tracking.validate import check_names
+from ran.train.launch import Launcher, check_data, check_job, check_sizes, finalize, open_run
 from ran.train.rundir import storage_for
 from ran.train import schedule
 from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
@@ -130,17 +127,28 @@ def search_name(space: SearchSpace, base: JobConfig) -> str:
     return f"{base.run_name}-{space.name}"
 
 
-def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
-    """Validate the space against the job, then the data and the base model as ``ran train`` does.
+def check_search(space: SearchSpace, job_raw: dict[str, Any]) -> JobConfig:
+    """The space against the job (:func:`ran.tune.space.check_space`, the search metric), then the
+    base job as the Launcher's pre-flight checks it before data (:func:`ran.train.launch.check_job`;
+    a searched model is checked per trial). What ``ran submit --tune`` checks; returns the base.
 
-    Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
+    Raises:
+        ConfigError: one line naming the key.
     """
     base = check_space(space, job_raw)
     check_search_metric(space.settings, base)
-    check_names(base)
-    base, manifest = resolve_config(base)
-    check_shards(base, manifest)
-    check_sizes(base, manifest)
+    check_job(base, model=not any(k.startswith("model.") for k in space.searched_keys))
+    return base
+
+
+def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
+    """Validate the space against the job (:func:`check_search`), then the data as the Launcher's
+    pre-flight does (:func:`ran.train.launch.check_data`), for every searched batch size too.
+
+    Returns the base config with absolute paths and ``model.num_classes`` set, and the manifest.
+    """
+    base = check_search(space, job_raw)
+    base, manifest = check_data(base)
     for dist in space.params.values():  # a searched batch, worker count or grad_accum
         if any(k in SIZE_KEYS for k in dist.keys):
             for value in dist.probes():
@@ -149,8 +157,6 @@ def prepare(space: SearchSpace, job_raw: dict[str, Any]) -> tuple[JobConfig, dic
                 except ConfigError as err:
                     raise ConfigError(f"search space {space.name}: {dist.name}={value!r}: "
                                       f"{err}") from None
-    if not any(k.startswith("model.") for k in space.searched_keys):
-        check_model(base)  # searched models are checked per trial
     s = space.settings
     max_t = asha_max_t(space, base, manifest)
     if s.scheduler == "asha" and s.grace_period > max_t:
@@ -206,25 +212,35 @@ def trial_cpus_gpus(space: SearchSpace, base: JobConfig) -> tuple[float, int]:
     return cpus, sc.max_workers if sc.use_gpu else 0
 
 
-def concurrency_limit(space: SearchSpace, base: JobConfig, cluster: dict[str, float]) -> int:
-    """Trials that fit on ``cluster`` at once (capped by ``max_concurrent_trials``).
+def concurrency_limit(space: SearchSpace, base: JobConfig, nodes: list[dict[str, float]]) -> int:
+    """Trials that fit on the cluster's ``nodes`` at once (each node's resources), placed node by
+    node as Ray places them (:func:`ran.train.localray.place`: the driver and each worker whole on
+    one node), capped by ``max_concurrent_trials``.
 
     Tune only sees each driver's CPU fraction; without this limit it would start more drivers
-    than there are CPUs for their workers, and trials would wait on each other forever.
+    than there are CPUs for their workers, and trials would wait on each other forever. Cluster
+    totals are not enough: 2 nodes of 3 CPUs hold one trial of 2 workers x 2 CPUs, not two.
+
+    Raises:
+        ConfigError: not even one trial fits.
     """
-    cpus, gpus = trial_cpus_gpus(space, base)
-    fit = math.floor(cluster.get("CPU", 0.0) / cpus + 1e-9)
-    if gpus:
-        fit = min(fit, math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
-    if fit < 1:
-        need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
-        raise ConfigError(
-            f"one trial needs {need} (driver {space.settings.resources.driver_cpus:g} + "
-            f"{base.scaling.max_workers} workers x {base.scaling.cpus_per_worker:g} CPU) but the "
-            f"Ray cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-            "lower search.resources.num_workers / cpus_per_worker or add nodes")
+    driver = {"CPU": space.settings.resources.driver_cpus}
+    trial = [driver] + [localray.worker_bundle(base)] * base.scaling.max_workers
     wanted = space.settings.max_concurrent_trials
-    return min(fit, wanted) if wanted else fit
+    free = [dict(node) for node in nodes]
+    fit = 0
+    while (not wanted or fit < wanted) and localray.place(free, trial):
+        fit += 1
+    if fit < 1:
+        cpus, gpus = trial_cpus_gpus(space, base)
+        need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+        has = ", ".join(f"{n.get('CPU', 0):g} CPUs + {n.get('GPU', 0):g} GPUs" for n in nodes)
+        raise ConfigError(
+            f"one trial needs {need} (driver {driver['CPU']:g} + {base.scaling.max_workers} "
+            f"workers x {base.scaling.cpus_per_worker:g} CPU), each worker whole on one node, but "
+            f"the Ray cluster's {len(nodes)} node(s) have {has or 'nothing'}; lower "
+            "search.resources.num_workers / cpus_per_worker or add nodes")
+    return fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +281,8 @@ def _trial_driver(params: dict[str, Any], *, space: SearchSpace, job_raw: dict[s
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(job_raw, space.trial_overrides(params), ctx.name, trial_id)
     tags = {TAG_PARENT: ctx.parent_run_id, TAG_SEARCH: ctx.name, TAG_TRIAL: trial_id}
-    run_training(cfg, resume=_started_before(cfg), callbacks=[EpochReports()], run_tags=tags,
-                 resume_from_nothing=True)  # a trial restored before its first checkpoint
+    Launcher(cfg, resume=_started_before(cfg), callbacks=[EpochReports()], run_tags=tags,
+             resume_from_nothing=True).run()  # resume_from_nothing: restored before a checkpoint
 
 
 def _started_before(cfg: JobConfig) -> bool:
@@ -284,19 +300,18 @@ def _started_before(cfg: JobConfig) -> bool:
 
 def open_parent_run(space: SearchSpace, base: JobConfig, name: str, storage_uri: str,
                     uri: str, resume: bool) -> tracking.RunTracker:
-    """The search's MLflow run: found by its storage tag on resume, else created."""
-    if resume:
-        found = tracking.RunTracker.find(base.tracking.experiment, storage_uri, uri)
-        if found is not None:
-            found.reopen()
-            return found
-    tags = {TAG_KIND: "search", TAG_SEARCH: name, tracking.TAG_STORAGE: storage_uri,
+    """The search's MLflow run, opened as a training run is (:func:`ran.train.launch.open_run`):
+    found by its storage tag on resume (and reopened), else created."""
+    tags = {TAG_KIND: "search", TAG_SEARCH: name,
             "mlflow.note.content": space.description or f"ran tune {space.name}",
-            tracking.TAG_JOB: base.name, tracking.TAG_MODEL: base.model.name,
             **tracking.ray_job_tags(ray.get_runtime_context().get_job_id())}
-    commit = tracking.git_commit()
-    if commit:
-        tags[tracking.TAG_GIT] = commit
+    return open_run(base, storage_uri, uri, resume=resume, tags=tags, reopen_finished=True,
+                    create=lambda all_tags: _create_parent_run(space, base, name, uri, all_tags))
+
+
+def _create_parent_run(space: SearchSpace, base: JobConfig, name: str, uri: str,
+                       tags: dict[str, Any]) -> tracking.RunTracker:
+    """A new search run: the base job's options (not the searched ones), the settings, the space."""
     parent = tracking.RunTracker.create(base.tracking.experiment, run_name=name, tags=tags, uri=uri)
     searched = set(space.searched_keys)
     # The options the trials use (JobConfig.applicable), unless the schedule itself is searched.
@@ -695,7 +710,7 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     # The trials' own lines (Ray Train's, each trial's progress) only with -v: TrialLines otherwise.
     started = localray.connect(address, log_to_driver=console.verbose())
     try:
-        limit = concurrency_limit(space, base, ray.cluster_resources())
+        limit = concurrency_limit(space, base, localray.node_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
         print(f"search {name}: {storage.run_uri}; up to {limit} trial(s) at a time; "

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster_fixtures import BIN, LocalCluster, stopped_after  # noqa: E402
+from fault_injection import fault_env  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def test_resumed_on_fewer_then_more_workers_the_run_finishes_its_planned_samples
     from ray.train import TrainingFailedError
 
     from ran.runtime import load_checkpoint
-    from ran.train.faults import Fault
+    from fault_injection import Fault, KillWorker
     from ran.train.launch import run_training
 
     def job(workers: int):
@@ -91,10 +92,11 @@ def test_resumed_on_fewer_then_more_workers_the_run_finishes_its_planned_samples
             "scaling.num_workers": workers, "scaling.max_failures": 0, "storage.name": "chain"})
 
     with pytest.raises(TrainingFailedError):
-        run_training(job(2), fault=Fault(after_step=15, rank=1, marker=str(tmp_path / "a")))
+        run_training(job(2), callbacks=[KillWorker(Fault(after_step=15, rank=1,
+                                                          marker=str(tmp_path / "a")))])
     with pytest.raises(TrainingFailedError):
         run_training(job(1), resume=True,
-                     fault=Fault(after_step=45, rank=0, marker=str(tmp_path / "b")))
+                     callbacks=[KillWorker(Fault(after_step=45, rank=0, marker=str(tmp_path / "b")))])
     outcome = run_training(job(2), resume=True)
 
     assert (tmp_path / "a").read_text().endswith(" killed after step 15\n")
@@ -148,8 +150,7 @@ def test_an_elastic_group_that_loses_a_node_continues_with_one_worker(
         "scaling.max_failures": 1}).to_yaml())
     marker = tmp_path / "node-lost"
     env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "MLFLOW_TRACKING_URI": uri,
-           "RAN_FAIL_AFTER_EPOCH": "1", "RAN_FAIL_TARGET": "node", "RAN_FAIL_RANK": "1",
-           "RAN_FAIL_MARKER": str(marker)}
+           **fault_env(after_epoch=1, target="node", rank=1, marker=marker)}
     done = subprocess.run([str(BIN / "ran"), "train", str(job)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr

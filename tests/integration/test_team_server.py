@@ -306,19 +306,17 @@ def parse_unlogged(text: str) -> dict[str, list[int]]:
     return found
 
 
-def first_logged_step(proc: subprocess.Popen, url: str) -> Any:
-    """The outage run once its first step metric is in MLflow (read through the team's server, on
-    the same database), or None if ``proc`` ended first."""
-    with as_user(ADMIN, url):
-        client = tracking.client()
-        while proc.poll() is None:
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            found = experiment and client.search_runs([experiment.experiment_id],
-                                                      "tags.`ran.job` = 'outage'")
-            if found and "step_loss" in client.get_run(found[0].info.run_id).data.metrics:
-                return found[0]
-            time.sleep(0.2)
-    return None
+def opened_run(proc: subprocess.Popen) -> tuple[str | None, str]:
+    """The MLflow run id ``ran train`` prints once its run is open and Ray is up, before any
+    worker starts (``run directory ...; MLflow run <id> (...)``), read from its output as it comes
+    (the event, not a poll), and the output read so far; None if it ended first."""
+    read = []
+    for line in proc.stdout:
+        read.append(line)
+        found = re.search(r"; MLflow run ([0-9a-f]{32}) \(", line)
+        if found:
+            return found.group(1), "".join(read)
+    return None, "".join(read)
 
 
 def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
@@ -333,14 +331,15 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
         proc = subprocess.Popen([sys.executable, "-m", "ran.cli", "train", str(job)], cwd=tmp_path,
                                 env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            run = first_logged_step(proc, stack.url)
-            assert run is not None, proc.communicate()
+            run_id, before = opened_run(proc)
+            assert run_id is not None, (before, proc.communicate())
         except BaseException:
             stop_tree(proc.pid)
             raise
-    # Server B is gone from here on.
+    # Server B is gone from here on: the run is open, and every value training logs is lost.
     try:
         out, err = proc.communicate(timeout=600)
+        out = before + out
     finally:
         stop_tree(proc.pid)
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
@@ -354,9 +353,9 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
     assert tracking.describe_unlogged(named) == text
     with as_user(ADMIN, stack.url):
         client = tracking.client()
-        logged = {key: {m.step for m in client.get_metric_history(run.info.run_id, key)}
+        logged = {key: {m.step for m in client.get_metric_history(run_id, key)}
                   for key in named}
-        status = client.get_run(run.info.run_id).info.status
+        status = client.get_run(run_id).info.status
     # Exactly what is missing: nothing named was logged, and all of the last epoch is named.
     assert {k: [s for s in steps if s in logged[k]] for k, steps in named.items()} == \
         {k: [] for k in named}

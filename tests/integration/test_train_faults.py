@@ -16,6 +16,7 @@ from pathlib import Path
 
 import logged
 import pytest
+from fault_injection import fault_env
 
 from ran.config import ConfigError
 
@@ -43,7 +44,7 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     import boto3
     from mlflow.tracking import MlflowClient
 
-    from ran.train.faults import Fault
+    from fault_injection import Fault, KillWorker
     from ran.train.launch import run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -56,7 +57,7 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     # at most one unread report (Ray Train's result queue has size 1) and blocks on the next, so
     # with two epochs to go no later checkpoint can be registered: the restart is from epoch 1.
     cfg = tiny_job(synth_data, "s3://ckpt/runs", **{"train.epochs": 3})
-    outcome = run_training(cfg, fault=Fault(after_epoch=1, rank=1, marker=str(marker)))
+    outcome = run_training(cfg, callbacks=[KillWorker(Fault(after_epoch=1, rank=1, marker=str(marker)))])
 
     assert marker.read_text().startswith("rank 1 (pid ")
     assert marker.read_text().endswith("killed after epoch 1\n")
@@ -83,7 +84,7 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_run_resumes_from_it(
     from mlflow.tracking import MlflowClient
 
     from ran.runtime import load_checkpoint
-    from ran.train.faults import Fault
+    from fault_injection import Fault, KillWorker
     from ran.train.launch import run_training
 
     marker = tmp_path / "terminated"
@@ -92,8 +93,8 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_run_resumes_from_it(
     # Sent once step 3's checkpoint is registered. Rank 0 takes step 6's checkpoint only after
     # step 3's is registered, and step 9's only after step 6's (one in flight), so the notice is
     # seen by step 10 at the latest, inside the 12 steps of epoch 1.
-    outcome = run_training(cfg, fault=Fault(after_step=3, rank=1, signal="TERM",
-                                            marker=str(marker)))
+    outcome = run_training(cfg, callbacks=[KillWorker(Fault(after_step=3, rank=1, signal="TERM",
+                                                            marker=str(marker)))])
 
     assert re.fullmatch(r"rank 1 \(pid \d+\) sent SIGTERM after step 3\n", marker.read_text())
     client = MlflowClient(mlflow_sqlite)
@@ -138,11 +139,10 @@ def test_driver_killed_then_resume_continues(ray_local, synth_data, tiny_job, ml
     env = {**os.environ, "RAY_ADDRESS": ray_local, "MLFLOW_TRACKING_URI": mlflow_sqlite}
     marker = tmp_path / "driver-killed"
     # The driver is killed (SIGKILL, as a crash or a closed laptop would) right after epoch 1's
-    # checkpoint is registered; ran.train.faults holds the controller until Ray ends it.
+    # checkpoint is registered; fault_injection holds the controller until Ray ends it.
     first_log = tmp_path / "first.log"
     first = _ran(str(job), *overrides, cwd=tmp_path, log=first_log,
-                 env={**env, "RAN_FAIL_AFTER_EPOCH": "1", "RAN_FAIL_TARGET": "driver",
-                      "RAN_FAIL_MARKER": str(marker)})
+                 env={**env, **fault_env(after_epoch=1, target="driver", marker=marker)})
     assert first.wait(300) == -signal.SIGKILL, first_log.read_text()[-3000:]
     assert marker.read_text() == f"driver (pid {first.pid}) killed after epoch 1\n"
 

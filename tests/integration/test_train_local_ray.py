@@ -12,6 +12,7 @@ from pathlib import Path
 import logged
 import psutil
 import pytest
+from fault_injection import fault_env
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +52,8 @@ def test_own_lean_ray_trains_recovers_tracks_and_is_gone_after(synth_data, tiny_
     started = time.time()
     # Killed by the controller once it registered epoch 1's checkpoint (test_train_faults says
     # why that makes the restart point certain).
-    done = _ran_train(job, cwd=tmp_path, uri=uri, RAN_FAIL_AFTER_EPOCH="1",
-                      RAN_FAIL_MARKER=str(tmp_path / "failed-once"), RAN_TEST_MARK=mark,
-                      RAN_LOG_LEVEL="INFO")  # Ray's own INFO lines say which Ray started
+    done = _ran_train(job, cwd=tmp_path, uri=uri, RAN_TEST_MARK=mark, RAN_LOG_LEVEL="INFO",
+                      **fault_env(after_epoch=1, marker=tmp_path / "failed-once"))  # Ray's own INFO lines say which Ray started
     wall = time.time() - started
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]

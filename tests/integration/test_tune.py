@@ -230,14 +230,33 @@ def test_failed_trial_is_recorded_and_the_best_still_chosen(asha_search):
     assert outcome.registered == "asha-model/1"
 
 
-def test_interrupted_search_resumes_where_it_stopped(workdir, job):
-    """Interrupt (SIGUSR1, as Ctrl-C) once the trial has checkpointed epoch 1 of 3, then --resume:
+class InterruptAfter:
+    """Stands in for ``sys.stdout`` and, when ``ran tune`` prints the line ``line`` starts (a
+    trial result: ``TrialLines``, printed once Ray Train registered that epoch's checkpoint and
+    Tune got its report), interrupts this process as Ctrl-C would (SIGUSR1: Tune saves its state
+    and stops). The event is the code's own line, not a poll of the run directory."""
+
+    def __init__(self, out, line: str) -> None:
+        self.out, self.line, self.sent = out, line, False
+
+    def write(self, text: str) -> int:
+        if not self.sent and self.line in text:
+            import os
+            import signal
+
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return self.out.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)
+
+
+def test_interrupted_search_resumes_where_it_stopped(workdir, job, monkeypatch):
+    """Interrupt (SIGUSR1, as Ctrl-C) once the trial has reported epoch 1 of 3, then --resume:
     the same search run and the same trial run continue, and the trial ends after epoch 3.
     (Three epochs, so the stopping run cannot finish the trial before Tune's stop lands.)"""
-    import os
-    import signal
-    import threading
-    import time
+    import sys
 
     from ran.tune.search import run_search
     from ran.tune.space import parse_space
@@ -245,24 +264,11 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job):
     space = parse_space({"space": {"model.mask_activation": {"grid": ["mixed"]}},
                          "search": {"scheduler": "fifo"}}, name="resume")
     resume_job = job("resume", **{"train.epochs": 3})
-    runs_dir = workdir / "runs"
-    done = threading.Event()
-
-    def interrupt_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 600
-        while not done.is_set() and time.monotonic() < deadline:
-            if list(runs_dir.glob("resume-resume-*/epoch=0001_*")):
-                os.kill(os.getpid(), signal.SIGUSR1)  # Tune stops, saving its state, as on Ctrl-C
-                return
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=interrupt_after_first_checkpoint, daemon=True)
-    watcher.start()
-    try:
-        first = run_search(space, resume_job)
-    finally:
-        done.set()
-        watcher.join()
+    watcher = InterruptAfter(sys.stdout, " epoch 1: ")
+    monkeypatch.setattr(sys, "stdout", watcher)
+    first = run_search(space, resume_job)
+    monkeypatch.setattr(sys, "stdout", watcher.out)
+    assert watcher.sent, "no trial reported epoch 1"
     assert first.interrupted and first.registered is None
     (trial,) = first.trials
     assert trial.status == "unfinished" and trial.epochs <= 1

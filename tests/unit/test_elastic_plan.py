@@ -49,8 +49,8 @@ def test_ray_train_gets_the_elastic_range_and_every_worker_the_sigterm_notice(tm
     from ray.train.v2._internal.execution.callback import WorkerCallback
 
     from ran.train.launch import build_trainer
+    from ran.train.raytrain import SigtermNotice
     from ran.train.rundir import Storage
-    from ran.train.trainer import SigtermNotice
 
     storage = Storage(uri=str(tmp_path), name="run", ray_path=str(tmp_path))
     elastic = build_trainer(_cfg(**{"scaling.num_workers": [1, 2]}), storage, {})
@@ -76,8 +76,11 @@ def shards(tmp_path_factory) -> str:
     return str(out)
 
 
-def _trainer(shards: str, run_log=None, **overrides):
+def _trainer(shards: str, run_log=None, notice=None, **overrides):
+    """A Trainer over ``shards``; ``run_log``: a :class:`Recorder`, seen through the MLflow run
+    log's tag names (:class:`ran.train.raytrain.TrackedRun`)."""
     from ran.train.launch import resolve_config
+    from ran.train.raytrain import TrackedRun
     from ran.train.trainer import Trainer
 
     cfg, _ = resolve_config(load_config(None, {
@@ -85,7 +88,8 @@ def _trainer(shards: str, run_log=None, **overrides):
         "data.recipe": "cifar", "data.crop": 16, "data.batch_size": 16, "data.workers": 0,
         "optim.reference_batch_size": 16, "schedule.kind": "cosine", "train.epochs": 2,
         "train.precision": "fp32", "train.log_every": 1, **overrides}))
-    return Trainer(cfg, run_log=run_log)
+    return Trainer(cfg, run_log=TrackedRun(run_log) if run_log is not None else None,
+                   notice=notice)
 
 
 class Recorder:
@@ -109,6 +113,9 @@ class Recorder:
     def set_tags(self, tags):
         self.tags.update({k: str(v) for k, v in tags.items()})
 
+    def gap_report(self):
+        return {}  # nothing lost: every value is kept
+
 
 def test_an_epoch_trains_its_exact_samples_with_a_smaller_last_step(shards):
     trainer = _trainer(shards, **{"train.epochs": 1})
@@ -120,13 +127,14 @@ def test_an_epoch_trains_its_exact_samples_with_a_smaller_last_step(shards):
 
 def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_finishes_the_plan(
         shards, tmp_path):
-    from ran.train.trainer import NOTICE, Interrupted, LocalReporter, SigtermNotice
+    from ran.train.raytrain import NOTICE, SigtermNotice
+    from ran.train.trainer import Interrupted, LocalReporter
 
     old = signal.getsignal(signal.SIGTERM)
     SigtermNotice().after_init_train_context()  # on this (main) thread, as Ray does on a worker
     try:
         first = Recorder(term_at=2)
-        trainer = _trainer(shards, run_log=first, **{"train.epochs": 1})
+        trainer = _trainer(shards, run_log=first, notice=NOTICE, **{"train.epochs": 1})
         with pytest.raises(Interrupted, match=r"SIGTERM on rank\(s\) 0: checkpoint "
                                               r"epoch=0000_step=0000002 \(sample 32\) is registered"):
             trainer.fit(LocalReporter(tmp_path))

@@ -80,3 +80,67 @@ def test_the_walk_sees_a_back_edge(tmp_path):
     imported = _imports(bad)
     assert "ran.train.launch" in imported and "ray" in imported
     assert LEVELS[_layer("ran.train.launch")] > LEVELS["ran.tracking"]
+
+
+def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the ran modules it imports (at the top or inside a function). An import of a
+    package's own ``__init__`` by one of its modules is left out: the package's namespace, not a
+    module of it (``from ran.data import DataError``)."""
+    edges = {}
+    for module, path in modules.items():
+        found = set()
+        for name in _imports(path):
+            while name and name not in modules:  # ran.data.read.Batch -> ran.data.read
+                name = name.rpartition(".")[0]
+            if name and name != module and not module.startswith(name + "."):
+                found.add(name)
+        edges[module] = found
+    return edges
+
+
+def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``edges``: each strongly connected set of two or more modules, sorted
+    (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = stack.pop()
+                members.append(member)
+                if member == node:
+                    break
+            if len(members) > 1:
+                circles.append(sorted(members))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or through others, even inside a function
+    (the import that breaks a circle at load time still ties the two modules into one)."""
+    circles = _circles(_edges(_modules()))
+    assert not circles, f"import circles: {circles}; move what both need into one of them"
+
+
+def test_the_walk_sees_a_circle(tmp_path):
+    """The circle check itself can fail: a.py imports b at the top, b imports a in a function."""
+    (tmp_path / "a.py").write_text("from ran.x import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from ran.x import a\n")
+    modules = {"ran.x.a": tmp_path / "a.py", "ran.x.b": tmp_path / "b.py"}
+    assert _circles(_edges(modules)) == [["ran.x.a", "ran.x.b"]]

@@ -208,10 +208,10 @@ def test_concurrency_counts_the_driver_and_the_workers_of_a_trial():
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}},
                                search={"resources": {"num_workers": 1, "cpus_per_worker": 0.9}}))
     base = check_space(space, JOB)
-    assert concurrency_limit(space, base, {"CPU": 2.0}) == 2  # 0.1 + 0.9 per trial
-    assert concurrency_limit(space, base, {"CPU": 16.0}) == 16
+    assert concurrency_limit(space, base, [{"CPU": 2.0}]) == 2  # 0.1 + 0.9 per trial
+    assert concurrency_limit(space, base, [{"CPU": 16.0}]) == 16
     capped = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"max_concurrent_trials": 3}))
-    assert concurrency_limit(capped, check_space(capped, JOB), {"CPU": 64.0}) == 3  # 2 x 1 CPU + 0.1
+    assert concurrency_limit(capped, check_space(capped, JOB), [{"CPU": 64.0}]) == 3  # 2 x 1 CPU + 0.1
 
 
 def test_a_trial_larger_than_the_cluster_is_refused():
@@ -219,11 +219,27 @@ def test_a_trial_larger_than_the_cluster_is_refused():
 
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
     with pytest.raises(ConfigError, match="one trial needs 2.1 CPUs"):
-        concurrency_limit(space, check_space(space, JOB), {"CPU": 2.0})  # 2 workers x 1 CPU + 0.1
+        concurrency_limit(space, check_space(space, JOB), [{"CPU": 2.0}])  # 2 workers x 1 CPU + 0.1
     gpu = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"resources": {"use_gpu": True}}))
     with pytest.raises(ConfigError, match="GPUs"):
         concurrency_limit(gpu, check_space(gpu, {**JOB, "train": {"epochs": 4, "precision": "bf16"}}),
-                          {"CPU": 8.0, "GPU": 1.0})
+                          [{"CPU": 8.0, "GPU": 1.0}])
+
+
+def test_concurrency_counts_trials_node_by_node_not_by_cluster_totals():
+    """A trial is a 0.1-CPU driver + 1 worker x 2 CPUs (2.1 CPUs). Nodes of 2.1 + 3 x 1.5 CPUs
+    total 6.6, room for 3 trials by totals; a worker is never split across nodes, and only the
+    first node holds one: 1 trial fits. Three 1.5-CPU nodes (4.5 in all, 2 trials by totals)
+    hold none, which is refused."""
+    from ran.tune.search import concurrency_limit
+
+    space = parse_space(_space({"optim.lr": {"choice": [0.1]}},
+                               search={"resources": {"num_workers": 1, "cpus_per_worker": 2}}))
+    base = check_space(space, JOB)
+    assert concurrency_limit(space, base, [{"CPU": 2.1}, {"CPU": 1.5}, {"CPU": 1.5}, {"CPU": 1.5}]) == 1
+    assert concurrency_limit(space, base, [{"CPU": 2.1}] * 3) == 3  # whole nodes: as by totals
+    with pytest.raises(ConfigError, match=r"one trial needs 2.1 CPUs .* 3 node\(s\) have 1.5 CPUs"):
+        concurrency_limit(space, base, [{"CPU": 1.5}] * 3)
 
 
 def test_best_is_the_top_completed_trial_and_failed_trials_rank_last():

@@ -1,17 +1,19 @@
-"""Fault injection for tests and drills: kill a worker, its node or the driver from outside, or
-send a worker the SIGTERM of a spot reclaim, as a node failure or a crashed laptop would.
+"""Fault injection for tests (not shipped in ``ran``): kill a worker, its node or the driver from
+outside, or send a worker the SIGTERM of a spot reclaim, as a node failure or a crashed laptop
+would.
 
-:class:`KillWorker` is a Ray Train ``UserCallback``: it runs on the controller, not in the
-training loop. After the report of epoch ``after_epoch`` (or of optimizer step ``after_step``, a
-step-cadence checkpoint) has been handled (the controller's checkpoint manager sees each report
-before user callbacks, so that report's checkpoint is registered), it acts on
+:class:`KillWorker` is a Ray Train controller callback (a ``ReportCallback``, Ray Train V2's
+DeveloperAPI): it runs on the controller, not in the training loop. After the report of epoch
+``after_epoch`` (or of optimizer step ``after_step``, a step-cadence checkpoint) has been handled
+(the controller's checkpoint manager sees each report before other callbacks, so that report's
+checkpoint is registered), it acts on
 
 - rank ``rank``'s process, found by the ``worker_pid`` every worker reports: SIGKILL (``signal``
   ``KILL``, a crash), and the worker group fails and Ray Train restarts it from that checkpoint. No
   later checkpoint can be registered first: a report is registered only once every rank made it,
   and the killed rank makes no more.
   With ``signal`` ``TERM`` it sends SIGTERM instead and returns: the worker group checkpoints at
-  its next step boundary and stops for a restart (:class:`ran.train.trainer.SigtermNotice`).
+  its next step boundary and stops for a restart (:class:`ran.train.raytrain.SigtermNotice`).
 - or rank ``rank``'s node (``target="node"``): its worker and the raylet that started it (the
   worker's parent), SIGKILLed, as a lost machine. The rank chosen is ``rank``, unless that one
   runs on the controller's own node: then the lowest rank that does not. Without its raylet the
@@ -20,15 +22,18 @@ before user callbacks, so that report's checkpoint is registered), it acts on
   controller until Ray ends it with its owner, so nothing after that report is registered, and
   ``--resume`` continues from exactly that checkpoint.
 
-A marker file makes the fault happen once per run, across restarts. ``ran train`` installs it
-from ``RAN_FAIL_AFTER_EPOCH`` or ``RAN_FAIL_AFTER_STEP`` (+ ``RAN_FAIL_RANK``,
-``RAN_FAIL_TARGET``, ``RAN_FAIL_SIGNAL``, ``RAN_FAIL_MARKER``).
+A marker file makes the fault happen once per run, across restarts.
+
+In this process: ``Launcher(cfg, callbacks=[KillWorker(Fault(...))])``. In a ``ran train``
+subprocess: the environment of :func:`fault_env`, through which Ray Train itself builds the
+callback (``RAY_TRAIN_CALLBACKS``, read when ``fit`` starts) from ``RAN_FAIL_*``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from ray.train import UserCallback
+import ray.cloudpickle
+from ray.train.v2._internal.execution.callback import ReportCallback  # DeveloperAPI (2.60)
+
+# The callback travels to Ray Train's controller by value: its process need not find this module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TARGETS = ("worker", "node", "driver")
 SIGNALS = ("KILL", "TERM")
@@ -66,8 +75,8 @@ class Fault:
     @classmethod
     def from_env(cls) -> "Fault | None":
         """``RAN_FAIL_AFTER_EPOCH`` or ``RAN_FAIL_AFTER_STEP`` [+ ``RAN_FAIL_RANK``,
-        ``RAN_FAIL_TARGET``, ``RAN_FAIL_SIGNAL``, ``RAN_FAIL_MARKER``], or None. Call it in the
-        driver: a driver fault kills the calling process."""
+        ``RAN_FAIL_TARGET``, ``RAN_FAIL_SIGNAL``, ``RAN_FAIL_MARKER``] (:func:`fault_env`), or
+        None. Call it in the driver: a driver fault kills the calling process."""
         epoch, step = os.environ.get("RAN_FAIL_AFTER_EPOCH"), os.environ.get("RAN_FAIL_AFTER_STEP")
         if not (epoch or step):
             return None
@@ -93,14 +102,27 @@ def _epoch_end(report: dict[str, Any]) -> bool:
     return "train_loss" in report
 
 
-class KillWorker(UserCallback):
-    """The Ray Train callback that carries out a :class:`Fault`."""
+def fault_env(**fault: str) -> dict[str, str]:
+    """Environment variables that make a ``ran train`` subprocess carry out a :class:`Fault`
+    (``after_epoch="1"``, ``target="driver"``, ...: ``RAN_FAIL_<KEY>``): Ray Train builds
+    :class:`KillWorker` from them (``RAY_TRAIN_CALLBACKS``), importing this module, which
+    ``PYTHONPATH`` then finds."""
+    here = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return {"RAY_TRAIN_CALLBACKS": f"{Path(__file__).stem}.KillWorker", "PYTHONPATH": path,
+            **{f"RAN_FAIL_{k.upper()}": str(v) for k, v in fault.items()}}
 
-    def __init__(self, fault: Fault) -> None:
-        self.fault = fault
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
-                     checkpoint: Any) -> None:
+class KillWorker(ReportCallback):
+    """The Ray Train callback that carries out a :class:`Fault` (default: the environment's,
+    :meth:`Fault.from_env`, when Ray Train builds it from ``RAY_TRAIN_CALLBACKS``)."""
+
+    def __init__(self, fault: Fault | None = None) -> None:
+        self.fault = fault or Fault.from_env()
+
+    def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
+        if self.fault is None:
+            return
         f = self.fault
         marker = Path(f.marker)
         if marker.exists() or f.rank >= len(metrics) or not f.due(metrics[f.rank]):
