@@ -14,12 +14,14 @@ It imports nothing of ``ran`` but the config (for types) and never Ray; ``ran.ru
 """
 
 from ran.tracking.models import (
-    MODELS_URI, RUN_ID, ModelFiles, ModelSource, ModelRefError, alias_holder,
-    download_model_files, log_final_model, model_version, model_versions, move_alias,
+    MODELS_URI, RUN_ID, ModelSource, ModelRefError, alias_holder,
+    log_final_model, model_version, model_versions, move_alias,
     nonfinite_reason, nonfinite_tensors, registered_model, registered_models, registry_source, run_params, run_source, tag_version,
     version_source,
 )
-from ran.tracking.provenance import ProvenanceError, check_ran_model, download_checked
+from ran.tracking.provenance import (
+    ModelFiles, ProvenanceError, check_ran_model, download_checked, download_model_files,
+)
 from ran.tracking.names import *  # noqa: F401,F403 - the names are this package's vocabulary
 from ran.tracking.runs import (
     RunLogger, RunTracker, SystemMetrics, child_runs, dataset_digest, describe_unlogged,

@@ -459,28 +459,6 @@ def run_source(run_id: str) -> ModelSource:
                        model_id=logged[0].model_id)
 
 
-@dataclass
-class ModelFiles:
-    """The side files of a logged model, downloaded to a local directory."""
-
-    config: Path  # config.yaml: the resolved job config
-    classes: Path  # classes.json: class index -> name
-    state_dict: Path  # state_dict.pt: the weights (torch.load(weights_only=True))
-
-
-def download_model_files(source: ModelSource) -> ModelFiles:
-    """Download a logged model (registered version or logged model), check that it is ran's own
-    (:func:`ran.tracking.provenance.check_ran_model`) and return its side files.
-
-    Raises:
-        ProvenanceError: (a ModelRefError) a model ``ran train`` did not log, named with why.
-    """
-    from ran.tracking.provenance import download_checked
-
-    side = download_checked(source) / "data" / SIDE_DIR
-    return ModelFiles(side / "config.yaml", side / "classes.json", side / "state_dict.pt")
-
-
 # ---------------------------------------------------------------------------------------------
 # The registry: versions, aliases, the promotion gate's reads and writes
 

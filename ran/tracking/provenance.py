@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ran.tracking.models import SIDE_DIR, SIDE_FILES, SERVING_MODULE, ModelRefError
+from ran.tracking.models import SIDE_DIR, SIDE_FILES, SERVING_MODULE, ModelRefError, ModelSource
 
 PYFUNC_KEYS = frozenset({"loader_module", "data", "env", "python_version", "streamable", "code"})
 PYTORCH_KEYS = frozenset({"model_data", "pytorch_version", "code"})
@@ -162,3 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+@dataclass
+class ModelFiles:
+    """The side files of a logged model, downloaded to a local directory."""
+
+    config: Path  # config.yaml: the resolved job config
+    classes: Path  # classes.json: class index -> name
+    state_dict: Path  # state_dict.pt: the weights (torch.load(weights_only=True))
+
+
+def download_model_files(source: ModelSource) -> ModelFiles:
+    """Download a logged model (registered version or logged model), check that it is ran's own
+    (:func:`ran.tracking.provenance.check_ran_model`) and return its side files.
+
+    Raises:
+        ProvenanceError: (a ModelRefError) a model ``ran train`` did not log, named with why.
+    """
+    side = download_checked(source) / "data" / SIDE_DIR
+    return ModelFiles(side / "config.yaml", side / "classes.json", side / "state_dict.pt")
