@@ -40,6 +40,7 @@ from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
 from ran.config import JobConfig, load_config
+from ran.table import format_table
 from ran.train.localray import auth_token
 from ran.tune.space import check_space, load_space
 
@@ -505,9 +506,7 @@ def print_jobs(jobs: list[Any], out: TextIO | None = None) -> None:
     rows = [(j.submission_id, str(j.status), _when(j.start_time), _took(j), j.entrypoint)
             for j in jobs]
     header = ("SUBMISSION ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+    print(format_table(header, rows, free_last=True), file=out)
     if not rows:
         print("(no submitted jobs)", file=out)
 
@@ -524,6 +523,4 @@ def print_status(info: Any, out: TextIO | None = None) -> None:
         fields.append((key, value))
     if info.message:
         fields.append(("message", _first_line(info.message)))
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}", file=out)
+    print(format_table(None, fields, free_last=True), file=out)

@@ -264,24 +264,15 @@ class JobConfig(_Section):
         return self
 
     def with_values(self, changes: dict[str, Any]) -> "JobConfig":
-        """A copy with dotted keys set (``{"data.path": "/abs"}``); each value is validated as its
-        field is, without dumping and re-validating the whole config.
+        """A copy with dotted keys set (``{"data.path": "/abs"}``), through the one setter
+        :func:`apply_overrides` uses for ``--set`` and Tune spaces; the result is validated whole,
+        so a change that breaks a cross-field rule is refused too.
 
         Raises:
-            ConfigError: an unknown key or an invalid value.
+            ConfigError: an unknown key or an invalid value (one line naming the key).
         """
-        copy = self.model_copy(deep=True)
-        for dotted, value in changes.items():
-            section, _, key = dotted.partition(".")
-            target = getattr(copy, section, None) if key else copy
-            name = key or section
-            if target is None or name not in type(target).model_fields:
-                raise ConfigError(_unknown_key_message(dotted))
-            try:
-                setattr(target, name, value)
-            except ValidationError as err:
-                raise ConfigError(_format_validation_error(err, dotted)) from None
-        return copy
+        raw = apply_overrides(self.model_dump(), changes)
+        return parse_config(raw, f"(with {', '.join(changes)})", frozenset(changes), label="value")
 
     def resolve(self, *, data_path: str, num_classes: int, storage_path: str) -> "JobConfig":
         """The config a run uses: absolute data and storage paths, ``model.num_classes`` from the
@@ -343,32 +334,69 @@ def valid_keys() -> list[str]:
     return sorted(JobConfig().flat())
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def check_keys(keys: list[str], where: str = "", known: list[str] | None = None) -> None:
+    """Refuse a dotted key that is not one of ``known`` (default: :func:`valid_keys`).
+
+    Raises:
+        ConfigError: ``WHERE: unknown config key 'K'; valid keys: ...`` (the key's section's).
+    """
+    known = valid_keys() if known is None else known
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"{where}: " * bool(where) + _unknown_key_message(key, known))
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any, known: list[str] | None = None,
+               where: str = "") -> dict[str, Any]:
+    """Set ``a.b.c`` in a raw config tree (nested dicts), the one dotted-key setter of ran: ``--set``,
+    a Tune space's ``set:`` and searched values, ``search.*`` settings and
+    :meth:`JobConfig.with_values` all go through it. ``known``: the keys that may be set
+    (default: :func:`valid_keys`); returns ``tree``.
+
+    Raises:
+        ConfigError: an unknown key, or a key below a value that is not a section.
+    """
+    check_keys([dotted], where, known)
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
+            raise ConfigError(f"{where}: " * bool(where) + f"{dotted}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+    return tree
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["a.b=value", ...]`` (``--set``) -> ``{"a.b": value}``, values read as plain YAML.
+
+    Raises:
+        ConfigError: an item without ``=``, or a value that is not plain YAML.
+    """
+    pairs: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
+        key, text = item.split("=", 1)
+        pairs[key.strip()] = _override_value(item, text)
+    return pairs
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Apply ``{"a.b": value}`` or ``["a.b=value", ...]`` (values parsed as YAML) to a raw tree."""
+    """Apply ``{"a.b": value}`` or ``["a.b=value", ...]`` (values parsed as YAML) to a raw tree
+    with :func:`set_dotted`; returns ``raw``.
+
+    Raises:
+        ConfigError: an unknown key or a malformed ``--set`` item.
+    """
     if isinstance(overrides, list):
-        pairs: dict[str, Any] = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
-            key, text = item.split("=", 1)
-            pairs[key.strip()] = _override_value(item, text)
-        overrides = pairs
-    keys = set(valid_keys())
+        overrides = parse_set(overrides)
+    keys = valid_keys()
     for key, value in overrides.items():
-        if key not in keys:
-            raise ConfigError(_unknown_key_message(key))
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value, keys)
     return raw
 
 
@@ -390,16 +418,18 @@ def _override_value(item: str, text: str) -> Any:
                           "characters (YAML tags such as !!python/object are never read)") from None
 
 
-def _unknown_key_message(key: str) -> str:
+def _unknown_key_message(key: str, known: list[str] | None = None) -> str:
+    known = valid_keys() if known is None else sorted(known)
     section = key.split(".")[0]
-    keys = [k for k in valid_keys() if k.startswith(section + ".")] or valid_keys()
+    keys = [k for k in known if k.startswith(section + ".")] or known
     return f"unknown config key {key!r}; valid keys: {', '.join(keys)}"
 
 
 def _format_validation_error(err: ValidationError, source: str,
-                             overridden: frozenset[str] = frozenset()) -> str:
+                             overridden: frozenset[str] = frozenset(), label: str = "--set") -> str:
     """One line for every problem: those of keys given with ``--set`` (``overridden``) under
-    ``invalid --set``, the rest under ``invalid job config SOURCE``."""
+    ``invalid --set`` (``label``: how they were given), the rest under ``invalid job config
+    SOURCE``."""
     from_file, from_set = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -410,14 +440,14 @@ def _format_validation_error(err: ValidationError, source: str,
             line = f"{where}{e['msg']} (got {e.get('input')!r})"
         given = any(loc == key or loc.startswith(key + ".") for key in overridden)
         (from_set if given else from_file).append(line)
-    parts = [f"invalid --set {'; '.join(from_set)}"] if from_set else []
+    parts = [f"invalid {label} {'; '.join(from_set)}"] if from_set else []
     if from_file:
         parts.append(f"invalid job config {source}: " + "; ".join(from_file))
     return "; ".join(parts)
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>",
-                 overridden: frozenset[str] = frozenset()) -> JobConfig:
+                 overridden: frozenset[str] = frozenset(), label: str = "--set") -> JobConfig:
     """Validate a raw config tree from ``source`` (named in errors); ``overridden``: the dotted
     keys the user gave with ``--set``, whose errors are named as theirs.
 
@@ -427,7 +457,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>",
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source, overridden)) from None
+        raise ConfigError(_format_validation_error(err, source, overridden, label)) from None
 
 
 def load_config(
@@ -456,8 +486,6 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"job config {path} must be a mapping of sections, got {type(raw).__name__}")
         raw.setdefault("name", Path(path).stem)
-    overrides = overrides or {}
+    overrides = parse_set(overrides) if isinstance(overrides, list) else (overrides or {})
     raw = apply_overrides(raw, overrides)
-    given = frozenset(item.split("=", 1)[0].strip() for item in overrides) \
-        if isinstance(overrides, list) else frozenset(overrides)
-    return parse_config(raw, source, given)
+    return parse_config(raw, source, frozenset(overrides))

@@ -29,6 +29,7 @@ from typing import Any
 
 from ran import runtime, tracking
 from ran.tracking import DATA_PARAMS
+from ran.table import format_table
 from ran.tracking.validate import check_alias
 
 
@@ -241,16 +242,17 @@ def _metric(text: str | None) -> str:
     return "-" if text is None else f"{float(text):.4f}"
 
 
-def format_table(rows: list[dict[str, str]]) -> str:
-    """Left-aligned text columns, right-aligned numbers."""
-    header = {"model": "model", "version": "version", "aliases": "aliases", "top1": "val_top1",
-              "top5": "val_top5", "loss": "val_loss", "arch": "arch", "run": "run",
-              "created": "created"}
-    numeric = {"version", "top1", "top5", "loss"}
-    table = [header, *rows]
-    widths = {k: max(len(r[k]) for r in table) for k in header}
-    return "\n".join("  ".join(r[k].rjust(widths[k]) if k in numeric else r[k].ljust(widths[k])
-                               for k in header).rstrip() for r in table)
+REGISTRY_COLUMNS = {"model": "model", "version": "version", "aliases": "aliases",
+                    "top1": "val_top1", "top5": "val_top5", "loss": "val_loss", "arch": "arch",
+                    "run": "run", "created": "created"}
+
+
+def format_registry(rows: list[dict[str, str]]) -> str:
+    """:func:`registry_rows` as a table (:func:`ran.table.format_table`; numbers right-aligned)."""
+    keys = list(REGISTRY_COLUMNS)
+    right = [keys.index(k) for k in ("version", "top1", "top5", "loss")]
+    return format_table(list(REGISTRY_COLUMNS.values()), [[r[k] for k in keys] for r in rows],
+                        right=right)
 
 
 def cli_registry(args: argparse.Namespace) -> int:
@@ -258,5 +260,5 @@ def cli_registry(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no registered model versions in {tracking.shown(tracking.tracking_uri())}")
         return 0
-    print(format_table(rows))
+    print(format_registry(rows))
     return 0

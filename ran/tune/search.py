@@ -56,7 +56,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from ran import tracking
-from ran.config import ConfigError, JobConfig, apply_overrides, flatten, load_config, parse_config
+from ran.config import (
+    ConfigError, JobConfig, apply_overrides, flatten, load_config, parse_config, parse_set,
+)
 from ran.data.read import split_shards
 from ran.tracking import (
     BASE_CONFIG, BEST_CONFIG, PLOT_PNG, RESULTS_CSV, SPACE_ARTIFACT, TAG_BEST_RUN, TAG_ERROR,
@@ -70,7 +72,10 @@ from ran.train.launch import (
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train import schedule
-from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
+from ran.table import format_table
+from ran.tune.space import (
+    SearchSpace, check_search_metric, check_space, from_command_line, load_space,
+)
 
 # Searched keys that change how many samples a step takes (checked against the data per value).
 SIZE_KEYS = ("data.batch_size", "scaling.num_workers", "train.grad_accum", "data.train_split",
@@ -520,23 +525,11 @@ def _natural(text: str) -> tuple[int, float | str]:
         return 1, text
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str], limit: int | None = None) -> str:
-    """A plain text table of ``rows`` (the console's top-k)."""
+def trials_table(rows: list[dict[str, Any]], columns: list[str], limit: int | None = None) -> str:
+    """The console's top-k trials: ``rows`` (:func:`results_rows`) as a
+    :func:`ran.table.format_table`."""
     shown = rows[:limit] if limit else rows
-    cells = [[_cell(r.get(c)) for c in columns] for r in shown]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
-              for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_table(columns, [[r.get(c) for c in columns] for r in shown])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,7 +747,7 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
                        for st in (COMPLETED, STOPPED, FAILED, UNFINISHED))
     lines = [f"search {outcome.name}: {len(outcome.trials)} trials ({counts})",
              f"top {min(s.top_k, len(rows))} by {s.metric} ({s.mode}):",
-             format_table(rows, columns, s.top_k)]
+             trials_table(rows, columns, s.top_k)]
     failed = [t for t in outcome.trials if t.status == FAILED]
     for t in failed[:5]:
         lines.append(f"failed {t.trial_id}: {t.error}")
@@ -776,8 +769,13 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
 def cli_tune(args: argparse.Namespace) -> int:
     """``ran tune SPACE.yaml --job JOB.yaml [--set k=v]... [--address A] [--resume]``."""
     tracking.refuse_password(tracking.tracking_uri(), "ran tune")
-    space = load_space(args.space)
-    job_raw = load_config(args.job, args.overrides).model_dump()
+    pairs = parse_set(args.overrides)
+    if args.trials is not None:
+        pairs["search.num_samples"] = args.trials
+    if args.epochs is not None:
+        pairs["train.epochs"] = args.epochs
+    space, job_pairs = from_command_line(load_space(args.space), pairs)
+    job_raw = load_config(args.job, job_pairs).model_dump()
     try:
         outcome = run_search(space, job_raw, address=args.address, resume=args.resume)
     except TuneError as err:  # Tune's own failure: one line, its traceback with -v

@@ -88,7 +88,7 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     job.write_text("train: {epochs: 1}\n")
     space.write_text("space:\n  model.mask_activaton: {choice: [mixed, spatial]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
-    assert "unknown job key 'model.mask_activaton'" in capsys.readouterr().err
+    assert "unknown config key 'model.mask_activaton'" in capsys.readouterr().err
     space.write_text("space:\n  optim.lr: {loguniform: [0.1]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
     assert "optim.lr: loguniform takes [lo, hi]" in capsys.readouterr().err

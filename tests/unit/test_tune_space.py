@@ -244,7 +244,7 @@ def test_best_is_the_top_completed_trial_and_failed_trials_rank_last():
 def test_results_csv_plot_and_table(tmp_path):
     import csv
 
-    from ran.tune.search import format_table, plot_metric_vs_params, results_rows, write_csv
+    from ran.tune.search import plot_metric_vs_params, results_rows, trials_table, write_csv
 
     space = parse_space(_space({"model.depth": {"grid": [56, 92]},
                                 "optim.lr": {"loguniform": [0.001, 0.1]},
@@ -260,7 +260,7 @@ def test_results_csv_plot_and_table(tmp_path):
     assert read[0]["optim.lr"] == "0.01"
     plot_metric_vs_params(trials, space, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    table = format_table(rows, ["rank", "trial_id", "status", "val_top1"], limit=1).splitlines()
+    table = trials_table(rows, ["rank", "trial_id", "status", "val_top1"], limit=1).splitlines()
     assert len(table) == 2 and table[1].split() == ["1", "a", "completed", "0.7"]
 
 
@@ -350,3 +350,25 @@ def test_tpe_without_optuna_says_how_to_install_it(monkeypatch):
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"search_alg": "optuna"}))
     with pytest.raises(ConfigError, match=r"pip install 'ran\[optuna\]'"):
         build_searcher(space)
+
+
+def test_the_command_line_sizes_a_search_with_search_keys(tmp_path):
+    from ran.tune.space import from_command_line, search_keys
+
+    space = load_space(Path(__file__).resolve().parents[2] / "tune_spaces" / "optim.yaml")
+    sized, job = from_command_line(space, {"search.num_samples": 2, "search.scheduler": "fifo",
+                                           "search.resources.num_workers": 1,
+                                           "train.eval_every": 2, "scaling.num_workers": 1})
+    s = sized.settings
+    assert (s.num_samples, s.scheduler, s.resources.num_workers) == (2, "fifo", 1)
+    assert job == {"train.eval_every": 2, "scaling.num_workers": 1}
+    assert "train.eval_every" not in sized.fixed  # the command line wins over the space's set:
+    assert space.settings.num_samples == 16  # the file's space is unchanged
+    assert "search.resources.num_workers" in search_keys()
+    with pytest.raises(ConfigError, match="unknown config key 'search.num_sample'; valid keys: "
+                                          "search.grace_period"):
+        from_command_line(space, {"search.num_sample": 2})
+    with pytest.raises(ConfigError, match=r"invalid --set search.num_samples: .*got 0"):
+        from_command_line(space, {"search.num_samples": 0})
+    with pytest.raises(ConfigError, match="--set optim.lr: search space optim searches this key"):
+        from_command_line(space, {"optim.lr": 0.1})
