@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ran"
 
 # Higher numbers sit above lower ones; a module may import its own level or below.
 LEVELS = {
-    "ran.cli": 6,
+    "ran.cli": 6, "ran.__main__": 6,
     "ran.tune": 5, "ran.cluster": 5, "ran.bench": 5,
     "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4, "ran.serving": 4,
     "ran.runtime": 3,
