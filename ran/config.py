@@ -6,6 +6,7 @@ errors that list the valid ones. Every field carries a one-line comment: the con
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,12 @@ from ran.data import DEFAULT_MAX_PIXELS
 
 class ConfigError(ValueError):
     """A job config that cannot be used; the message says what to change."""
+
+
+# The recipes in jobs/ write this where the user's bucket goes (s3://YOUR-BUCKET/runs). A
+# placeholder storage.path falls back to the embedded default (./runs) with a note; any other
+# placeholder (data.path) is refused at pre-flight, naming the key (check_placeholders).
+PLACEHOLDER = "YOUR-"
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -172,7 +179,9 @@ class ScalingConfig(_Section):
     # Ray Train workers (one process each): N, or an elastic group [min, max] that starts once min
     # can be placed, grows to max as resources appear and continues with fewer after losing some.
     num_workers: int | list[int] = 2
-    use_gpu: bool = False  # one GPU per worker
+    # one GPU per worker: true, false, or auto: GPUs when the Ray cluster has any (the local Ray:
+    # this machine's), decided when Ray is up; the run's scaling.use_gpu param says which
+    use_gpu: bool | Literal["auto"] = False
     cpus_per_worker: float = Field(1.0, gt=0)  # CPUs reserved per worker
     max_failures: int = Field(2, ge=0)  # worker-group restarts before the run fails
 
@@ -263,6 +272,18 @@ class JobConfig(_Section):
                              "SyncBatchNorm is GPU-only)")
         return self
 
+    def with_gpu(self, has_gpus: bool) -> "JobConfig":
+        """``scaling.use_gpu: auto`` decided: true when the cluster has GPUs (``has_gpus``);
+        true and false stay as they are.
+
+        Raises:
+            ConfigError: auto became false under an option that needs GPUs (train.cuda_graph,
+                train.sync_batchnorm).
+        """
+        if self.scaling.use_gpu != "auto":
+            return self
+        return self.with_values({"scaling.use_gpu": has_gpus})
+
     def with_values(self, changes: dict[str, Any]) -> "JobConfig":
         """A copy with dotted keys set (``{"data.path": "/abs"}``), through the one setter
         :func:`apply_overrides` uses for ``--set`` and Tune spaces; the result is validated whole,
@@ -294,6 +315,11 @@ class JobConfig(_Section):
 
     def resolved_stem(self) -> str:
         return self.model.stem or self.data.recipe
+
+    def placeholders(self) -> list[str]:
+        """Dotted keys whose value is a recipe's placeholder (contains :data:`PLACEHOLDER`, as in
+        ``s3://YOUR-BUCKET/runs``): values the user is meant to replace."""
+        return [k for k, v in self.flat().items() if isinstance(v, str) and PLACEHOLDER in v]
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, the form MLflow params and Tune spaces use."""
@@ -460,10 +486,37 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>",
         raise ConfigError(_format_validation_error(err, source, overridden, label)) from None
 
 
+def fill_placeholders(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
+    """``cfg`` with a placeholder ``storage.path`` replaced by the embedded default (``runs``),
+    and a one-line note for each replacement."""
+    if "storage.path" not in cfg.placeholders():
+        return cfg, []
+    default = StorageConfig.model_fields["path"].default
+    note = (f"note: storage.path {cfg.storage.path} is the recipe's placeholder; runs go to "
+            f"./{default} (the embedded default): set storage.path to keep them elsewhere")
+    return cfg.with_values({"storage.path": default}), [note]
+
+
+def check_placeholders(cfg: JobConfig) -> None:
+    """Refuse a placeholder that has no default (``data.path: s3://YOUR-BUCKET/shards/...``).
+
+    Raises:
+        ConfigError: one line naming the key and how to set it.
+    """
+    for key in cfg.placeholders():
+        value = cfg.flat()[key]
+        hint = (" (shards written by `ran data build` or `ran data synth`)"
+                if key == "data.path" else "")
+        raise ConfigError(f"{key} {value} is the recipe's placeholder: give yours with --set "
+                          f"{key}=...{hint}")
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> JobConfig:
-    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides.
+    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides; a
+    placeholder ``storage.path`` becomes the embedded default, with a note on stderr
+    (:func:`fill_placeholders`).
 
     Raises:
         ConfigError: an unreadable file, invalid YAML, a key given twice (named with both line
@@ -488,4 +541,7 @@ def load_config(
         raw.setdefault("name", Path(path).stem)
     overrides = parse_set(overrides) if isinstance(overrides, list) else (overrides or {})
     raw = apply_overrides(raw, overrides)
-    return parse_config(raw, source, frozenset(overrides))
+    cfg, notes = fill_placeholders(parse_config(raw, source, frozenset(overrides)))
+    for note in notes:
+        print(note, file=sys.stderr)
+    return cfg

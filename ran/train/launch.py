@@ -43,7 +43,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ran import runtime, tracking
-from ran.config import ConfigError, JobConfig, load_config
+from ran.config import ConfigError, JobConfig, check_placeholders, load_config
 from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
@@ -132,6 +132,7 @@ def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
             ``model.init_from`` that is missing or does not fit the model.
         DataError: the manifest cannot be read.
     """
+    check_placeholders(cfg)
     data_path = cfg.data.path
     if not data_storage.is_remote(data_path):
         data_path = str(Path(data_path).resolve())
@@ -370,6 +371,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
                           registered_model=cfg.tracking.registered_model if cfg.tracking.log_model else None)
     local = localray.starts_local_ray(address)
     if local:  # before anything starts; the local Ray then gets exactly these resources
+        cfg = localray.resolve_gpu(cfg, [localray.local_resources()])
         localray.check_resources(cfg, [localray.local_resources()])
     callbacks = list(callbacks or []) + ([KillWorker(fault)] if fault else [])
     started, tracker = None, None
@@ -387,6 +389,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
             tracker = opening.result()  # raises what opening the run met, if Ray started well
         else:
             localray.connect(address)
+            cfg = localray.resolve_gpu(cfg)
             localray.check_resources(cfg)
             tracker = _open_run(cfg, manifest, storage, uri, resume, run_tags)
         return _train(cfg, manifest, storage, tracker, resume, launched_at, callbacks)

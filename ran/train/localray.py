@@ -110,6 +110,21 @@ def local_resources() -> dict[str, int]:
     return {"CPU": cpus, "GPU": torch.cuda.device_count() if torch.cuda.is_available() else 0}
 
 
+def resolve_gpu(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> JobConfig:
+    """``scaling.use_gpu: auto`` decided for this cluster: true when any node has a GPU.
+
+    ``nodes``: each node's resources; default: the live Ray cluster's (``ray.nodes()``).
+
+    Raises:
+        ConfigError: auto became false under an option that needs GPUs.
+    """
+    if cfg.scaling.use_gpu != "auto":
+        return cfg
+    if nodes is None:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return cfg.with_gpu(any(res.get("GPU", 0) > 0 for res in nodes))
+
+
 def check_resources(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> None:
     """The cluster can place every worker (CPUs per worker, one GPU each when asked); for an
     elastic group, its minimum.

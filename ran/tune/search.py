@@ -687,6 +687,8 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     # The trials' own lines (Ray Train's, each trial's progress) only with -v: TrialLines otherwise.
     started = localray.connect(address, log_to_driver=console.verbose())
     try:
+        base = localray.resolve_gpu(base)  # scaling.use_gpu: auto, for every trial
+        job_raw = base.model_dump()
         limit = concurrency_limit(space, base, ray.cluster_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
