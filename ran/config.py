@@ -223,7 +223,7 @@ class TrackingConfig(_Section):
     log_model: bool = True  # log the final model to MLflow (and register it when registered_model is set)
     system_metrics_every_s: float = Field(10.0, ge=0)  # MLflow system metrics sampling period per node; 0: off
     # Registration gate (the model is logged either way): a minimum validation top-1, and an alias
-    # whose holder the model must beat (strictly higher recorded val_top1 on the same data).
+    # whose holder the model must beat (strictly higher recorded eval/top1 on the same data).
     register_min_top1: float | None = Field(None, ge=0, le=1)  # None: no minimum
     register_if_beats: str | None = None  # e.g. champion; None: no comparison
 

@@ -4,7 +4,7 @@
 the version that holds it now, on the same data:
 
 - by default on the validation metrics recorded when the versions were registered (version tags
-  ``val_top1``, ``val_top5``, ``val_loss``), which compare only if both runs validated on the same
+  ``eval/top1``, ``eval/top5``, ``eval/loss``), which compare only if both runs validated on the same
   shards and split (their ``data.path`` and ``data.val_split`` params); otherwise it refuses and
   asks for ``--eval-data``;
 - with ``--eval-data PATH``, on a fresh evaluation of both versions on those shards.
@@ -69,14 +69,14 @@ class Decision:
 
 def recorded_standing(mv: Any) -> Standing:
     """The validation metrics recorded with a version, and the data they were measured on."""
-    tags = mv.tags or {}
-    if "val_top1" not in tags:
-        raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded val_top1 tag; "
+    tags = {k: tracking.version_metric(mv.tags or {}, k) for k in tracking.METRIC_TAGS}
+    if tags["eval/top1"] is None:
+        raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded eval/top1 tag; "
                              "pass --eval-data PATH to evaluate it")
     params = tracking.run_params(mv.run_id)
     path, split = (params.get(k, "?") for k in DATA_PARAMS)
-    return Standing(str(mv.version), float(tags["val_top1"]), _float(tags.get("val_top5")),
-                    _float(tags.get("val_loss")), basis=f"{path} [{split}] (recorded)")
+    return Standing(str(mv.version), float(tags["eval/top1"]), _float(tags.get("eval/top5")),
+                    _float(tags.get("eval/loss")), basis=f"{path} [{split}] (recorded)")
 
 
 def _float(text: str | None) -> float | None:
@@ -229,8 +229,9 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
             rows.append({
                 "model": model.name, "version": str(mv.version),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))) or "-",
-                "top1": _metric(tags.get("val_top1")), "top5": _metric(tags.get("val_top5")),
-                "loss": _metric(tags.get("val_loss")), "arch": tags.get("model", "-"),
+                "top1": _metric(tracking.version_metric(tags, "eval/top1")),
+                "top5": _metric(tracking.version_metric(tags, "eval/top5")),
+                "loss": _metric(tracking.version_metric(tags, "eval/loss")), "arch": tags.get("model", "-"),
                 "run": (mv.run_id or "-")[:12],
                 "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime(
                     "%Y-%m-%d %H:%M"),
@@ -243,7 +244,7 @@ def _metric(text: str | None) -> str:
 
 
 REGISTRY_COLUMNS = {"model": "model", "version": "version", "aliases": "aliases",
-                    "top1": "val_top1", "top5": "val_top5", "loss": "val_loss", "arch": "arch",
+                    "top1": "eval/top1", "top5": "eval/top5", "loss": "eval/loss", "arch": "arch",
                     "run": "run", "created": "created"}
 
 

@@ -481,7 +481,7 @@ class EvalCounts:
     def from_list(cls, values: Iterable[float]) -> "EvalCounts":
         return cls(*values)
 
-    def metrics(self, prefix: str = "val_") -> dict[str, float]:
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """``{prefix}loss``, ``top1``, ``top5`` (fractions), ``samples`` and ``skipped``."""
         n = max(self.samples, 1)
         return {f"{prefix}loss": self.loss_sum / n, f"{prefix}top1": self.top1 / n,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ran.tracking import store
 from ran.tracking.names import (
     METRIC_TAGS, MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
-    TAG_SOURCE_RUN, TAG_VERSION,
+    TAG_SOURCE_RUN, TAG_VERSION, version_metric,
 )
 from ran.tracking.runs import RunTracker
 
@@ -238,7 +238,7 @@ def nonfinite_reason(metrics: dict[str, Any], nonfinite: list[str] | None = None
                      total: int | None = None) -> str:
     """What is not finite among the recorded validation ``metrics`` (:data:`METRIC_TAGS`, as
     numbers or text) and the weights (``nonfinite``: tensor names, of ``total``), e.g.
-    ``val_loss nan, 445 of 533 weight tensors (first stem.0.weight)``; "" when all is."""
+    ``eval/loss nan, 445 of 533 weight tensors (first stem.0.weight)``; "" when all is."""
     bad = []
     for key in METRIC_TAGS:
         value = metrics.get(key)
@@ -252,7 +252,7 @@ def nonfinite_reason(metrics: dict[str, Any], nonfinite: list[str] | None = None
 
 def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
                       nonfinite: list[str] | None = None, total: int | None = None) -> Registration:
-    """Whether the final model of ``cfg`` (validation ``metrics``: ``val_top1``) is registered.
+    """Whether the final model of ``cfg`` (validation ``metrics``: ``eval/top1``) is registered.
 
     Never when a recorded metric or a weight is not finite (``nonfinite``: the names of the
     tensors that are not, of ``total``: :func:`nonfinite_tensors`).
@@ -268,16 +268,16 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
     bad = nonfinite_reason(metrics, nonfinite, total)
     if bad:
         return Registration(False, f"not registered: not finite: {bad}")
-    top1 = metrics.get("val_top1")
+    top1 = metrics.get("eval/top1")
     if top1 is None and (t.register_min_top1 is not None or t.register_if_beats):
-        return Registration(False, "not registered: the final epoch reported no val_top1 to "
+        return Registration(False, "not registered: the final epoch reported no eval/top1 to "
                                    "compare with the registration gate")
     if t.register_min_top1 is not None and top1 < t.register_min_top1:
-        return Registration(False, f"not registered: val_top1 {top1:.4f} is below "
+        return Registration(False, f"not registered: eval/top1 {top1:.4f} is below "
                                    f"tracking.register_min_top1 {t.register_min_top1:.4f}")
     if not t.register_if_beats:
         return Registration(True, f"registered as {name}" + (
-            f": val_top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
+            f": eval/top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
             if t.register_min_top1 is not None else ""))
     return _beats_holder(name, t.register_if_beats, float(top1), cfg.data.path, cfg.data.val_split)
 
@@ -289,21 +289,21 @@ def _beats_holder(name: str, alias: str, top1: float, data_path: str,
     except ModelRefError:  # no such registered model yet
         holder = None
     if holder is None:
-        return Registration(True, f"registered as {name}: val_top1 {top1:.4f}; {name}@{alias} "
+        return Registration(True, f"registered as {name}: eval/top1 {top1:.4f}; {name}@{alias} "
                                   "was unassigned")
-    recorded = (holder.tags or {}).get("val_top1")
+    recorded = version_metric(holder.tags or {}, "eval/top1")
     params = run_params(holder.run_id)
     basis = (params.get("data.path"), params.get("data.val_split"))
     where = f"{name}@{alias} (version {holder.version}"
     if recorded is None or basis != (data_path, val_split):
-        return Registration(False, f"not registered: {where}) has no val_top1 recorded on "
+        return Registration(False, f"not registered: {where}) has no eval/top1 recorded on "
                                    f"{data_path} [{val_split}] to compare with; evaluate both with "
                                    "`ran eval` and register by hand if it is better")
     if top1 <= float(recorded):
-        return Registration(False, f"not registered: val_top1 {top1:.4f} does not beat {where}, "
-                                   f"val_top1 {float(recorded):.4f} on the same data)")
-    return Registration(True, f"registered as {name}: val_top1 {top1:.4f} beats {where}, "
-                              f"val_top1 {float(recorded):.4f} on the same data)")
+        return Registration(False, f"not registered: eval/top1 {top1:.4f} does not beat {where}, "
+                                   f"eval/top1 {float(recorded):.4f} on the same data)")
+    return Registration(True, f"registered as {name}: eval/top1 {top1:.4f} beats {where}, "
+                              f"eval/top1 {float(recorded):.4f} on the same data)")
 
 
 def record_registration(tracker: RunTracker, registration: Registration) -> None:

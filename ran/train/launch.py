@@ -255,7 +255,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
             # Ray Train's INFO lines repeat every report's metrics from every rank; ours say more.
             logging_config=LoggingConfig(log_level=console.ray_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_attribute="eval/top1",
                                                checkpoint_score_order="max"),
         ),
     )
@@ -352,7 +352,7 @@ def run_training(cfg: JobConfig, *, resume: bool = False, address: str | None = 
         run_tags: extra tags for a new MLflow run (``ran tune`` nests trial runs under the search
             run with ``mlflow.parentRunId``).
         launched_at: ``time.time()`` when the user asked for this run (default: now); the first
-            epoch reports ``startup_s``, the seconds from then to the first optimizer step.
+            epoch reports ``perf/startup_s``, the seconds from then to the first optimizer step.
         resume_from_nothing: with ``resume``, continue a run directory that holds no checkpoint
             (from step 0, in its MLflow run) instead of refusing it (a restored Tune trial).
 
@@ -559,8 +559,8 @@ def where_to_look(outcome: TrainOutcome) -> str:
     """Where the run's results are: MLflow UI command, run id, registered version, checkpoints."""
     m = outcome.metrics
     lines = []
-    if "val_top1" in m:
-        lines.append(f"final validation: top-1 {m['val_top1']:.4f}, top-5 {m.get('val_top5', 0):.4f} "
+    if "eval/top1" in m:
+        lines.append(f"final validation: top-1 {m['eval/top1']:.4f}, top-5 {m.get('eval/top5', 0):.4f} "
                      f"after {int(m.get('epoch', 0))} epochs")
     lines.append(f"checkpoints:      {outcome.run_dir}")
     lines.append(f"MLflow run:       {outcome.run_id} (experiment {outcome.config.tracking.experiment!r})")

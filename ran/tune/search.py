@@ -252,13 +252,13 @@ def trial_config(job_raw: dict[str, Any], overrides: dict[str, Any], name: str,
 
 
 class EpochReports(TuneReportCallback):
-    """Ray Train's reports to Tune, of epoch ends only (they carry ``train_loss``): a mid-epoch
+    """Ray Train's reports to Tune, of epoch ends only (they carry ``train/loss``): a mid-epoch
     checkpoint's report (``train.checkpoint_every_steps``, a SIGTERM notice) holds no epoch
     metrics, and Tune fails a trial whose result lacks the search metric. Every epoch report holds
     :data:`ran.tracking.EPOCH_METRICS` (:func:`ran.tune.space.check_search_metric`)."""
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and "train_loss" in metrics[0]:
+        if metrics and "train/loss" in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
 
 

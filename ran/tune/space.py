@@ -67,7 +67,7 @@ class SearchSettings(_Strict):
     """The ``search:`` section of a space file."""
 
     num_samples: int = Field(1, ge=1)  # samples of the space; a grid runs whole this many times
-    metric: str = "val_top1"  # reported metric to optimise (each validation reports it)
+    metric: str = "eval/top1"  # reported metric to optimise (each validation reports it)
     mode: Literal["max", "min"] = "max"  # maximise or minimise the metric
     scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop weak trials early; fifo: run all out
     grace_period: int = Field(1, ge=1)  # asha: epochs before a trial may be stopped
@@ -173,7 +173,7 @@ def check_search_metric(settings: SearchSettings, job: JobConfig) -> None:
                           f"{'higher' if better == 'max' else 'lower'}; set search.mode: {better}")
     if metric in VALIDATION_METRICS and job.train.eval_every > 1:
         raise ConfigError(f"search.metric {metric} is reported only on validation epochs; with "
-                          f"train.eval_every={job.train.eval_every} use val_top1 (carried between "
+                          f"train.eval_every={job.train.eval_every} use eval/top1 (carried between "
                           "validations) or set train.eval_every=1")
 
 

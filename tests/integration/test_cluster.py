@@ -75,7 +75,7 @@ def mlflow_run(db: Path, experiment: str, submission: str):
 
 
 def epochs_logged(client, run_id: str) -> list[int]:
-    return logged.epochs(client, run_id, "val_top1")
+    return logged.epochs(client, run_id, "eval/top1")
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):

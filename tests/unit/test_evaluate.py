@@ -34,10 +34,10 @@ def test_evaluate_matches_the_trainers_validation(trainer):
     cfg = trainer.cfg
     got = evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=5, workers=2)
 
-    assert got["images"] == expected["val_samples"] == 24
-    assert got["top1"] == expected["val_top1"]
-    assert got["top5"] == expected["val_top5"]
-    assert got["loss"] == pytest.approx(expected["val_loss"], rel=1e-3)
+    assert got["images"] == expected["eval/samples"] == 24
+    assert got["top1"] == expected["eval/top1"]
+    assert got["top5"] == expected["eval/top5"]
+    assert got["loss"] == pytest.approx(expected["eval/loss"], rel=1e-3)
     assert got["img_per_s"] > 0
 
 

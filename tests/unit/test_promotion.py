@@ -49,7 +49,7 @@ def test_registry_table_aligns_columns():
             {"model": "ran-model", "version": "3", "aliases": "-", "top1": "-", "top5": "-",
              "loss": "-", "arch": "attention92", "run": "def", "created": "2026-01-01 00:00"}]
     lines = format_registry(rows).splitlines()
-    assert lines[0].split() == ["model", "version", "aliases", "val_top1", "val_top5", "val_loss",
+    assert lines[0].split() == ["model", "version", "aliases", "eval/top1", "eval/top5", "eval/loss",
                                 "arch", "run", "created"]
     assert lines[1].split()[:3] == ["ran-model", "12", "champion"]
     assert len({line.index("attention") for line in lines[1:]}) == 1  # one column

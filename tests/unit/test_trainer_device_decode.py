@@ -50,16 +50,16 @@ def test_trainer_trains_and_validates_every_sample_on_the_device_pipeline(jpeg_d
     assert isinstance(trainer.val_loader, DeviceLoader)
 
     metrics = trainer.train_epoch()
-    assert trainer.step == 3 and metrics["skipped"] == 0
-    assert np.isfinite(metrics["train_loss"])
+    assert trainer.step == 3 and metrics["train/skipped"] == 0
+    assert np.isfinite(metrics["train/loss"])
     val = trainer.validate()
-    assert val["val_samples"] == 13 and val["val_skipped"] == 0
+    assert val["eval/samples"] == 13 and val["eval/skipped"] == 0
 
     # The same model through the workers' CPU decode: the same samples, nearly the same pixels.
     cpu = evaluate(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
                    trainer.cfg.data.path, "val", workers=0, device=torch.device("cpu"))
     assert cpu["images"] == 13
-    assert cpu["loss"] == pytest.approx(val["val_loss"], rel=1e-2)
+    assert cpu["loss"] == pytest.approx(val["eval/loss"], rel=1e-2)
 
 
 def test_train_step_leaves_the_loss_on_the_device(jpeg_data):
