@@ -21,7 +21,7 @@ from ran.config import JobConfig
 def cli_eval(args: argparse.Namespace) -> int:
     """``ran eval MODEL --data PATH [--split S] [--crop N] [--batch-size N] [--workers N]``."""
     loaded, metrics = runtime.evaluate_ref(args.model, args.data, args.split, args.crop,
-                                           args.batch_size, args.workers)
+                                           args.batch_size, args.workers, progress=True)
     cfg, source = loaded.config, loaded.source
     print(f"model   {source.label}  ({cfg.model.name}, {cfg.resolved_stem()} stem)")
     print(f"data    {args.data} [{args.split}]  {int(metrics['images'])} images"

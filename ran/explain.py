@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ran import runtime, tracking
 from ran.data.transforms import make_transform, normalizer
+from ran.progress import Progress, counted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -233,10 +234,11 @@ def explain_images(model: "nn.Module", cfg: "JobConfig", class_names: Sequence[s
     recipe = cfg.data.recipe
     pictures = [read_image(path, recipe, crop) for path in images]
     results = []
-    for path, picture in zip(images, pictures):
-        result = explain(model, picture, recipe)
-        result.name, result.true = Path(path).name, true_class(path, class_names)
-        results.append(result)
+    with Progress("explaining", len(images), "img", enabled=len(images) > 1) as shown:
+        for path, picture in counted(zip(images, pictures), shown):
+            result = explain(model, picture, recipe)
+            result.name, result.true = Path(path).name, true_class(path, class_names)
+            results.append(result)
     if model_has_masks(model):
         activation = mask_activation(model)
         title = (f"{cfg.model.name}, {activation} attention: each module's soft mask as the "

@@ -232,7 +232,7 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
                 "top1": _metric(tracking.version_metric(tags, "eval/top1")),
                 "top5": _metric(tracking.version_metric(tags, "eval/top5")),
                 "loss": _metric(tracking.version_metric(tags, "eval/loss")), "arch": tags.get("model", "-"),
-                "run": (mv.run_id or "-")[:12],
+                "run": mv.run_id or "-",  # whole: what ran eval and the UI search take
                 "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime(
                     "%Y-%m-%d %H:%M"),
             })

@@ -29,9 +29,10 @@ from torch import nn
 from ran import steptable, tracking
 from ran.config import ConfigError, JobConfig, load_yaml, parse_config
 from ran.data import DataError
-from ran.data.read import Batch, make_loader, read_manifest
+from ran.data.read import Batch, make_loader, read_manifest, split_shards
 from ran.data.transforms import default_crop, normalizer
 from ran.models import create_model, model_defaults
+from ran.progress import Progress, counted
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint directory ``ran train`` writes
 
@@ -519,12 +520,14 @@ def eval_counts(model: nn.Module, batches: Iterable[Batch], *, device: torch.dev
 
 def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val",
              crop: int | None = None, batch_size: int | None = None,
-             workers: int | None = None, device: torch.device | None = None) -> dict[str, float]:
+             workers: int | None = None, device: torch.device | None = None,
+             progress: bool = False) -> dict[str, float]:
     """Top-1, top-5 and mean loss of ``model`` over every sample of ``split`` of ``data_path``,
     exactly as training validates (:func:`eval_counts` with the config's recipe, eval crop,
     precision and memory format).
 
-    ``crop``, ``batch_size`` and ``workers`` default to the config's. Returns ``top1``, ``top5``
+    ``crop``, ``batch_size`` and ``workers`` default to the config's; ``progress``: report the
+    images done on stderr (:class:`ran.progress.Progress`). Returns ``top1``, ``top5``
     (fractions), ``loss`` (nats), ``images``, ``skipped`` and ``img_per_s`` (model and data time).
 
     Raises:
@@ -543,11 +546,15 @@ def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val
         decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
     )
     start = time.perf_counter()
+    total = sum(n for _, n in split_shards(data_path, loader.manifest, split))
+    shown = Progress(f"evaluating {split}", total, "img", enabled=progress)
     try:
-        counts = eval_counts(model, loader, device=device,
+        counts = eval_counts(model, counted(loader, shown, lambda b: len(b.labels) + b.skipped),
+                             device=device,
                              precision=resolve_precision(cfg.train.precision, device, model_key(cfg)),
                              normalize=normalizer(cfg.data.recipe), channels_last=channels_last)
     finally:
+        shown.close()
         loader.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -559,7 +566,8 @@ def evaluate(model: nn.Module, cfg: JobConfig, data_path: str, split: str = "val
 
 def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "val",
                  crop: int | None = None, batch_size: int | None = None,
-                 workers: int | None = None) -> tuple[LoadedModel, dict[str, float]]:
+                 workers: int | None = None,
+                 progress: bool = False) -> tuple[LoadedModel, dict[str, float]]:
     """Resolve, load, check the classes against the data, and :func:`evaluate` one reference.
 
     Raises:
@@ -567,5 +575,6 @@ def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "
     """
     loaded = load_model(ref)
     check_classes(loaded.model, loaded.class_names, read_manifest(data_path), data_path)
-    metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers)
+    metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers,
+                       progress=progress)
     return loaded, metrics

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ran.progress import waiting
 from ran.tracking import store
 from ran.tracking.names import (
     METRIC_TAGS, MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
@@ -102,16 +103,18 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                 # ^ MLflow prints its notices to stderr directly (mlflow.utils.logging_utils
                 # .eprint), not through a logger that a level could silence. start_run: the
                 # logged model joins the run's experiment.
-                info = Model.log(
-                    None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
-                    registered_model_name=name,
-                    pytorch_model=model, tensor_example=input_example,
-                    tensor_signature=infer_signature(input_example, output), side_dir=str(side),
-                    image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
-                    signature=image_signature(),
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
-                                      "pillow"],
-                )
+                with waiting("logging the model to MLflow"):  # uploads can take minutes
+                    info = Model.log(
+                        None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
+                        registered_model_name=name,
+                        pytorch_model=model, tensor_example=input_example,
+                        tensor_signature=infer_signature(input_example, output),
+                        side_dir=str(side),
+                        image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
+                        signature=image_signature(),
+                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                          "torchvision", "pillow"],
+                    )
         finally:  # what MLflow said besides its notices, also when it failed
             for line in notices.getvalue().splitlines(keepends=True):
                 if not REGISTRATION_NOTICE.search(line):
@@ -506,6 +509,16 @@ def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
     mlflow_client = store.client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def describe_version(name: str, version: str, *, description: str, top1: float | None,
+                     data_digest: str, eval_crop: int) -> None:
+    """What the registry page shows of a version registered by ``ran train``: its description,
+    and the tags ``top1`` (eval/top1 at registration, 4 decimals), ``data_digest`` (the
+    validation split's :func:`ran.tracking.dataset_digest`) and ``eval_crop`` (pixels)."""
+    store.client().update_model_version(name, str(version), description=description)
+    tag_version(name, version, {"top1": "-" if top1 is None else f"{top1:.4f}",
+                                "data_digest": data_digest, "eval_crop": eval_crop})
 
 
 def run_params(run_id: str | None) -> dict[str, str]:

@@ -48,6 +48,8 @@ TAG_TRIAL_STATUS = "ran.trial_status"  # completed | stopped | failed
 TAG_ERROR = "ran.error"  # first line of a failed trial's error
 TAG_BEST_RUN = "ran.best_run_id"  # on a search run
 TAG_DIVERGED = "ran.diverged"  # the step where the loss or weights stopped being finite, and why
+TAG_RUN_NAME = "mlflow.runName"  # MLflow's own: the name in the runs table
+TAG_DESCRIPTION = "mlflow.note.content"  # MLflow's own: a run's or version's description
 TAG_METRICS_GAP = "ran.metrics_gap"  # metric values that could not be logged (MLflow unreachable)
 
 # Dataset inputs of a training run: MLflow's context tag of its train and val splits.

@@ -52,7 +52,7 @@ from ran.tracking.models import (
     Registration, nonfinite_tensors, record_registration, registration_gate,
 )
 from ran.tracking.validate import check_names
-from ran.train import console, localray
+from ran.train import console, localray, schedule
 from ran.train.faults import Fault, KillWorker
 from ran.train.rundir import Storage, latest_checkpoint, storage_for
 from ran.train.trainer import SigtermNotice, attempts, train_fn_per_worker
@@ -502,19 +502,47 @@ def _open_run(cfg: JobConfig, manifest: dict[str, Any], storage: Storage, uri: s
             if found.status != "FINISHED":
                 found.reopen()
             return found
+    stem, description = run_identity(cfg, manifest)
     tags = {
         tracking.TAG_MODEL: cfg.model.name,
         tracking.TAG_DATASET: f"{manifest.get('dataset', '?')} ({cfg.data.path})",
         tracking.TAG_STORAGE: storage.run_uri,
         tracking.TAG_JOB: cfg.name,
+        tracking.TAG_DESCRIPTION: description,
         **runtime.init_tags(cfg),
         **(extra_tags or {}),
     }
     commit = tracking.git_commit()
     if commit:
         tags[tracking.TAG_GIT] = commit
-    return tracking.RunTracker.create_training(cfg, run_name=cfg.tracking.run_name or storage.name,
-                                               tags=tags, uri=uri, manifest=manifest)
+    tracker = tracking.RunTracker.create_training(cfg, run_name=cfg.tracking.run_name or stem,
+                                                  tags=tags, uri=uri, manifest=manifest)
+    if not cfg.tracking.run_name:  # unique in the runs table, and the id's start to search by
+        tracker.set_tags({tracking.TAG_RUN_NAME: f"{stem}-{tracker.run_id[:6]}"})
+    return tracker
+
+
+def run_identity(cfg: JobConfig, manifest: dict[str, Any]) -> tuple[str, str]:
+    """What a training run is called and how it is described in MLflow: the name's stem
+    ``<model>-<dataset>-e<epochs>`` (e.g. ``attention56-synthetic-e3``; the run id's first 6
+    characters follow it) and a one-paragraph description (MLflow's run description)."""
+    train = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.train_split))
+    val = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.val_split))
+    plan = schedule.plan_run(cfg, train, cfg.scaling.min_workers)
+    dataset = str(manifest.get("dataset") or cfg.data.recipe)
+    m, s = cfg.model, cfg.scaling
+    options = ", ".join(f"{k} {v}" for k, v in (("mask", m.mask_activation),
+                                                 ("combination", m.combination),
+                                                 ("init from", m.init_from)) if v)
+    description = (
+        f"{m.name} ({cfg.resolved_stem()} stem{', ' + options if options else ''}) trained on "
+        f"{dataset} ({train} train / {val} {cfg.data.val_split} images, "
+        f"{manifest.get('num_classes', '?')} classes, {cfg.data.path}) for {plan.epochs} epochs: "
+        f"global batch {plan.global_batch} on {s.num_workers} "
+        f"{'GPU' if s.use_gpu is True else 'CPU'} worker(s), peak lr {plan.peak_lr:.4g} "
+        f"{cfg.schedule.kind}, eval crop {runtime.eval_crop(cfg)}. Job {cfg.name}. Validation is "
+        "the eval/ section of Model metrics; the model, if logged, is under Artifacts.")
+    return f"{m.name}-{dataset}-e{plan.epochs}", description
 
 
 def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTracker,
@@ -540,6 +568,15 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     gate.version = tracking.log_final_model(tracker, model, cfg, list(manifest["classes"]), example,
                                             metrics, register=gate.register,
                                             quiet=not console.verbose())
+    if gate.version:
+        name, version = gate.version.rsplit("/", 1)
+        top1 = metrics.get("eval/top1")
+        tracking.describe_version(
+            name, version, top1=top1, eval_crop=crop,
+            data_digest=tracking.dataset_digest(manifest, cfg.data.val_split),
+            description=f"{run_identity(cfg, manifest)[1]} Registered from run {tracker.run_id} "
+                        f"at eval/top1 {'-' if top1 is None else format(top1, '.4f')} "
+                        f"(epoch {state['epoch']}).")
     if not gate.register and gate.reason:
         gate.reason += f"; the model is logged in MLflow run {tracker.run_id}"
     record_registration(tracker, gate)

@@ -51,7 +51,7 @@ def _assert_finished_as_planned(uri: str, run, steps: int, exact: bool = True) -
     asserted: the step-loss history below is exact either way."""
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    epochs = _values(uri, run_id, "epoch")
+    epochs = _values(uri, run_id, "train/epoch")
     assert [e for _, e in epochs] == [1, 2, 3] and epochs[0][0] == 12, epochs
     ends = [step for step, _ in epochs]
     for key in ("train/loss", "eval/top1", "train/lr", "perf/img_per_s", "train/epoch_samples", "train/samples"):

@@ -71,12 +71,18 @@ def _printed(text: str, label: str) -> float:
     return float(re.search(rf"^{label}\s+([0-9.]+)", text, re.M).group(1))
 
 
-def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys):
+def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys, monkeypatch):
     from ran.runtime import evaluate_ref
 
     trained = store["trained"]
+    monkeypatch.setenv("RAN_PROGRESS_EVERY_S", "0")  # a line per batch: a long evaluation, in short
     assert main(["eval", f"models:/{MODEL}/1", "--data", store["data"], "--workers", "1"]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
+    # Into a pipe (capsys is not a terminal): progress lines on stderr, the result on stdout.
+    assert re.search(r"^evaluating val: \d+/128 img \(\d+%\), [0-9.]+ img/s, ETA \d:\d\d:\d\d$",
+                     printed.err, re.M), printed.err
+    assert "evaluating" not in out
     assert _printed(out, "top-1") == pytest.approx(trained.metrics["eval/top1"], abs=5e-5)
     assert _printed(out, "top-5") == pytest.approx(trained.metrics["eval/top5"], abs=5e-5)
     assert _printed(out, "img/s") > 0

@@ -61,7 +61,8 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
     assert run.data.tags["ran.model"] == "attention56"
     assert run.data.tags["ray.job_id"]
     per_epoch = int(run.data.tags["ran.plan.steps_per_epoch"])
-    for key in ("train/loss", "eval/top1", "eval/top5", "lr", "img_per_s", "perf/data_wait_frac", "skipped"):
+    for key in ("train/loss", "eval/top1", "eval/top5", "train/lr", "perf/img_per_s", "perf/data_wait_frac",
+                "train/skipped"):
         # One x-axis: epoch metrics at the global step of the epoch's end, beside `epoch`.
         assert [s for s, _ in logged.history(client, trained.run_id, key)] == \
             [e * per_epoch for e in (1, 2, 3)], key
@@ -72,6 +73,23 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
     assert {"training_curves.png", "config.yaml"} <= artifacts
     curves = Path(client.download_artifacts(trained.run_id, "training_curves.png"))
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_and_version_say_what_ran(trained):
+    """The runs table tells runs apart by name; the run and the registry page describe them."""
+    client = _client(trained)
+    run = client.get_run(trained.run_id)
+    dataset = json.loads((Path(trained.config.data.path) / "manifest.json").read_text())["dataset"]
+    assert run.info.run_name == f"attention56-{dataset}-e3-{trained.run_id[:6]}"
+    assert run.data.tags["mlflow.note.content"].startswith(f"attention56 (cifar stem) trained on {dataset}")
+    name, version = trained.registered.rsplit("/", 1)
+    mv = client.get_model_version(name, version)
+    assert f"Registered from run {trained.run_id}" in mv.description
+    assert mv.tags["top1"] == f"{trained.metrics['eval/top1']:.4f}"
+    from ran.runtime import eval_crop
+
+    assert len(mv.tags["data_digest"]) == 16
+    assert mv.tags["eval_crop"] == str(eval_crop(trained.config))
 
 
 def test_registered_version_loads_and_runs(trained):

@@ -27,25 +27,25 @@ def test_replayed_steps_are_not_logged_twice(mlflow_sqlite, tiny_job, tmp_path):
     cfg = tiny_job("data", tmp_path / "runs")
     first = tracking.RunTracker.create_training(cfg, run_name="r", tags={tracking.TAG_STORAGE: "runs/r"})
     # Epochs of 12 optimizer steps: every metric at the global step, the epoch as a metric.
-    assert first.log_metrics({"epoch": 1, "eval/top1": 0.3, "train/loss": 2.0}, step=12) == 3
+    assert first.log_metrics({"train/epoch": 1, "eval/top1": 0.3, "train/loss": 2.0}, step=12) == 3
     assert first.log_metrics({"train/step_loss": 1.6}, step=20) == 1
-    assert first.log_metrics({"epoch": 2, "eval/top1": 0.5, "train/loss": 1.5}, step=24) == 3
+    assert first.log_metrics({"train/epoch": 2, "eval/top1": 0.5, "train/loss": 1.5}, step=24) == 3
 
     # A restarted worker group replays epoch 2 from the epoch-1 checkpoint, then goes on.
     again = tracking.RunTracker(first.run_id)
     assert again.log_metrics({"train/step_loss": 1.55}, step=20) == 0
-    assert again.log_metrics({"epoch": 2, "eval/top1": 0.51, "train/loss": 1.4}, step=24) == 0
-    assert again.log_metrics({"epoch": 3, "eval/top1": 0.7, "train/loss": 1.0}, step=36) == 3
+    assert again.log_metrics({"train/epoch": 2, "eval/top1": 0.51, "train/loss": 1.4}, step=24) == 0
+    assert again.log_metrics({"train/epoch": 3, "eval/top1": 0.7, "train/loss": 1.0}, step=36) == 3
     assert again.history("eval/top1") == [(12, 0.3), (24, 0.5), (36, 0.7)]
-    assert again.history("epoch") == [(12, 1), (24, 2), (36, 3)]
+    assert again.history("train/epoch") == [(12, 1), (24, 2), (36, 3)]
     assert [s for s, _ in again.history("train/loss")] == [12, 24, 36]
 
     # Re-planned for half the workers: epochs of 24 steps from the epoch-3 checkpoint. Epoch 3
     # replayed ends at another step, and is still not logged twice.
     replanned = tracking.RunTracker(first.run_id)
-    assert replanned.log_metrics({"epoch": 3, "eval/top1": 0.69, "train/loss": 1.1}, step=60) == 0
-    assert replanned.log_metrics({"epoch": 4, "eval/top1": 0.8, "train/loss": 0.8}, step=84) == 3
-    assert replanned.history("epoch") == [(12, 1), (24, 2), (36, 3), (84, 4)]
+    assert replanned.log_metrics({"train/epoch": 3, "eval/top1": 0.69, "train/loss": 1.1}, step=60) == 0
+    assert replanned.log_metrics({"train/epoch": 4, "eval/top1": 0.8, "train/loss": 0.8}, step=84) == 3
+    assert replanned.history("train/epoch") == [(12, 1), (24, 2), (36, 3), (84, 4)]
     assert replanned.history("eval/top1")[-1] == (84, 0.8)
 
 

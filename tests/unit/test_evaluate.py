@@ -79,3 +79,12 @@ def test_references_that_name_nothing_say_what_is_accepted(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelRefError, match="no checkpoint.pt in it"):
         resolve_model(str(empty))
+
+
+def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch):
+    monkeypatch.setenv("RAN_PROGRESS_EVERY_S", "0")  # a line per batch
+    cfg = trainer.cfg
+    evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=8, workers=0, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("evaluating val: ")]
+    assert lines[0].startswith("evaluating val: 8/24 img (33%)")
+    assert lines[-1].startswith("evaluating val: 24/24 img (100%)")

@@ -20,7 +20,7 @@ LEVELS = {
     "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4, "ran.serving": 4,
     "ran.runtime": 3,
     "ran.tracking": 2,
-    "ran.models": 1, "ran.data": 1, "ran.config": 1, "ran.steptable": 1, "ran.table": 1,
+    "ran.models": 1, "ran.data": 1, "ran.config": 1, "ran.steptable": 1, "ran.table": 1, "ran.progress": 1,
 }
 PURE = ("ran.models", "ran.data")  # import neither Ray nor MLflow
 
