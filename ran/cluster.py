@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 import getpass
 import ipaddress
+import logging
 import os
 import secrets
 import shlex
@@ -31,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 from urllib.parse import urlparse
 
 import requests
@@ -41,6 +43,7 @@ from ray.job_submission import JobSubmissionClient
 from ran import tracking
 from ran.config import JobConfig, load_config
 from ran.table import format_table
+from ran.train import console
 from ran.train.localray import auth_token
 from ran.tune.space import check_space, load_space
 
@@ -412,10 +415,35 @@ def report_end(info: Any, out: TextIO | None = None) -> int:
 # Commands
 
 
+# Ray's loggers that talk while the working directory is packaged and uploaded: "Directory '.git'
+# is now ignored by default when packaging" (ran's own excludes say what is left out), "Pushing
+# file package ...". Shown with -v only.
+UPLOAD_LOGGERS = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
+                  "ray.dashboard.modules.dashboard_sdk")
+
+
+@contextlib.contextmanager
+def _quiet_upload() -> Iterator[None]:
+    """Ray's upload loggers at ERROR for the block, unless ``ran -v``."""
+    if console.verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in UPLOAD_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def submit(client: "JobSubmissionClient", sub: Submission) -> str:
-    """Submit to the cluster; returns the submission id."""
-    return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                             metadata=sub.metadata, submission_id=sub.submission_id)
+    """Submit to the cluster; returns the submission id. Ray's packaging lines only with -v."""
+    with _quiet_upload():
+        return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                                 metadata=sub.metadata, submission_id=sub.submission_id)
 
 
 def cli_submit(args: argparse.Namespace) -> int:

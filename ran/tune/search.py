@@ -72,7 +72,7 @@ from ran.train.launch import (
 from ran.tracking.validate import check_names
 from ran.train.rundir import storage_for
 from ran.train import schedule
-from ran.table import format_table
+from ran.table import cell, format_table
 from ran.tune.space import (
     SearchSpace, check_search_metric, check_space, from_command_line, load_space,
 )
@@ -468,6 +468,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: Path) -> None:
+    """:func:`metric_vs_params_figure` as a PNG at ``path``."""
+    metric_vs_params_figure(trials, space).savefig(path, dpi=90)
+
+
+def metric_vs_params_figure(trials: list[TrialOutcome], space: SearchSpace) -> Any:
     """One panel per searched key: the final metric of each trial against the key's value.
 
     Categorical keys are spread over evenly spaced positions; ``loguniform`` keys get a log axis.
@@ -487,7 +492,7 @@ def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: 
         ax.set_visible(False)
     fig.suptitle(f"{space.name}: {space.settings.metric} ({space.settings.mode}) per trial")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 _COLOURS = {COMPLETED: "tab:blue", STOPPED: "tab:orange", UNFINISHED: "tab:gray", FAILED: "tab:red"}
@@ -511,11 +516,23 @@ def _panel(ax: Any, trials: list[TrialOutcome], key: str, metric: str, log: bool
         ax.set_xlim(-0.5, len(labels) - 0.5)
     if log:
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
+        _log_ticks(ax, [v for v in values if isinstance(v, (int, float)) and v > 0])
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def _log_ticks(ax: Any, values: list[float]) -> None:
+    """Labelled ticks on a log axis whatever its span: decades over 2+ decades, 1-2-5 over one,
+    every integer multiple within one decade (a search over 2e-5..8e-5 has no decade inside)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    span = math.log10(max(values) / min(values)) if values else 3.0
+    subs = (1.0,) if span >= 2 else (1.0, 2.0, 5.0) if span >= 1 else tuple(float(i) for i in range(1, 10))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
 
 
 def _natural(text: str) -> tuple[int, float | str]:
@@ -619,7 +636,7 @@ class TrialLines(tune.Callback):
 
     def _params(self, trial: Any) -> str:
         overrides = self.space.trial_overrides(trial.config)
-        return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
+        return " ".join(f"{key.rsplit('.', 1)[-1]}={cell(value)}" for key, value in overrides.items())
 
 
 def _reporter(space: SearchSpace) -> Any:

@@ -372,3 +372,29 @@ def test_the_command_line_sizes_a_search_with_search_keys(tmp_path):
         from_command_line(space, {"search.num_samples": 0})
     with pytest.raises(ConfigError, match="--set optim.lr: search space optim searches this key"):
         from_command_line(space, {"optim.lr": 0.1})
+
+
+@pytest.mark.parametrize("values", [(2e-5, 8e-5), (1.5e-5, 4e-4), (1e-5, 1e-3)])
+def test_a_log_axis_has_tick_labels_whatever_its_span(values):
+    """The weight_decay panel of a search over 2e-5..8e-5 (no decade inside) is labelled."""
+    from ran.tune.search import metric_vs_params_figure
+
+    space = parse_space(_space({"optim.weight_decay": {"loguniform": [1e-5, 1e-3]}}))
+    trials = [_trial(str(i), "completed", 0.5 + i / 10, **{"optim.weight_decay": v})
+              for i, v in enumerate(values)]
+    fig = metric_vs_params_figure(trials, space)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert len([t for t in shown if t]) >= 2, shown
+
+
+def test_trial_lines_round_floats():
+    from types import SimpleNamespace
+
+    from ran.tune.search import TrialLines
+
+    space = parse_space(_space({"optim.lr": {"loguniform": [0.01, 0.3]}}))
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 0.01749599183672868})
+    assert TrialLines(space)._params(trial) == "lr=0.0175"
