@@ -29,6 +29,7 @@ from torch import nn
 from ran import steptable, tracking
 from ran.config import ConfigError, JobConfig, load_yaml, parse_config
 from ran.data import DataError
+from ran.data import storage as data_storage
 from ran.data.read import Batch, make_loader, read_manifest, split_shards
 from ran.data.transforms import default_crop, normalizer
 from ran.models import create_model, model_defaults
@@ -573,6 +574,7 @@ def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "
     Raises:
         tracking.ModelRefError, ValueError, DataError: see :func:`load_model`, :func:`check_classes`.
     """
+    data_storage.require_dir(data_path)  # before the model loads: told apart from no manifest
     loaded = load_model(ref)
     check_classes(loaded.model, loaded.class_names, read_manifest(data_path), data_path)
     metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers,

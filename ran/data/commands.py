@@ -35,7 +35,9 @@ def synth_command(args: argparse.Namespace) -> int:
 
 def verify_command(args: argparse.Namespace) -> int:
     from ran.data.read import verify_shards
+    from ran.data.storage import require_dir
 
+    require_dir(args.path)
     ok = verify_shards(args.path, workers=args.workers, progress=not args.quiet, max_pixels=args.max_pixels)
     if not ok:
         print(f"error: {args.path}: shards do not match the manifest (see above)", file=sys.stderr)

@@ -134,11 +134,9 @@ def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
     """
     check_placeholders(cfg)
     data_path = cfg.data.path
+    data_storage.require_dir(data_path, "data.path")
     if not data_storage.is_remote(data_path):
         data_path = str(Path(data_path).resolve())
-        if not Path(data_path).is_dir():
-            raise ConfigError(f"data.path {cfg.data.path}: no such directory (write shards with "
-                              "`ran data synth --output DIR` or `ran data build`)")
     manifest = read_manifest(data_path)
     storage_path = cfg.storage.path
     if "://" not in storage_path:
@@ -606,7 +604,8 @@ def where_to_look(outcome: TrainOutcome) -> str:
         lines.append(f"registered model: {name} version {version} (models:/{name}/{version})")
     uri = tracking.shown(outcome.tracking_uri)  # no password on the console
     if uri.startswith("sqlite:///"):
-        lines.append(f"look:             {mlflow_command()} ui --backend-store-uri {uri}")
+        lines.append(f"look:             {mlflow_command()} ui --backend-store-uri {uri} --workers 1"
+                     "  (what `make mlflow-ui` runs), then http://127.0.0.1:5000: Model training")
     else:
         lines.append(f"look:             {uri}")
     if outcome.registration and not outcome.registered:

@@ -88,7 +88,8 @@ def test_verify_detects_a_missing_shard(synth, capsys):
      "no such directory"),
     (["build", "--source", "imagenet", "--input", "{tmp}", "--output", "{tmp}/out"], "unknown layout"),
     (["synth", "--output", "{tmp}/file/out"], "cannot write to"),
-    (["verify", "{tmp}"], "no manifest.json"),
+    (["verify", "{tmp}"], "no manifest.json"),  # a folder without shards
+    (["verify", "{tmp}/missing"], "missing: no such directory"),  # and no folder: told apart
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("a file where a directory should be")

@@ -88,3 +88,11 @@ def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("evaluating val: ")]
     assert lines[0].startswith("evaluating val: 8/24 img (33%)")
     assert lines[-1].startswith("evaluating val: 24/24 img (100%)")
+
+
+def test_a_missing_data_folder_is_named_before_the_model_loads(tmp_path):
+    from ran.data import DataError
+    from ran.runtime import evaluate_ref
+
+    with pytest.raises(DataError, match="missing: no such directory"):
+        evaluate_ref("no-such-model.pt", str(tmp_path / "missing"))  # before the model loads

@@ -311,7 +311,9 @@ def test_missing_data_is_refused_before_ray_starts(tmp_path):
     from ran.tune.search import prepare
 
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
-    with pytest.raises(ConfigError, match="no such directory"):
+    from ran.data import DataError
+
+    with pytest.raises(DataError, match="data.path .*nowhere: no such directory"):
         prepare(space, {"data": {"path": str(tmp_path / "nowhere")}, "train": {"epochs": 1}})
 
 
