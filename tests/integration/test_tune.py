@@ -310,3 +310,26 @@ def test_a_failed_search_ends_every_trial_run_still_running(workdir):
     end_trial_runs(ctx, "tune-ended", "FAILED")
     assert (running.status, done.status) == ("FAILED", "FINISHED")
     assert running.tag("ran.trial_status") == "failed"
+
+
+def test_a_search_is_sized_from_the_command_line(workdir, job, capsys):
+    """`ran tune SPACE --job JOB --set search.num_samples=2 --set scaling.num_workers=1`: the
+    space file says one sample; the command line makes it two, checked like job keys."""
+    import re
+
+    import yaml
+
+    from ran.cli import main
+
+    space = workdir / "one_sample.yaml"
+    space.write_text("space:\n  optim.lr: {choice: [0.01, 0.02]}\nsearch:\n  num_samples: 1\n")
+    job_file = workdir / "sized.yaml"
+    job_file.write_text(yaml.safe_dump(job("sized", **{"scaling.num_workers": 2})))
+    assert main(["tune", str(space), "--job", str(job_file), "--set", "search.num_samples=2",
+                 "--set", "scaling.num_workers=1"]) == 0
+    out = capsys.readouterr().out
+    runs = _runs("tune-sized")
+    trials = [r for r in runs if r.data.tags.get("ran.kind") != "search"]
+    assert len(trials) == 2, out
+    assert {r.data.params["scaling.num_workers"] for r in trials} == {"1"}
+    assert re.search(r"lr=0\.0[12]\b", out), out  # trial lines round the drawn values
