@@ -41,11 +41,11 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
-from ran.config import JobConfig, load_config
+from ran.config import JobConfig, load_config, parse_set
 from ran.table import format_table
 from ran.train import console
 from ran.train.localray import auth_token
-from ran.tune.space import check_space, load_space
+from ran.tune.space import check_space, from_command_line, load_space
 
 # Environment passed to the job: where runs and artifacts go and which S3 endpoint and region to
 # use, never a credential. The runtime env is stored with the job and shown to anyone who can list
@@ -187,11 +187,13 @@ def submission_id(cfg: JobConfig) -> str:
 
 
 def validate(job: str, overrides: list[str], tune: str | None = None) -> JobConfig:
-    """The job config (and the Tune space over it) as ``ran train`` / ``ran tune`` will check them."""
-    cfg = load_config(job, overrides)
-    if tune:
-
-        check_space(load_space(tune), cfg.model_dump())
+    """The job config (and the Tune space over it) as ``ran train`` / ``ran tune`` will check them;
+    with ``tune``, ``--set search.*`` keys size the search (:func:`ran.tune.space.from_command_line`)."""
+    if not tune:
+        return load_config(job, overrides)
+    space, job_pairs = from_command_line(load_space(tune), parse_set(overrides))
+    cfg = load_config(job, job_pairs)
+    check_space(space, cfg.model_dump())
     return cfg
 
 

@@ -177,6 +177,8 @@ def test_registry_lists_versions_aliases_and_metrics(store, capsys):
     assert set(rows) == {"1", "2"}
     assert "listed" in rows["2"][2].split(",")
     assert float(rows["2"][3]) == pytest.approx(float(client.get_model_version(MODEL, "2").tags["eval/top1"]), abs=1e-4)
+    run_id = client.get_model_version(MODEL, "2").run_id
+    assert rows["2"][7] == run_id  # the whole id: what `ran eval RUN_ID` takes
     assert main(["registry", "nope"]) == 2
     assert capsys.readouterr().err == (f"error: no registered model 'nope' in {store['uri']} "
                                        f"(registered: {MODEL})\n")

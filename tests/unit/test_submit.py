@@ -293,3 +293,14 @@ def test_rays_upload_lines_are_kept_back_unless_verbose(monkeypatch):
     monkeypatch.setenv("RAN_LOG_LEVEL", "INFO")  # ran -v
     with cluster._quiet_upload():
         assert all(lg.isEnabledFor(logging.INFO) for lg in loggers)
+
+
+def test_a_submitted_search_takes_search_keys_like_ran_tune(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text("space:\n  optim.lr: {choice: [0.1, 0.2]}\n")
+    job = tmp_path / "j.yaml"
+    job.write_text("name: j\n")
+    cfg = cluster.validate(str(job), ["search.num_samples=2", "optim.momentum=0.8"], str(space))
+    assert cfg.optim.momentum == 0.8
+    with pytest.raises(ConfigError, match="unknown config key 'search.trials'"):
+        cluster.validate(str(job), ["search.trials=2"], str(space))
