@@ -66,7 +66,7 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last_line = self.start
-        self._every = every_s()
+        self._every = every_s() if enabled else 0.0
         self._bar = None
         if enabled and _is_terminal(self.stream):
             from tqdm import tqdm
