@@ -65,9 +65,10 @@ SYSTEM_METRICS_NODE = "node_{rank}"
 #           restarted with another plan (otherwise ran.plan.* tags, not one-point charts)
 #   train/  loss, lr, step_loss, step_lr (each train.log_every steps), samples, epoch_samples,
 #           skipped, epoch
+#   search/ on a search's parent run: best (the best trial's search.metric), trials_<status>
 #   system/ MLflow's own system metrics (their own tab)
 # Ray reports (and Tune results) carry the same names, plus Tune's counters epoch and step.
-METRIC_SECTIONS = ("eval", "perf", "plan", "train")
+METRIC_SECTIONS = ("eval", "perf", "plan", "search", "train")
 EPOCH_METRIC = "train/epoch"  # logged with each epoch's metrics: how a restart skips logged epochs
 
 # Model version tags: the validation metrics a version was registered with (the promotion gate's

@@ -588,9 +588,9 @@ def log_results(parent: Any, outcome: SearchOutcome, space: SearchSpace) -> None
     if outcome.best_config is not None:
         parent.log_text(outcome.best_config.to_yaml(), BEST_CONFIG)
     counts = {s: sum(t.status == s for t in outcome.trials) for s in _COLOURS}
-    parent.log_metrics({f"trials_{s}": n for s, n in counts.items()}, step=0)
-    if outcome.best is not None and outcome.best.metric is not None:
-        parent.log_metrics({f"best_{metric}": outcome.best.metric}, step=0)
+    parent.log_metrics({f"search/trials_{s}": n for s, n in counts.items()}, step=0)
+    if outcome.best is not None and outcome.best.metric is not None:  # of param search.metric
+        parent.log_metrics({"search/best": outcome.best.metric}, step=0)
         parent.set_tags({TAG_BEST_RUN: outcome.best.run_id or "", TAG_TRIAL: outcome.best.trial_id})
     if outcome.registered:
         parent.set_tags({tracking.TAG_VERSION: outcome.registered})
