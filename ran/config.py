@@ -447,8 +447,10 @@ def _override_value(item: str, text: str) -> Any:
 def _unknown_key_message(key: str, known: list[str] | None = None) -> str:
     known = valid_keys() if known is None else sorted(known)
     section = key.split(".")[0]
-    keys = [k for k in known if k.startswith(section + ".")] or known
-    return f"unknown config key {key!r}; valid keys: {', '.join(keys)}"
+    keys = [k for k in known if k.startswith(section + ".")]
+    if not keys and section == "search":
+        return f"unknown config key {key!r}: search.* keys size a search, given to `ran tune`"
+    return f"unknown config key {key!r}; valid keys: {', '.join(keys or known)}"
 
 
 def _format_validation_error(err: ValidationError, source: str,

@@ -227,3 +227,9 @@ def test_set_dotted_refuses_unknown_keys_and_non_sections():
         set_dotted({}, "a.b", 1, where="--set")
     with pytest.raises(ConfigError, match="x.y: x is not a section"):
         set_dotted({"x": 3}, "x.y", 1, known=["x.y"])
+
+
+def test_a_search_key_given_to_ran_train_says_where_it_belongs():
+    with pytest.raises(ConfigError, match="search.num_samples': search.* keys size a search, given "
+                                          "to `ran tune`"):
+        load_config(None, ["search.num_samples=2"])
