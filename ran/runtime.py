@@ -574,8 +574,8 @@ def evaluate_ref(ref: str | tracking.ModelSource, data_path: str, split: str = "
     Raises:
         tracking.ModelRefError, ValueError, DataError: see :func:`load_model`, :func:`check_classes`.
     """
-    data_storage.require_dir(data_path)  # before the model loads: told apart from no manifest
     loaded = load_model(ref)
+    data_storage.require_dir(data_path)  # no folder, told apart from a folder without shards
     check_classes(loaded.model, loaded.class_names, read_manifest(data_path), data_path)
     metrics = evaluate(loaded.model, loaded.config, data_path, split, crop, batch_size, workers,
                        progress=progress)

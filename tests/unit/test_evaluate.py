@@ -90,9 +90,13 @@ def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch
     assert lines[-1].startswith("evaluating val: 24/24 img (100%)")
 
 
-def test_a_missing_data_folder_is_named_before_the_model_loads(tmp_path):
+def test_a_missing_data_folder_is_told_apart_from_a_folder_without_shards(trainer, tmp_path):
     from ran.data import DataError
     from ran.runtime import evaluate_ref
 
+    checkpoint = trainer.save(tmp_path / "epoch=0001_step=0000002")
     with pytest.raises(DataError, match="missing: no such directory"):
-        evaluate_ref("no-such-model.pt", str(tmp_path / "missing"))  # before the model loads
+        evaluate_ref(str(checkpoint), str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no manifest.json"):
+        evaluate_ref(str(checkpoint), str(tmp_path / "empty"))
