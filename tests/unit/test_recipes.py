@@ -57,9 +57,9 @@ def test_a_recipe_passes_preflight_and_trains_one_step_on_cpu(path, shards, tmp_
     assert cfg.scaling.use_gpu is False
     assert storage.run_uri.startswith(str(tmp_path / "runs"))
     # One step of the recipe's model, data recipe and optimizer: two images loaded in-process, in
-    # fp32, the ImageNet ones cropped to 64 px (the stem and every module still run; a CPU step of
+    # fp32, the ImageNet ones cropped to 32 px (the stem and every module still run; a CPU step of
     # Attention-452 at 224 px takes minutes).
-    small = {"data.crop": 64, "data.eval_crop": 64} if cfg.data.recipe == "imagenet" else {}
+    small = {"data.crop": 32, "data.eval_crop": 32} if cfg.data.recipe == "imagenet" else {}
     step_cfg = cfg.with_values({"data.batch_size": 2, "data.workers": 0,
                                 "train.precision": "fp32", **small})
     trainer = Trainer(step_cfg)
