@@ -57,7 +57,7 @@ def _assert_finished_as_planned(uri: str, run, steps: int, exact: bool = True) -
     for key in ("train/loss", "eval/top1", "train/lr", "perf/img_per_s", "train/epoch_samples", "train/samples"):
         assert [s for s, _ in _values(uri, run_id, key)] == ends, key  # beside its epoch
     assert [v for _, v in _values(uri, run_id, "train/epoch_samples")] == [384, 384, 384]
-    assert [v for _, v in _values(uri, run_id, "samples")] == [384, 768, SAMPLES]
+    assert [v for _, v in _values(uri, run_id, "train/samples")] == [384, 768, SAMPLES]
     assert _values(uri, run_id, "train/lr")[-1][1] == 0.0
     logged = [s for s, _ in _values(uri, run_id, "train/step_loss")]
     assert len(logged) == len(set(logged)), "a step was logged twice"
