@@ -698,6 +698,11 @@ class Trainer:
             tags[f"{tracking.TAG_REPLANNED}.step_{self.step}"] = self.replanned()
         self.run_log.set_tags(tags)
         if self.cfg.scaling.elastic or self.replanned():  # the plan over time; else tags only
+            old = self.previous_plan or {}
+            if self.replanned() and "world_size" in old:  # where the series starts (MLflow skips
+                self.run_log.log_metrics({f"plan/{k}": old[k] for k in  # it when already there)
+                                          ("world_size", "global_batch", "peak_lr", "total_steps")
+                                          if k in old}, 0)
             self.run_log.log_metrics({"plan/world_size": plan.world_size,
                                       "plan/global_batch": plan.global_batch,
                                       "plan/peak_lr": plan.peak_lr,

@@ -151,8 +151,8 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
     # Epoch 1 ends at global step 5: neither short nor doubled, logged at the step it ended.
     assert second.metrics["train/epoch_samples"] == {5: 50} and second.metrics["train/epoch"] == {5: 1}
     assert second.metrics["train/lr"][5] == 0.0 and second.metrics["train/step_lr"][5] == 0.0
-    assert second.metrics["plan/world_size"] == {2: 1}
-    assert second.metrics["plan/global_batch"] == {2: 8}
+    assert second.metrics["plan/world_size"] == {0: 1, 2: 1}  # the series from its start
+    assert second.metrics["plan/global_batch"] == {0: 16, 2: 8}
     assert second.tags["ran.resumed_from"] == "epoch=0 step=2"
     assert second.tags["ran.plan.global_batch"] == "8"
     assert second.tags["ran.replanned.step_2"] == (
