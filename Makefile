@@ -69,4 +69,4 @@ serve: setup
 # The embedded MLflow store (what `ran train` writes without MLFLOW_TRACKING_URI) on 127.0.0.1:5000.
 .PHONY: mlflow-ui
 mlflow-ui: setup
-	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 --workers 1

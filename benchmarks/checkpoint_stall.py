@@ -7,9 +7,9 @@ memory), and without step checkpoints, side by side in one invocation.
 
 How it measures: every configuration is a 2-epoch run of ``--steps`` optimizer steps an epoch on
 one worker, ``--steps`` not a multiple of ``--every``, so the step checkpoints fall inside the
-epochs. The step time is epoch 2's ``epoch_time_s`` (its steps and the checkpoint stalls inside
+epochs. The step time is epoch 2's ``perf/epoch_time_s`` (its steps and the checkpoint stalls inside
 it; the final checkpoint comes after it) over its steps; epoch 1 pays for warm-up and is left out.
-``step_ckpt_wait_s`` is each checkpoint's stall of the training thread (host copy, Ray's report
+``perf/step_ckpt_wait_s`` is each checkpoint's stall of the training thread (host copy, Ray's report
 barrier, waiting for the previous checkpoint to be registered, and in sync mode writing and
 uploading). The configurations run in turn (none, sync, async), ``--repeats`` times, so that drift
 in a shared machine's load hits each of them.
@@ -124,9 +124,9 @@ def measure(cfg: Any, uri: str, steps: int) -> dict[str, Any]:
         return sorted((m.step, m.value) for m in client.get_metric_history(outcome.run_id, key))
 
     end2 = next(step for step, epoch in history("epoch") if epoch == 2)  # epoch metrics' step
-    epoch2 = dict(history("epoch_time_s"))[end2]
-    stalled = dict(history("ckpt_wait_s")).get(end2, 0.0)
-    waits = history("step_ckpt_wait_s")
+    epoch2 = dict(history("perf/epoch_time_s"))[end2]
+    stalled = dict(history("perf/ckpt_wait_s")).get(end2, 0.0)
+    waits = history("perf/step_ckpt_wait_s")
     return {"step_time_s": epoch2 / steps, "epoch2_time_s": epoch2, "epoch2_ckpt_wait_s": stalled,
             # the share of epoch 2 the training thread stood still for checkpoints: unlike the
             # step time, not moved by other processes' load on a shared machine

@@ -617,11 +617,11 @@ def train_part(work: Path, shards: str, cfg: dict[str, Any], cpu_only: bool,
 
         client = MlflowClient(uri)
         run = client.get_run(run_id)
-        history = client.get_metric_history(run_id, "val_top1")
+        history = client.get_metric_history(run_id, "eval/top1")
         result.update(mlflow_status=run.info.status,
                       mlflow_metrics=sorted(run.data.metrics),
                       val_top1_by_epoch=[round(m.value, 4) for m in sorted(history, key=lambda m: m.step)],
-                      train_img_per_s=run.data.metrics.get("img_per_s"))
+                      train_img_per_s=run.data.metrics.get("perf/img_per_s"))
     result.update(top1_training_validation=result.get("val_top1_by_epoch", [None])[-1]
                   if result.get("val_top1_by_epoch") else None,
                   top1_registered_model_on_cpu=None, eval_images=None, top1_equal=None)

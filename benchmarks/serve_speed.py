@@ -101,7 +101,7 @@ def register(name: str, job: str, classes: int) -> Any:
     example = normalizer(cfg.data.recipe)(torch.randint(0, 256, (2, 3, crop, crop), dtype=torch.uint8))
     tracker = RunTracker.create_training(cfg, run_name=name, tags={})
     version = log_final_model(tracker, model, cfg, [f"class {i}" for i in range(classes)],
-                              example.numpy().astype(np.float32), {"val_top1": 0.0})
+                              example.numpy().astype(np.float32), {"eval/top1": 0.0})
     tracker.finish()
     assert version == f"{name}/1", version
     return cfg

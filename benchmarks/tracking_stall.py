@@ -7,7 +7,7 @@ rank 0 queues its metrics on a :class:`ran.tracking.RunLogger` (a background thr
 and the driver draws the curves once, after training.
 
 Both are timed here on the same store, epoch by epoch, with the step metrics a run logs between
-epochs (``step_loss``/``step_lr`` every ``--log-every`` of ``--steps`` steps): the stall grows with
+epochs (``train/step_loss``/``train/step_lr`` every ``--log-every`` of ``--steps`` steps): the stall grows with
 the history when the curves are redrawn each epoch.
 
     python benchmarks/tracking_stall.py [--epochs 30] [--steps 200] [--log-every 20]
@@ -28,9 +28,9 @@ from ran import tracking
 
 
 def _epoch_metrics(epoch: int) -> dict[str, float]:
-    return {"train_loss": 2.0 / epoch, "val_loss": 2.1 / epoch, "val_top1": 1 - 1 / (epoch + 1),
-            "val_top5": 0.99, "lr": 0.1, "img_per_s": 500.0, "data_wait_frac": 0.01,
-            "skipped": 0.0, "epoch_time_s": 60.0}
+    return {"train/loss": 2.0 / epoch, "eval/loss": 2.1 / epoch, "eval/top1": 1 - 1 / (epoch + 1),
+            "eval/top5": 0.99, "train/lr": 0.1, "perf/img_per_s": 500.0, "perf/data_wait_frac": 0.01,
+            "train/skipped": 0.0, "perf/epoch_time_s": 60.0}
 
 
 def run(mode: str, uri: str, args: argparse.Namespace) -> list[float]:
@@ -42,7 +42,7 @@ def run(mode: str, uri: str, args: argparse.Namespace) -> list[float]:
     for epoch in range(1, args.epochs + 1):
         for _ in range(args.steps // args.log_every):  # during the epoch, on the log cadence
             step += args.log_every
-            metrics = {"step_loss": 1.0, "step_lr": 0.1}
+            metrics = {"train/step_loss": 1.0, "train/step_lr": 0.1}
             writer.log_metrics(metrics, step) if writer else tracker.log_metrics(metrics, step)
         start = time.perf_counter()
         if writer is not None:  # now: at the global step, with the epoch beside them
@@ -53,7 +53,7 @@ def run(mode: str, uri: str, args: argparse.Namespace) -> list[float]:
         stalls.append(time.perf_counter() - start)
     if writer is not None:
         writer.close()
-        assert len(tracker.history("val_top1")) == args.epochs  # everything reached MLflow
+        assert len(tracker.history("eval/top1")) == args.epochs  # everything reached MLflow
     return stalls
 
 

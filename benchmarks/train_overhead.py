@@ -9,7 +9,7 @@ before and after the `ran train` runs, so that a change of load on a shared mach
 spread between the two. Each side's step time is the median of its timed epochs (the plain loop's
 two runs pooled); the fastest epoch is reported too. A median does not favour the side with more
 epochs, as a minimum does: on a noisy machine, the minimum of more samples is lower. For
-`ran train` the numbers come from its own MLflow metrics (``epoch_time_s`` and ``startup_s``:
+`ran train` the numbers come from its own MLflow metrics (``perf/epoch_time_s`` and ``perf/startup_s``:
 seconds from the command's start to the first optimizer step). Each training process gets one CPU thread, as a Ray worker with
 ``cpus_per_worker=1`` does, so the 1-worker ratio isolates the framework's overhead.
 
@@ -150,8 +150,8 @@ def ran_train(data: str, args: argparse.Namespace, workers: int, root: Path,
         run = client.search_runs([experiment.experiment_id], f"tags.`ran.job` = '{name}'",
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         steps = int(run.data.tags["ran.plan.steps_per_epoch"])
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch_time_s"))
-        startup = client.get_metric_history(run.info.run_id, "startup_s")[0].value
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "perf/epoch_time_s"))
+        startup = client.get_metric_history(run.info.run_id, "perf/startup_s")[0].value
         system = sorted(k for k in run.data.metrics if k.startswith("system/"))
     return {**summarize([v for _, v in history][1:], steps, args.batch * workers),
             "steps_per_epoch": steps, "first_step_s": startup, "wall_s": wall,

@@ -2,8 +2,9 @@
 
 Handlers are imported lazily (``"module:function"``) so that ``ran models`` does not pay for
 importing Ray and MLflow. Every handler takes the parsed ``argparse.Namespace`` and returns an
-exit code. Expected errors (``ValueError`` subclasses such as ConfigError and DataError, missing
-files, refused connections) print ``error: ...`` and exit 2; a traceback means a bug.
+exit code. Expected errors (:data:`EXPECTED_ERRORS`: ``ValueError`` subclasses such as ConfigError
+and DataError, missing or unreadable files, refused connections) print ``error: ...`` and exit 2;
+a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from ran.data.commands import add_data_parser
+from ran.table import format_table
 from ran.train import console
 
 
@@ -56,9 +58,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             rows.append((name, stem, str(info.depth), f"{info.params / 1e6:.2f}",
                          f"{info.macs / 1e9:.3f}", str(info.input_size)))
     header = ("name", "stem", "depth", "params(M)", "GMACs", "input")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print(format_table(header, rows, right=range(2, len(header))))
     return 0
 
 
@@ -72,6 +72,8 @@ EXAMPLES = {
               "ran bench jobs/imagenet_attention56.yaml --batch 64,128,256 --data --json",
               "ran bench jobs/cifar10_attention92.yaml --set data.batch_size=64 --modes eager,cuda_graph"],
     "tune": ["ran tune tune_spaces/depth_mask.yaml --job jobs/cifar10_attention56.yaml",
+             "ran tune tune_spaces/optim.yaml --job jobs/demo.yaml --trials 2 --epochs 1 "
+             "--set search.scheduler=fifo --set search.resources.num_workers=1",
              "ran tune tune_spaces/depth_mask.yaml --job jobs/demo.yaml --resume"],
     "eval": ["ran eval models:/ran-demo@champion --data data/synth",
              "ran eval runs/demo-20260101-120000 --data s3://bucket/imagenet --crop 320"],
@@ -172,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "tune", "search a Tune space over a job")
     p.add_argument("space", help="search space YAML (see tune_spaces/)")
     _add_job_args(p, job_flag=True)
+    p.add_argument("--trials", type=int, metavar="N", help="samples of the space, i.e. --set "
+                   "search.num_samples=N (default: the space's search.num_samples)")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs per trial, i.e. --set "
+                   "train.epochs=N (default: the job's and the space's set:)")
     _add_ray_args(p, "restore the interrupted search of this job and space (default: a new search)")
     p.set_defaults(func=_lazy("ran.tune.search:cli_tune"))
 
@@ -242,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of bad input or an unreachable service: one ``error: ...`` line and exit code 2 (ConfigError,
+# DataError and the other ValueErrors; missing or unreadable files, refused connections). The one
+# mapping of every verb, `ran data` included; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -250,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as err:
+    except EXPECTED_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

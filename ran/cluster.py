@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 import getpass
 import ipaddress
+import logging
 import os
 import secrets
 import shlex
@@ -31,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 from urllib.parse import urlparse
 
 import requests
@@ -39,9 +41,11 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from ran import tracking
-from ran.config import JobConfig, load_config
+from ran.config import JobConfig, load_config, parse_set
+from ran.table import format_table
+from ran.train import console
 from ran.train.localray import auth_token, ray_address
-from ran.tune.space import load_space
+from ran.tune.space import from_command_line, load_space
 
 # Environment passed to the job: where runs and artifacts go and which S3 endpoint and region to
 # use, never a credential. The runtime env is stored with the job and shown to anyone who can list
@@ -185,20 +189,23 @@ def submission_id(cfg: JobConfig) -> str:
 def validate(job: str, overrides: list[str], tune: str | None = None) -> JobConfig:
     """The job config (and the Tune space over it) through the stage of the Launcher's pre-flight
     that needs no data (:func:`ran.train.launch.check_job`, :func:`ran.tune.search.check_search`):
-    the data and the run directory are the cluster's, checked there when the job starts.
+    the data and the run directory are the cluster's, checked there when the job starts. With
+    ``tune``, ``--set search.*`` keys size the search (:func:`ran.tune.space.from_command_line`).
 
     Raises:
         ConfigError: one line naming the key.
     """
-    cfg = load_config(job, overrides)
-    if tune:
-        from ran.tune.search import check_search  # Ray Tune: only for a search
-
-        check_search(load_space(tune), cfg.model_dump())
-    else:
+    if not tune:
         from ran.train.launch import check_job  # Ray Train and MLflow: after the arguments parse
 
+        cfg = load_config(job, overrides)
         check_job(cfg)
+        return cfg
+    from ran.tune.search import check_search  # Ray Tune: only for a search
+
+    space, job_pairs = from_command_line(load_space(tune), parse_set(overrides))
+    cfg = load_config(job, job_pairs)
+    check_search(space, cfg.model_dump())
     return cfg
 
 
@@ -422,10 +429,35 @@ def report_end(info: Any, out: TextIO | None = None) -> int:
 # Commands
 
 
+# Ray's loggers that talk while the working directory is packaged and uploaded: "Directory '.git'
+# is now ignored by default when packaging" (ran's own excludes say what is left out), "Pushing
+# file package ...". Shown with -v only.
+UPLOAD_LOGGERS = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
+                  "ray.dashboard.modules.dashboard_sdk")
+
+
+@contextlib.contextmanager
+def _quiet_upload() -> Iterator[None]:
+    """Ray's upload loggers at ERROR for the block, unless ``ran -v``."""
+    if console.verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in UPLOAD_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def submit(client: "JobSubmissionClient", sub: Submission) -> str:
-    """Submit to the cluster; returns the submission id."""
-    return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                             metadata=sub.metadata, submission_id=sub.submission_id)
+    """Submit to the cluster; returns the submission id. Ray's packaging lines only with -v."""
+    with _quiet_upload():
+        return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                                 metadata=sub.metadata, submission_id=sub.submission_id)
 
 
 def cli_submit(args: argparse.Namespace) -> int:
@@ -515,9 +547,7 @@ def print_jobs(jobs: list[Any], out: TextIO | None = None) -> None:
     rows = [(j.submission_id, str(j.status), _when(j.start_time), _took(j), j.entrypoint)
             for j in jobs]
     header = ("SUBMISSION ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+    print(format_table(header, rows, free_last=True), file=out)
     if not rows:
         print("(no submitted jobs)", file=out)
 
@@ -534,6 +564,4 @@ def print_status(info: Any, out: TextIO | None = None) -> None:
         fields.append((key, value))
     if info.message:
         fields.append(("message", _first_line(info.message)))
-    width = max(len(k) for k, _ in fields)
-    for key, value in fields:
-        print(f"{key.ljust(width)}  {value}", file=out)
+    print(format_table(None, fields, free_last=True), file=out)

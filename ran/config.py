@@ -6,6 +6,7 @@ errors that list the valid ones. Every field carries a one-line comment: the con
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,12 @@ from ran.data import DEFAULT_MAX_PIXELS, check_decode
 
 class ConfigError(ValueError):
     """A job config that cannot be used; the message says what to change."""
+
+
+# The recipes in jobs/ write this where the user's bucket goes (s3://YOUR-BUCKET/runs). A
+# placeholder storage.path falls back to the embedded default (./runs) with a note; any other
+# placeholder (data.path) is refused at pre-flight, naming the key (check_placeholders).
+PLACEHOLDER = "YOUR-"
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -172,7 +179,9 @@ class ScalingConfig(_Section):
     # Ray Train workers (one process each): N, or an elastic group [min, max] that starts once min
     # can be placed, grows to max as resources appear and continues with fewer after losing some.
     num_workers: int | list[int] = 2
-    use_gpu: bool = False  # one GPU per worker
+    # one GPU per worker: true, false, or auto: GPUs when the Ray cluster has any (the local Ray:
+    # this machine's), decided when Ray is up; the run's scaling.use_gpu param says which
+    use_gpu: bool | Literal["auto"] = False
     cpus_per_worker: float = Field(1.0, gt=0)  # CPUs reserved per worker
     max_failures: int = Field(2, ge=0)  # worker-group restarts before the run fails
 
@@ -214,7 +223,7 @@ class TrackingConfig(_Section):
     log_model: bool = True  # log the final model to MLflow (and register it when registered_model is set)
     system_metrics_every_s: float = Field(10.0, ge=0)  # MLflow system metrics sampling period per node; 0: off
     # Registration gate (the model is logged either way): a minimum validation top-1, and an alias
-    # whose holder the model must beat (strictly higher recorded val_top1 on the same data).
+    # whose holder the model must beat (strictly higher recorded eval/top1 on the same data).
     register_min_top1: float | None = Field(None, ge=0, le=1)  # None: no minimum
     register_if_beats: str | None = None  # e.g. champion; None: no comparison
 
@@ -261,25 +270,28 @@ class JobConfig(_Section):
                              "SyncBatchNorm is GPU-only)")
         return self
 
-    def with_values(self, changes: dict[str, Any]) -> "JobConfig":
-        """A copy with dotted keys set (``{"data.path": "/abs"}``); each value is validated as its
-        field is, without dumping and re-validating the whole config.
+    def with_gpu(self, has_gpus: bool) -> "JobConfig":
+        """``scaling.use_gpu: auto`` decided: true when the cluster has GPUs (``has_gpus``);
+        true and false stay as they are.
 
         Raises:
-            ConfigError: an unknown key or an invalid value.
+            ConfigError: auto became false under an option that needs GPUs (train.cuda_graph,
+                train.sync_batchnorm).
         """
-        copy = self.model_copy(deep=True)
-        for dotted, value in changes.items():
-            section, _, key = dotted.partition(".")
-            target = getattr(copy, section, None) if key else copy
-            name = key or section
-            if target is None or name not in type(target).model_fields:
-                raise ConfigError(_unknown_key_message(dotted))
-            try:
-                setattr(target, name, value)
-            except ValidationError as err:
-                raise ConfigError(_format_validation_error(err, dotted)) from None
-        return copy
+        if self.scaling.use_gpu != "auto":
+            return self
+        return self.with_values({"scaling.use_gpu": has_gpus})
+
+    def with_values(self, changes: dict[str, Any]) -> "JobConfig":
+        """A copy with dotted keys set (``{"data.path": "/abs"}``), through the one setter
+        :func:`apply_overrides` uses for ``--set`` and Tune spaces; the result is validated whole,
+        so a change that breaks a cross-field rule is refused too.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value (one line naming the key).
+        """
+        raw = apply_overrides(self.model_dump(), changes)
+        return parse_config(raw, f"(with {', '.join(changes)})", frozenset(changes), label="value")
 
     def resolve(self, *, data_path: str, num_classes: int, storage_path: str) -> "JobConfig":
         """The config a run uses: absolute data and storage paths, ``model.num_classes`` from the
@@ -301,6 +313,11 @@ class JobConfig(_Section):
 
     def resolved_stem(self) -> str:
         return self.model.stem or self.data.recipe
+
+    def placeholders(self) -> list[str]:
+        """Dotted keys whose value is a recipe's placeholder (contains :data:`PLACEHOLDER`, as in
+        ``s3://YOUR-BUCKET/runs``): values the user is meant to replace."""
+        return [k for k, v in self.flat().items() if isinstance(v, str) and PLACEHOLDER in v]
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, the form MLflow params and Tune spaces use."""
@@ -341,32 +358,69 @@ def valid_keys() -> list[str]:
     return sorted(JobConfig().flat())
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def check_keys(keys: list[str], where: str = "", known: list[str] | None = None) -> None:
+    """Refuse a dotted key that is not one of ``known`` (default: :func:`valid_keys`).
+
+    Raises:
+        ConfigError: ``WHERE: unknown config key 'K'; valid keys: ...`` (the key's section's).
+    """
+    known = valid_keys() if known is None else known
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"{where}: " * bool(where) + _unknown_key_message(key, known))
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any, known: list[str] | None = None,
+               where: str = "") -> dict[str, Any]:
+    """Set ``a.b.c`` in a raw config tree (nested dicts), the one dotted-key setter of ran: ``--set``,
+    a Tune space's ``set:`` and searched values, ``search.*`` settings and
+    :meth:`JobConfig.with_values` all go through it. ``known``: the keys that may be set
+    (default: :func:`valid_keys`); returns ``tree``.
+
+    Raises:
+        ConfigError: an unknown key, or a key below a value that is not a section.
+    """
+    check_keys([dotted], where, known)
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
+            raise ConfigError(f"{where}: " * bool(where) + f"{dotted}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+    return tree
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["a.b=value", ...]`` (``--set``) -> ``{"a.b": value}``, values read as plain YAML.
+
+    Raises:
+        ConfigError: an item without ``=``, or a value that is not plain YAML.
+    """
+    pairs: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
+        key, text = item.split("=", 1)
+        pairs[key.strip()] = _override_value(item, text)
+    return pairs
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Apply ``{"a.b": value}`` or ``["a.b=value", ...]`` (values parsed as YAML) to a raw tree."""
+    """Apply ``{"a.b": value}`` or ``["a.b=value", ...]`` (values parsed as YAML) to a raw tree
+    with :func:`set_dotted`; returns ``raw``.
+
+    Raises:
+        ConfigError: an unknown key or a malformed ``--set`` item.
+    """
     if isinstance(overrides, list):
-        pairs: dict[str, Any] = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.05")
-            key, text = item.split("=", 1)
-            pairs[key.strip()] = _override_value(item, text)
-        overrides = pairs
-    keys = set(valid_keys())
+        overrides = parse_set(overrides)
+    keys = valid_keys()
     for key, value in overrides.items():
-        if key not in keys:
-            raise ConfigError(_unknown_key_message(key))
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value, keys)
     return raw
 
 
@@ -388,16 +442,20 @@ def _override_value(item: str, text: str) -> Any:
                           "characters (YAML tags such as !!python/object are never read)") from None
 
 
-def _unknown_key_message(key: str) -> str:
+def _unknown_key_message(key: str, known: list[str] | None = None) -> str:
+    known = valid_keys() if known is None else sorted(known)
     section = key.split(".")[0]
-    keys = [k for k in valid_keys() if k.startswith(section + ".")] or valid_keys()
-    return f"unknown config key {key!r}; valid keys: {', '.join(keys)}"
+    keys = [k for k in known if k.startswith(section + ".")]
+    if not keys and section == "search":
+        return f"unknown config key {key!r}: search.* keys size a search, given to `ran tune`"
+    return f"unknown config key {key!r}; valid keys: {', '.join(keys or known)}"
 
 
 def _format_validation_error(err: ValidationError, source: str,
-                             overridden: frozenset[str] = frozenset()) -> str:
+                             overridden: frozenset[str] = frozenset(), label: str = "--set") -> str:
     """One line for every problem: those of keys given with ``--set`` (``overridden``) under
-    ``invalid --set``, the rest under ``invalid job config SOURCE``."""
+    ``invalid --set`` (``label``: how they were given), the rest under ``invalid job config
+    SOURCE``."""
     from_file, from_set = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -408,14 +466,14 @@ def _format_validation_error(err: ValidationError, source: str,
             line = f"{where}{e['msg']} (got {e.get('input')!r})"
         given = any(loc == key or loc.startswith(key + ".") for key in overridden)
         (from_set if given else from_file).append(line)
-    parts = [f"invalid --set {'; '.join(from_set)}"] if from_set else []
+    parts = [f"invalid {label} {'; '.join(from_set)}"] if from_set else []
     if from_file:
         parts.append(f"invalid job config {source}: " + "; ".join(from_file))
     return "; ".join(parts)
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>",
-                 overridden: frozenset[str] = frozenset()) -> JobConfig:
+                 overridden: frozenset[str] = frozenset(), label: str = "--set") -> JobConfig:
     """Validate a raw config tree from ``source`` (named in errors); ``overridden``: the dotted
     keys the user gave with ``--set``, whose errors are named as theirs.
 
@@ -425,13 +483,40 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>",
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source, overridden)) from None
+        raise ConfigError(_format_validation_error(err, source, overridden, label)) from None
+
+
+def fill_placeholders(cfg: JobConfig) -> tuple[JobConfig, list[str]]:
+    """``cfg`` with a placeholder ``storage.path`` replaced by the embedded default (``runs``),
+    and a one-line note for each replacement."""
+    if "storage.path" not in cfg.placeholders():
+        return cfg, []
+    default = StorageConfig.model_fields["path"].default
+    note = (f"note: storage.path {cfg.storage.path} is the recipe's placeholder; runs go to "
+            f"./{default} (the embedded default): set storage.path to keep them elsewhere")
+    return cfg.with_values({"storage.path": default}), [note]
+
+
+def check_placeholders(cfg: JobConfig) -> None:
+    """Refuse a placeholder that has no default (``data.path: s3://YOUR-BUCKET/shards/...``).
+
+    Raises:
+        ConfigError: one line naming the key and how to set it.
+    """
+    for key in cfg.placeholders():
+        value = cfg.flat()[key]
+        hint = (" (shards written by `ran data build` or `ran data synth`)"
+                if key == "data.path" else "")
+        raise ConfigError(f"{key} {value} is the recipe's placeholder: give yours with --set "
+                          f"{key}=...{hint}")
 
 
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> JobConfig:
-    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides.
+    """Load a job YAML (or the embedded defaults when ``path`` is None) and apply overrides; a
+    placeholder ``storage.path`` becomes the embedded default, with a note on stderr
+    (:func:`fill_placeholders`).
 
     Raises:
         ConfigError: an unreadable file, invalid YAML, a key given twice (named with both line
@@ -454,8 +539,9 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"job config {path} must be a mapping of sections, got {type(raw).__name__}")
         raw.setdefault("name", Path(path).stem)
-    overrides = overrides or {}
+    overrides = parse_set(overrides) if isinstance(overrides, list) else (overrides or {})
     raw = apply_overrides(raw, overrides)
-    given = frozenset(item.split("=", 1)[0].strip() for item in overrides) \
-        if isinstance(overrides, list) else frozenset(overrides)
-    return parse_config(raw, source, given)
+    cfg, notes = fill_placeholders(parse_config(raw, source, frozenset(overrides)))
+    for note in notes:
+        print(note, file=sys.stderr)
+    return cfg

@@ -4,7 +4,7 @@
 (:func:`ran.runtime.resolve_model`). It is loaded as a :class:`ran.runtime.ModelBundle` and
 measured by its ``evaluate``: the eval transform at the eval crop, the training precision and
 memory format, counts summed over the whole split, so a registered version reproduces the
-``val_top1`` it was registered with on the same data. The evaluation is logged as a run in the
+``eval/top1`` it was registered with on the same data. The evaluation is logged as a run in the
 experiment ``<training experiment>-evaluations`` (not among the training runs), tagged with the
 model version and source run, its metrics also attached to the logged model; a registered version
 also gets them as tags (``eval.<split>.top1`` ...).
@@ -21,7 +21,7 @@ from ran.config import JobConfig
 def cli_eval(args: argparse.Namespace) -> int:
     """``ran eval MODEL --data PATH [--split S] [--crop N] [--batch-size N] [--workers N]``."""
     bundle = runtime.ModelBundle.load(args.model, crop=args.crop)
-    metrics = bundle.evaluate(args.data, args.split, args.batch_size, args.workers)
+    metrics = bundle.evaluate(args.data, args.split, args.batch_size, args.workers, progress=True)
     cfg, source = bundle.config, bundle.source
     assert source is not None
     print(f"model   {source.label}  ({cfg.model.name}, {cfg.resolved_stem()} stem)")
@@ -36,7 +36,10 @@ def cli_eval(args: argparse.Namespace) -> int:
     experiment = evaluation_experiment(cfg)
     with tracking.linked_run(experiment, kind="evaluation", run_name=f"evaluation {source.label}",
                              tags=source.tags(), params=params) as run:
-        tracking.log_model_metrics(run, metrics, source.model_id)
+        tracking.log_model_metrics(run, {**{f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss")},
+                                         "eval/samples": metrics["images"],
+                                         "eval/skipped": metrics["skipped"],
+                                         "perf/img_per_s": metrics["img_per_s"]}, source.model_id)
     if source.name and source.version:
         tracking.tag_version(source.name, source.version, {
             f"eval.{args.split}.{key}": f"{metrics[key]:.6f}" for key in ("top1", "top5", "loss")}

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from ran import tracking
+from ran.progress import Progress
 from ran.runtime import ModelBundle
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ PANEL_INCHES = 2.4  # one image or mask panel (its colour bar and title take a l
 TITLE_CHARS = 30  # characters of a 7-point title line that fit a panel's width
 TITLE_INCHES = 0.4  # the figure's two-line title
 DPI = 100
+EXPLAIN_BATCH = 16  # images a forward pass (one batch: what a bundle test compares bitwise with eval)
 HEATMAP = "inferno"  # perceptually uniform, dark (low) to bright (high), readable in greyscale
 HEATMAP_ALPHA = 0.75  # the heat map over the grey image
 FLAT = 1e-6  # a map whose values span less than this is drawn as constant
@@ -224,8 +226,12 @@ def explain_images(bundle: ModelBundle, images: Sequence[str | Path], out: str |
         ImageError: an image is missing or unreadable.
     """
     cfg, class_names = bundle.config, bundle.class_names
-    pictures = torch.stack([read_image(path, bundle) for path in images])
-    results = explain(bundle, pictures)
+    results: list[Explanation] = []
+    with Progress("explaining", len(images), "img", enabled=len(images) > 1) as shown:
+        for start in range(0, len(images), EXPLAIN_BATCH):  # one forward pass a batch
+            chunk = images[start:start + EXPLAIN_BATCH]
+            results += explain(bundle, torch.stack([read_image(path, bundle) for path in chunk]))
+            shown.update(len(chunk))
     for path, result in zip(images, results):
         result.name, result.true = Path(path).name, true_class(path, class_names)
     if bundle.has_masks:

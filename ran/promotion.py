@@ -4,8 +4,8 @@
 the version that holds it now, on the same data:
 
 - by default on the validation metrics recorded when the versions were registered (version tags
-  ``val_top1``, ``val_top5``, ``val_loss``), which compare only if both runs validated on the same
-  data by content (the digest of the validation split each run logged as its MLflow dataset,
+  ``eval/top1``, ``eval/top5``, ``eval/loss``), which compare only if both runs validated on the
+  same data by content (the digest of the validation split each run logged as its MLflow dataset,
   :mod:`ran.tracking.basis`: the same shards at two paths are the same data); otherwise it refuses
   and asks for ``--eval-data``;
 - with ``--eval-data PATH``, on a fresh evaluation of both versions on those shards.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ran import runtime, tracking
+from ran.table import format_table
 from ran.tracking.basis import Basis, run_basis
 from ran.tracking.validate import check_alias
 
@@ -71,13 +72,13 @@ class Decision:
 def recorded_standing(mv: Any) -> Standing:
     """The validation metrics recorded with a version, and the data they were measured on (by
     content: :func:`ran.tracking.basis.run_basis`)."""
-    tags = mv.tags or {}
-    if "val_top1" not in tags:
-        raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded val_top1 tag; "
+    tags = {k: tracking.version_metric(mv.tags or {}, k) for k in tracking.METRIC_TAGS}
+    if tags["eval/top1"] is None:
+        raise PromotionError(f"version {mv.version} of {mv.name!r} has no recorded eval/top1 tag; "
                              "pass --eval-data PATH to evaluate it")
     data = run_basis(mv.run_id)
-    return Standing(str(mv.version), float(tags["val_top1"]), _float(tags.get("val_top5")),
-                    _float(tags.get("val_loss")), basis=f"{data.where} (recorded)", data=data)
+    return Standing(str(mv.version), float(tags["eval/top1"]), _float(tags.get("eval/top5")),
+                    _float(tags.get("eval/loss")), basis=f"{data.where} (recorded)", data=data)
 
 
 def _float(text: str | None) -> float | None:
@@ -230,9 +231,10 @@ def registry_rows(name: str | None = None) -> list[dict[str, str]]:
             rows.append({
                 "model": model.name, "version": str(mv.version),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))) or "-",
-                "top1": _metric(tags.get("val_top1")), "top5": _metric(tags.get("val_top5")),
-                "loss": _metric(tags.get("val_loss")), "arch": tags.get("model", "-"),
-                "run": (mv.run_id or "-")[:12],
+                "top1": _metric(tracking.version_metric(tags, "eval/top1")),
+                "top5": _metric(tracking.version_metric(tags, "eval/top5")),
+                "loss": _metric(tracking.version_metric(tags, "eval/loss")), "arch": tags.get("model", "-"),
+                "run": mv.run_id or "-",  # whole: what ran eval and the UI search take
                 "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime(
                     "%Y-%m-%d %H:%M"),
             })
@@ -243,16 +245,17 @@ def _metric(text: str | None) -> str:
     return "-" if text is None else f"{float(text):.4f}"
 
 
-def format_table(rows: list[dict[str, str]]) -> str:
-    """Left-aligned text columns, right-aligned numbers."""
-    header = {"model": "model", "version": "version", "aliases": "aliases", "top1": "val_top1",
-              "top5": "val_top5", "loss": "val_loss", "arch": "arch", "run": "run",
-              "created": "created"}
-    numeric = {"version", "top1", "top5", "loss"}
-    table = [header, *rows]
-    widths = {k: max(len(r[k]) for r in table) for k in header}
-    return "\n".join("  ".join(r[k].rjust(widths[k]) if k in numeric else r[k].ljust(widths[k])
-                               for k in header).rstrip() for r in table)
+REGISTRY_COLUMNS = {"model": "model", "version": "version", "aliases": "aliases",
+                    "top1": "eval/top1", "top5": "eval/top5", "loss": "eval/loss", "arch": "arch",
+                    "run": "run", "created": "created"}
+
+
+def format_registry(rows: list[dict[str, str]]) -> str:
+    """:func:`registry_rows` as a table (:func:`ran.table.format_table`; numbers right-aligned)."""
+    keys = list(REGISTRY_COLUMNS)
+    right = [keys.index(k) for k in ("version", "top1", "top5", "loss")]
+    return format_table(list(REGISTRY_COLUMNS.values()), [[r[k] for k in keys] for r in rows],
+                        right=right)
 
 
 def cli_registry(args: argparse.Namespace) -> int:
@@ -260,5 +263,5 @@ def cli_registry(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no registered model versions in {tracking.shown(tracking.tracking_uri())}")
         return 0
-    print(format_table(rows))
+    print(format_registry(rows))
     return 0

@@ -34,9 +34,11 @@ from torch import nn
 from ran import steptable, tracking
 from ran.config import ConfigError, JobConfig, load_yaml, parse_config
 from ran.data import DataError
-from ran.data.read import Batch, make_loader, read_manifest
+from ran.data import storage as data_storage
+from ran.data.read import Batch, make_loader, read_manifest, split_shards
 from ran.data.transforms import Transform, make_transform, normalizer, to_rgb, train_crop
 from ran.models import create_model, model_defaults
+from ran.progress import Progress, counted
 from ran.tracking.models import SIDE_FILES
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint directory ``ran train`` writes
@@ -516,20 +518,22 @@ class ModelBundle:
     # -- the evaluation loop
 
     def evaluate(self, data_path: str, split: str = "val", batch_size: int | None = None,
-                 workers: int | None = None) -> dict[str, float]:
+                 workers: int | None = None, progress: bool = False) -> dict[str, float]:
         """Top-1, top-5 and mean loss over every sample of ``split`` of ``data_path``, exactly as
         training validates (:func:`eval_counts` at the bundle's crop, precision and memory
         format), after checking the data's classes are the model's (:func:`check_classes`).
 
-        ``batch_size`` and ``workers`` default to the config's. Returns ``top1``, ``top5``
+        ``batch_size`` and ``workers`` default to the config's; ``progress``: report the images
+        done on stderr (:class:`ran.progress.Progress`). Returns ``top1``, ``top5``
         (fractions), ``loss`` (nats), ``images``, ``skipped`` and ``img_per_s`` (model and data
         time).
 
         Raises:
             ValueError: the data's classes are not the model's.
-            DataError: the shards cannot be read.
+            DataError: no such folder, no shards in it, or the shards cannot be read.
         """
         cfg, device = self.config, self.device
+        data_storage.require_dir(data_path)  # no folder, told apart from a folder without shards
         check_classes(self.model, self.class_names, read_manifest(data_path), data_path)
         loader = make_loader(
             data_path, split, train=False, batch_size=batch_size or cfg.data.batch_size,
@@ -539,10 +543,14 @@ class ModelBundle:
             decode=cfg.data.decode, device=device, max_pixels=cfg.data.max_pixels,
         )
         start = time.perf_counter()
+        total = sum(n for _, n in split_shards(data_path, loader.manifest, split))
+        shown = Progress(f"evaluating {split}", total, "img", enabled=progress)
         try:
-            counts = eval_counts(self.model, loader, device=device, precision=self.precision,
+            counts = eval_counts(self.model, counted(loader, shown, lambda b: len(b.labels) + b.skipped),
+                                 device=device, precision=self.precision,
                                  normalize=self.normalize, channels_last=self.channels_last)
         finally:
+            shown.close()
             loader.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -702,7 +710,7 @@ class EvalCounts:
     def from_list(cls, values: Iterable[float]) -> "EvalCounts":
         return cls(*values)
 
-    def metrics(self, prefix: str = "val_") -> dict[str, float]:
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """``{prefix}loss``, ``top1``, ``top5`` (fractions), ``samples`` and ``skipped``."""
         n = max(self.samples, 1)
         return {f"{prefix}loss": self.loss_sum / n, f"{prefix}top1": self.top1 / n,

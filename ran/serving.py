@@ -116,11 +116,23 @@ class ImageClassifier:
         """
         probs, indices = self.top_k(self.images(model_input))
         rows = indices.tolist()
-        return pd.DataFrame({
+        return Predictions({
             "indices": rows,
             "classes": [[self.class_names[i] for i in row] for row in rows],
             "probabilities": [[round(float(p), 6) for p in row] for row in probs.tolist()],
         })
+
+
+class Predictions(pd.DataFrame):
+    """The answer's DataFrame, printed whole: pandas would elide the middle column (``classes``,
+    the one a person reads) of lists wider than the console as ``...``."""
+
+    @property
+    def _constructor(self) -> type:
+        return Predictions
+
+    def __repr__(self) -> str:
+        return self.to_string()
 
 
 class _Pyfunc:

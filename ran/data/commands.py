@@ -1,36 +1,20 @@
 """``ran data build|synth|verify``: argparse subcommands; the main CLI calls ``add_data_parser``.
 
-Handlers return an exit code: 0 on success, 1 when ``verify`` finds a mismatch, 2 for bad input
-(a one-line ``error: ...`` on stderr, never a traceback).
+Handlers return an exit code: 0 on success, 1 when ``verify`` finds a mismatch; bad input raises
+DataError or OSError, which ``ran.cli.main`` turns into one ``error: ...`` line and exit code 2, as
+for every verb.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from typing import Callable
 
-from ran.data import DEFAULT_MAX_PIXELS, DataError
+from ran.data import DEFAULT_MAX_PIXELS
 
 SOURCES = ("imagenet", "imagefolder", "cifar10", "cifar100")
 
 
-def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except DataError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_handler
 def build_command(args: argparse.Namespace) -> int:
     from ran.data.write import build_shards
 
@@ -40,7 +24,6 @@ def build_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handler
 def synth_command(args: argparse.Namespace) -> int:
     from ran.data.synth import write_synthetic
 
@@ -50,10 +33,11 @@ def synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@_handler
 def verify_command(args: argparse.Namespace) -> int:
     from ran.data.read import verify_shards
+    from ran.data.storage import require_dir
 
+    require_dir(args.path)
     ok = verify_shards(args.path, workers=args.workers, progress=not args.quiet, max_pixels=args.max_pixels)
     if not ok:
         print(f"error: {args.path}: shards do not match the manifest (see above)", file=sys.stderr)

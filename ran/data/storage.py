@@ -46,6 +46,18 @@ def is_remote(path: str) -> bool:
     return is_s3(path) or is_http(path)
 
 
+def require_dir(path: str, what: str = "data") -> None:
+    """A local shard directory exists (remote prefixes are checked when read), so that a missing
+    folder and a folder without shards (``no manifest.json``) are told apart.
+
+    Raises:
+        DataError: ``WHAT PATH: no such directory ...``.
+    """
+    if not is_remote(path) and not os.path.isdir(path):
+        raise DataError(f"{what} {path}: no such directory (write shards with `ran data synth "
+                        "--output DIR` or `ran data build`)")
+
+
 def join(base: str, name: str) -> str:
     """``base/name`` for directories, S3 prefixes and URLs alike."""
     if is_remote(base):

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ran.data import DEFAULT_MAX_PIXELS, MAX_MEMBER_BYTES, DataError, storage
 from ran.data.transforms import ImageTooLarge, PixelRangeError, check_image, to_rgb
+from ran.progress import Progress
 
 SOURCES = ("imagenet", "imagefolder", "cifar10", "cifar100")
 # File names taken as images: torchvision ImageFolder's IMG_EXTENSIONS, plus GIF. Any other file
@@ -831,10 +832,7 @@ def _fingerprint(items: list[Item], max_size: int | None, max_pixels: int | None
 
 
 def _run_tasks(tasks: list[ShardTask], workers: int, progress: bool) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(t.items) for t in tasks), unit="img", desc="writing shards",
-               disable=not progress, file=sys.stderr)
+    bar = Progress("writing shards", sum(len(t.items) for t in tasks), "img", enabled=progress)
     records: dict[str, dict[str, Any]] = {}
     try:
         if workers <= 1 or len(tasks) <= 1:

@@ -16,7 +16,8 @@ It imports nothing of ``ran`` but the config (for types) and never Ray; ``ran.ru
 from ran.tracking.models import (
     MODELS_URI, RUN_ID, ModelSource, ModelRefError, alias_holder,
     log_final_model, model_version, model_versions, move_alias,
-    nonfinite_reason, nonfinite_tensors, registered_model, registered_models, registry_source, run_params, run_source, tag_version,
+    nonfinite_reason, nonfinite_tensors, registered_model, registered_models, registry_source,
+    describe_version, run_params, run_source, tag_version,
     version_source,
 )
 from ran.tracking.provenance import (
@@ -36,7 +37,7 @@ __all__ = [
     "MODELS_URI", "RUN_ID", "ModelFiles", "ModelSource", "ModelRefError", "alias_holder",
     "download_model_files", "log_final_model", "model_version", "model_versions", "move_alias",
     "nonfinite_reason", "nonfinite_tensors",
-    "registered_model", "registered_models", "registry_source", "run_params", "run_source", "tag_version",
+    "registered_model", "registered_models", "registry_source", "describe_version", "run_params", "run_source", "tag_version",
     "version_source", "RunLogger", "RunTracker", "child_runs", "linked_run",
     "log_model_metrics", "plot_curves", "trial_run", "client", "default_artifact_location",
     "ensure_experiment", "existing_store", "git_commit", "ray_job_tags", "tracking_uri", "use_uri",

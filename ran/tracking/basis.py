@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ran.tracking import store
-from ran.tracking.names import DATASET_CONTEXTS, METRIC_TAGS
+from ran.tracking.names import DATASET_CONTEXTS, METRIC_TAGS, version_metric
 
 VALIDATION = DATASET_CONTEXTS[1]
 TOP1 = METRIC_TAGS[0]
@@ -60,9 +60,10 @@ def run_basis(run_id: str | None) -> Basis:
 
 
 def recorded_top1(mv: Any) -> float | None:
-    """The ``val_top1`` recorded with registered version ``mv`` (its tag), None if absent or not a
+    """The top-1 recorded with registered version ``mv`` (its ``eval/top1`` tag, or the
+    ``val_top1`` of a version registered before the metric scheme), None if absent or not a
     finite number."""
-    text = (mv.tags or {}).get(TOP1)
+    text = version_metric(mv.tags or {}, TOP1)
     try:
         value = float(text) if text is not None else None
     except ValueError:

@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ran.progress import waiting
 from ran.tracking import store
 from ran.tracking.names import (
     METRIC_TAGS, MODEL_NAME, TAG_CHECKPOINT, TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_REF, TAG_REGISTRATION,
-    TAG_SOURCE_RUN, TAG_VERSION,
+    TAG_SOURCE_RUN, TAG_VERSION, version_metric,
 )
 from ran.tracking.runs import RunTracker
 
@@ -106,16 +107,18 @@ def log_final_model(tracker: RunTracker, model: "nn.Module", cfg: "JobConfig",
                 # ^ MLflow prints its notices to stderr directly (mlflow.utils.logging_utils
                 # .eprint), not through a logger that a level could silence. start_run: the
                 # logged model joins the run's experiment.
-                info = Model.log(
-                    None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
-                    registered_model_name=name,
-                    pytorch_model=model, tensor_example=input_example,
-                    tensor_signature=infer_signature(input_example, output), side_dir=str(side),
-                    image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
-                    signature=image_signature(),
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision",
-                                      "pillow"],
-                )
+                with waiting("logging the model to MLflow"):  # uploads can take minutes
+                    info = Model.log(
+                        None, name=MODEL_NAME, flavor=_ImageModelFlavor, flavor_name="pytorch",
+                        registered_model_name=name,
+                        pytorch_model=model, tensor_example=input_example,
+                        tensor_signature=infer_signature(input_example, output),
+                        side_dir=str(side),
+                        image_example=[example_jpeg_base64(int(input_example.shape[-1]))],
+                        signature=image_signature(),
+                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                          "torchvision", "pillow"],
+                    )
         finally:  # what MLflow said besides its notices, also when it failed
             for line in notices.getvalue().splitlines(keepends=True):
                 if not REGISTRATION_NOTICE.search(line):
@@ -242,7 +245,7 @@ def nonfinite_reason(metrics: dict[str, Any], nonfinite: list[str] | None = None
                      total: int | None = None) -> str:
     """What is not finite among the recorded validation ``metrics`` (:data:`METRIC_TAGS`, as
     numbers or text) and the weights (``nonfinite``: tensor names, of ``total``), e.g.
-    ``val_loss nan, 445 of 533 weight tensors (first stem.0.weight)``; "" when all is."""
+    ``eval/loss nan, 445 of 533 weight tensors (first stem.0.weight)``; "" when all is."""
     bad = []
     for key in METRIC_TAGS:
         value = metrics.get(key)
@@ -256,7 +259,7 @@ def nonfinite_reason(metrics: dict[str, Any], nonfinite: list[str] | None = None
 
 def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
                       nonfinite: list[str] | None = None, total: int | None = None) -> Registration:
-    """Whether the final model of ``cfg`` (validation ``metrics``: ``val_top1``) is registered.
+    """Whether the final model of ``cfg`` (validation ``metrics``: ``eval/top1``) is registered.
 
     Never when a recorded metric or a weight is not finite (``nonfinite``: the names of the
     tensors that are not, of ``total``: :func:`nonfinite_tensors`).
@@ -275,16 +278,16 @@ def registration_gate(cfg: "JobConfig", metrics: dict[str, float],
     bad = nonfinite_reason(metrics, nonfinite, total)
     if bad:
         return Registration(False, f"not registered: not finite: {bad}")
-    top1 = metrics.get("val_top1")
+    top1 = metrics.get("eval/top1")
     if top1 is None and (t.register_min_top1 is not None or t.register_if_beats):
-        return Registration(False, "not registered: the final epoch reported no val_top1 to "
+        return Registration(False, "not registered: the final epoch reported no eval/top1 to "
                                    "compare with the registration gate")
     if t.register_min_top1 is not None and top1 < t.register_min_top1:
-        return Registration(False, f"not registered: val_top1 {top1:.4f} is below "
+        return Registration(False, f"not registered: eval/top1 {top1:.4f} is below "
                                    f"tracking.register_min_top1 {t.register_min_top1:.4f}")
     if not t.register_if_beats:
         return Registration(True, f"registered as {name}" + (
-            f": val_top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
+            f": eval/top1 {top1:.4f} >= tracking.register_min_top1 {t.register_min_top1:.4f}"
             if t.register_min_top1 is not None else ""))
     return _beats_rivals(cfg, name, t.register_if_beats, float(top1))
 
@@ -325,7 +328,7 @@ def _beats_rivals(cfg: "JobConfig", name: str, alias: str, top1: float) -> Regis
         where = f"{name}@{alias} (version {holder.version})"
         recorded = recorded_top1(holder)
         if recorded is None or not run_basis(holder.run_id).same_data(basis):
-            return Registration(False, f"not registered: {where} has no val_top1 recorded on the "
+            return Registration(False, f"not registered: {where} has no eval/top1 recorded on the "
                                        f"same data as {basis.where} to compare with; evaluate "
                                        "both with `ran eval` and register by hand if it is better")
         rivals.append((where, recorded))
@@ -340,14 +343,14 @@ def _beats_rivals(cfg: "JobConfig", name: str, alias: str, top1: float) -> Regis
         rivals.append((f"the parent {parent.name}/{parent.version}", recorded_top1(parent)))
     for where, recorded in rivals:
         if top1 <= recorded:
-            return Registration(False, f"not registered: val_top1 {top1:.4f} does not beat {where}: "
-                                       f"val_top1 {recorded:.4f} on the same data")
+            return Registration(False, f"not registered: eval/top1 {top1:.4f} does not beat {where}: "
+                                       f"eval/top1 {recorded:.4f} on the same data")
     if not rivals:
-        return Registration(True, f"registered as {name}: val_top1 {top1:.4f}; no version of "
+        return Registration(True, f"registered as {name}: eval/top1 {top1:.4f}; no version of "
                                   f"{name} was validated on the same data ({name}@{alias} is "
                                   "unassigned)")
     beaten = "; ".join(f"{where}: {recorded:.4f}" for where, recorded in rivals)
-    return Registration(True, f"registered as {name}: val_top1 {top1:.4f} beats {beaten}, on the "
+    return Registration(True, f"registered as {name}: eval/top1 {top1:.4f} beats {beaten}, on the "
                               "same data")
 
 
@@ -531,6 +534,16 @@ def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
     mlflow_client = store.client()
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def describe_version(name: str, version: str, *, description: str, top1: float | None,
+                     data_digest: str, eval_crop: int) -> None:
+    """What the registry page shows of a version registered by ``ran train``: its description,
+    and the tags ``top1`` (eval/top1 at registration, 4 decimals), ``data_digest`` (the
+    validation split's :func:`ran.tracking.dataset_digest`) and ``eval_crop`` (pixels)."""
+    store.client().update_model_version(name, str(version), description=description)
+    tag_version(name, version, {"top1": "-" if top1 is None else f"{top1:.4f}",
+                                "data_digest": data_digest, "eval_crop": eval_crop})
 
 
 def run_params(run_id: str | None) -> dict[str, str]:

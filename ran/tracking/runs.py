@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ran.tracking import store
 from ran.tracking.names import (
-    CONFIG_ARTIFACT, CURVES_ARTIFACT, DATASET_CONTEXTS, REPORT_UNLOGGED, TAG_KIND,
+    CONFIG_ARTIFACT, CURVES_ARTIFACT, DATASET_CONTEXTS, EPOCH_METRIC, REPORT_UNLOGGED, TAG_KIND,
     TAG_METRICS_GAP, TAG_PARENT, TAG_SEARCH, TAG_STORAGE, TAG_TRIAL,
 )
 
@@ -153,7 +153,7 @@ class RunTracker:
         """Highest step logged so far for each metric of the run (read once, then kept)."""
         if self._last_step is None:
             metrics = self.client.get_run(self.run_id).data.metrics
-            self._last_epoch = metrics.get("epoch")
+            self._last_epoch = metrics.get(EPOCH_METRIC)
             self._last_step = {
                 key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
                 for key in metrics
@@ -162,7 +162,7 @@ class RunTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> int:
         """Log ``metrics`` at ``step`` (the global optimizer step). An epoch's metrics (those
-        carrying ``epoch``) are skipped when that epoch is already logged; other metrics skip any
+        carrying :data:`EPOCH_METRIC`) are skipped when that epoch is already logged; other metrics skip any
         key already logged at this or a later step.
 
         Returns the number of values logged. This is what keeps a run restarted from a checkpoint
@@ -173,7 +173,7 @@ class RunTracker:
         from mlflow.entities import Metric
 
         last = self.last_steps()
-        epoch = metrics.get("epoch")
+        epoch = metrics.get(EPOCH_METRIC)
         if epoch is not None and self._last_epoch is not None and epoch <= self._last_epoch:
             return 0
         now = int(time.time() * 1000)
@@ -197,7 +197,7 @@ class RunTracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CURVES_ARTIFACT
             plot_curves({k: self.history(k) for k in
-                         ("train_loss", "val_loss", "val_top1", "val_top5", "step_lr", "lr")}, path)
+                         ("train/loss", "eval/loss", "eval/top1", "eval/top5", "train/step_lr", "train/lr")}, path)
             self.log_artifact(path)
 
 
@@ -391,7 +391,7 @@ def _reason(err: BaseException) -> str:
 
 def describe_unlogged(unlogged: dict[str, list[int]], limit: int = 6) -> str:
     """One line naming metric values not in MLflow, metrics with the same steps together:
-    ``"train_loss, val_top1 at step 2; step_loss, step_lr at steps 16, 20, 24"``."""
+    ``"eval/top1, train/loss at step 2; train/step_loss, train/step_lr at steps 16, 20, 24"``."""
     groups: dict[tuple[int, ...], list[str]] = {}
     for key, steps in sorted(unlogged.items()):
         groups.setdefault(tuple(steps), []).append(key)
@@ -487,9 +487,9 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig = Figure(figsize=(13, 3.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    _panel(axes[0], series, ("train_loss", "val_loss"), "loss", "step")
-    _panel(axes[1], series, ("val_top1", "val_top5"), "accuracy", "step")
-    lr_key = "step_lr" if series.get("step_lr") else "lr"
+    _panel(axes[0], series, ("train/loss", "eval/loss"), "loss", "step")
+    _panel(axes[1], series, ("eval/top1", "eval/top5"), "accuracy", "step")
+    lr_key = "train/step_lr" if series.get("train/step_lr") else "train/lr"
     _panel(axes[2], series, (lr_key,), "learning rate", "step")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

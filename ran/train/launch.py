@@ -44,7 +44,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ran import runtime, tracking
-from ran.config import ConfigError, JobConfig, load_config
+from ran.config import ConfigError, JobConfig, check_placeholders, load_config
 from ran.data import DataError
 from ran.data import storage as data_storage
 from ran.data.read import read_manifest, split_shards
@@ -52,7 +52,7 @@ from ran.tracking.models import (
     Registration, nonfinite_tensors, record_registration, registration_gate,
 )
 from ran.tracking.validate import check_names
-from ran.train import console, localray
+from ran.train import console, localray, schedule
 from ran.train.rundir import Storage, latest_checkpoint, storage_for
 from ran.train.raytrain import SigtermNotice, attempts, train_fn_per_worker
 
@@ -131,12 +131,11 @@ def resolve_config(cfg: JobConfig) -> tuple[JobConfig, dict[str, Any]]:
             ``model.init_from`` that is missing or does not fit the model.
         DataError: the manifest cannot be read.
     """
+    check_placeholders(cfg)
     data_path = cfg.data.path
+    data_storage.require_dir(data_path, "data.path")
     if not data_storage.is_remote(data_path):
         data_path = str(Path(data_path).resolve())
-        if not Path(data_path).is_dir():
-            raise ConfigError(f"data.path {cfg.data.path}: no such directory (write shards with "
-                              "`ran data synth --output DIR` or `ran data build`)")
     manifest = read_manifest(data_path)
     storage_path = cfg.storage.path
     if "://" not in storage_path:
@@ -279,7 +278,7 @@ def build_trainer(cfg: JobConfig, storage: Storage, loop_config: dict[str, Any],
             # Ray Train's INFO lines repeat every report's metrics from every rank; ours say more.
             logging_config=LoggingConfig(log_level=console.ray_log_level()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_attribute="eval/top1",
                                                checkpoint_score_order="max"),
         ),
     )
@@ -375,7 +374,7 @@ class Launcher:
         run_tags: extra tags for a new MLflow run (``ran tune`` nests trial runs under the search
             run with ``mlflow.parentRunId``).
         launched_at: ``time.time()`` when the user asked for this run (default: now); the first
-            epoch reports ``startup_s``, the seconds from then to the first optimizer step.
+            epoch reports ``perf/startup_s``, the seconds from then to the first optimizer step.
         resume_from_nothing: with ``resume``, continue a run directory that holds no checkpoint
             (from step 0, in its MLflow run) instead of refusing it (a restored Tune trial).
     """
@@ -412,12 +411,19 @@ class Launcher:
         it runs while Ray starts, and the Ray job tags come later (:meth:`fit`)."""
         cfg, storage = self.cfg, self.storage
         assert storage is not None, "preflight first"
+        stem, description = run_identity(cfg, self.manifest)
         tags = {tracking.TAG_DATASET: f"{self.manifest.get('dataset', '?')} ({cfg.data.path})",
-                **runtime.init_tags(cfg), **self.run_tags}
-        return open_run(cfg, storage.run_uri, self.uri, resume=self.resume, tags=tags,
-                        create=lambda all_tags: tracking.RunTracker.create_training(
-                            cfg, run_name=cfg.tracking.run_name or storage.name, tags=all_tags,
-                            uri=self.uri, manifest=self.manifest))
+                tracking.TAG_DESCRIPTION: description, **runtime.init_tags(cfg), **self.run_tags}
+
+        def create(all_tags: dict[str, Any]) -> tracking.RunTracker:
+            tracker = tracking.RunTracker.create_training(
+                cfg, run_name=cfg.tracking.run_name or stem, tags=all_tags, uri=self.uri,
+                manifest=self.manifest)
+            if not cfg.tracking.run_name:  # unique in the runs table, and the id's start to search by
+                tracker.set_tags({tracking.TAG_RUN_NAME: f"{stem}-{tracker.run_id[:6]}"})
+            return tracker
+
+        return open_run(cfg, storage.run_uri, self.uri, resume=self.resume, tags=tags, create=create)
 
     def run(self) -> TrainOutcome:
         """Pre-flight, open the run while Ray connects or starts, fit, finalize.
@@ -433,6 +439,7 @@ class Launcher:
         self.preflight()
         local = localray.starts_local_ray(self.address)
         if local:  # before anything starts; the local Ray then gets exactly these resources
+            self.cfg = localray.resolve_gpu(self.cfg, [localray.local_resources()])
             localray.check_resources(self.cfg, [localray.local_resources()])
         started, tracker = None, None
         try:
@@ -449,6 +456,7 @@ class Launcher:
                 tracker = opening.result()  # raises what opening the run met, if Ray started well
             else:
                 localray.connect(self.address)
+                self.cfg = localray.resolve_gpu(self.cfg)
                 localray.check_resources(self.cfg)
                 tracker = self.open_run()
             return self.fit(tracker)
@@ -581,6 +589,29 @@ def _checkpoint_uri(storage: Storage, path: str) -> str:
     return path
 
 
+def run_identity(cfg: JobConfig, manifest: dict[str, Any]) -> tuple[str, str]:
+    """What a training run is called and how it is described in MLflow: the name's stem
+    ``<model>-<dataset>-e<epochs>`` (e.g. ``attention56-synthetic-e3``; the run id's first 6
+    characters follow it) and a one-paragraph description (MLflow's run description)."""
+    train = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.train_split))
+    val = sum(n for _, n in split_shards(cfg.data.path, manifest, cfg.data.val_split))
+    plan = schedule.plan_run(cfg, train, cfg.scaling.min_workers)
+    dataset = str(manifest.get("dataset") or cfg.data.recipe)
+    m, s = cfg.model, cfg.scaling
+    options = ", ".join(f"{k} {v}" for k, v in (("mask", m.mask_activation),
+                                                 ("combination", m.combination),
+                                                 ("init from", m.init_from)) if v)
+    description = (
+        f"{m.name} ({cfg.resolved_stem()} stem{', ' + options if options else ''}) trained on "
+        f"{dataset} ({train} train / {val} {cfg.data.val_split} images, "
+        f"{manifest.get('num_classes', '?')} classes, {cfg.data.path}) for {plan.epochs} epochs: "
+        f"global batch {plan.global_batch} on {s.num_workers} "
+        f"{'GPU' if s.use_gpu is True else 'CPU'} worker(s), peak lr {plan.peak_lr:.4g} "
+        f"{cfg.schedule.kind}, eval crop {runtime.eval_crop(cfg)}. Job {cfg.name}. Validation is "
+        "the eval/ section of Model metrics; the model, if logged, is under Artifacts.")
+    return f"{m.name}-{dataset}-e{plan.epochs}", description
+
+
 def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTracker,
              checkpoint: Any) -> Registration:
     """Log the model of the final checkpoint, and register it if it passes the registration gate
@@ -604,6 +635,15 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     gate.version = tracking.log_final_model(tracker, bundle.model, bundle.config,
                                             list(manifest["classes"]), example, metrics,
                                             register=gate.register, quiet=not console.verbose())
+    if gate.version:
+        name, version = gate.version.rsplit("/", 1)
+        top1 = metrics.get("eval/top1")
+        tracking.describe_version(
+            name, version, top1=top1, eval_crop=crop,
+            data_digest=tracking.dataset_digest(manifest, cfg.data.val_split),
+            description=f"{run_identity(cfg, manifest)[1]} Registered from run {tracker.run_id} "
+                        f"at eval/top1 {'-' if top1 is None else format(top1, '.4f')} "
+                        f"(epoch {bundle.progress['epoch']}).")
     if not gate.register and gate.reason:
         gate.reason += f"; the model is logged in MLflow run {tracker.run_id}"
     record_registration(tracker, gate)
@@ -623,8 +663,8 @@ def where_to_look(outcome: TrainOutcome) -> str:
     """Where the run's results are: MLflow UI command, run id, registered version, checkpoints."""
     m = outcome.metrics
     lines = []
-    if "val_top1" in m:
-        lines.append(f"final validation: top-1 {m['val_top1']:.4f}, top-5 {m.get('val_top5', 0):.4f} "
+    if "eval/top1" in m:
+        lines.append(f"final validation: top-1 {m['eval/top1']:.4f}, top-5 {m.get('eval/top5', 0):.4f} "
                      f"after {int(m.get('epoch', 0))} epochs")
     lines.append(f"checkpoints:      {outcome.run_dir}")
     lines.append(f"MLflow run:       {outcome.run_id} (experiment {outcome.config.tracking.experiment!r})")
@@ -633,7 +673,8 @@ def where_to_look(outcome: TrainOutcome) -> str:
         lines.append(f"registered model: {name} version {version} (models:/{name}/{version})")
     uri = tracking.shown(outcome.tracking_uri)  # no password on the console
     if uri.startswith("sqlite:///"):
-        lines.append(f"look:             {mlflow_command()} ui --backend-store-uri {uri}")
+        lines.append(f"look:             {mlflow_command()} ui --backend-store-uri {uri} --workers 1"
+                     "  (what `make mlflow-ui` runs), then http://127.0.0.1:5000: Model training")
     else:
         lines.append(f"look:             {uri}")
     if outcome.registration and not outcome.registered:

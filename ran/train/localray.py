@@ -115,6 +115,21 @@ def node_resources() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+def resolve_gpu(cfg: JobConfig, nodes: list[dict[str, float]] | None = None) -> JobConfig:
+    """``scaling.use_gpu: auto`` decided for this cluster: true when any node has a GPU.
+
+    ``nodes``: each node's resources; default: the live Ray cluster's (:func:`node_resources`).
+
+    Raises:
+        ConfigError: auto became false under an option that needs GPUs.
+    """
+    if cfg.scaling.use_gpu != "auto":
+        return cfg
+    if nodes is None:
+        nodes = node_resources()
+    return cfg.with_gpu(any(res.get("GPU", 0) > 0 for res in nodes))
+
+
 def worker_bundle(cfg: JobConfig) -> dict[str, float]:
     """What one Ray Train worker of ``cfg`` holds on its node: ``scaling.cpus_per_worker`` CPUs
     and, with ``scaling.use_gpu``, one GPU."""

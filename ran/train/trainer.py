@@ -17,9 +17,10 @@ barrier), rank 0 with a checkpoint on cadence.
 
 Progress is counted in samples, so a run restarted with another world size trains the same samples
 with the lr rescaled (:func:`ran.train.schedule.plan_run`); what changed is tagged on the MLflow
-run (``ran.plan.*`` for the current attempt, ``ran.replanned.step_<N>`` for each change) and logged
-as per-attempt metrics (``plan_world_size``, ``plan_global_batch``, ``plan_peak_lr`` at the step
-where the attempt began), never as params, which MLflow would refuse to change.
+run (``ran.plan.*`` for the current attempt, ``ran.replanned.step_<N>`` for each change) and, for an
+elastic group, logged as per-attempt metrics (``plan/world_size``, ``plan/global_batch``,
+``plan/peak_lr`` at the step where the attempt began), never as params, which MLflow would refuse
+to change. Metric names follow :mod:`ran.tracking.names` (eval/, perf/, plan/, train/).
 
 Checkpoints come on an epoch cadence (``train.checkpoint_every``), a step cadence
 (``train.checkpoint_every_steps``) and on notice: a SIGTERM to any worker (how spot reclaims and
@@ -31,14 +32,14 @@ just-in-time checkpoint and training goes on until Ray restarts the group. Rank 
 to host memory and hands it to Ray Train's asynchronous upload (``train.checkpoint_upload``:
 ``async``), which writes and uploads it while the workers train on; the next checkpoint first waits
 until the previous one is registered, so at most one is in flight. The seconds the training thread
-spent on each checkpoint are the ``step_ckpt_wait_s`` metric (summed over an epoch's mid-epoch
-checkpoints: ``ckpt_wait_s``).
+spent on each checkpoint are the ``perf/step_ckpt_wait_s`` metric (summed over an epoch's mid-epoch
+checkpoints: ``perf/ckpt_wait_s``).
 
 Data order: an epoch that begins in an attempt reads the loader's stream for that epoch
 (resampled shards, shuffled by ``train.seed``, the epoch and the rank); the rest of an epoch resumed
 mid-way reads a new stream, keyed by the epoch and the samples seen at the resume
 (:func:`data_stream`): the samples already trained in it are not replayed, and the epoch still
-trains exactly ``epoch_samples`` samples (its loss and sample count continue from the checkpoint).
+trains exactly ``train/epoch_samples`` samples (its loss and sample count continue from the checkpoint).
 
 A checkpoint (``checkpoint.pt`` in the checkpoint directory) holds only tensors, numbers, strings,
 lists and dicts, so it loads with ``torch.load(weights_only=True)``: model, optimizer, scheduler
@@ -281,7 +282,7 @@ class Trainer:
         run_id: the MLflow run this training belongs to (kept in checkpoints).
         run_log: where rank 0's metrics, params and tags go (None: nowhere).
         console: progress lines (default: printed on rank 0).
-        launched_at: the launcher's ``time.time()``; the first epoch then reports ``startup_s``,
+        launched_at: the launcher's ``time.time()``; the first epoch then reports ``perf/startup_s``,
             the seconds from launch to the first optimizer step.
         notice: set when this worker got a SIGTERM (:class:`ran.train.raytrain.SigtermNotice`):
             every rank checkpoints the step reached and stops (:class:`Interrupted`).
@@ -441,8 +442,8 @@ class Trainer:
             if self.step % self.cfg.train.log_every == 0:
                 self._check_finite(window_loss, "the training loss")
                 if self.run_log is not None:
-                    self.run_log.log_metrics({"step_loss": float(window_loss) / max(window_n, 1),
-                                              "step_lr": self.scheduler.lr},
+                    self.run_log.log_metrics({"train/step_loss": float(window_loss) / max(window_n, 1),
+                                              "train/step_lr": self.scheduler.lr},
                                              self.step)
                 window_loss, window_n = 0.0, 0
             self._due = self._checkpoint_due(reporter)
@@ -465,14 +466,14 @@ class Trainer:
         if not math.isfinite(epoch[0]):  # the same sum on every rank: all stop here
             raise Diverged(self.step, f"the training loss is {epoch[0] / max(epoch[1], 1)}")
         return {
-            "train_loss": epoch[0] / max(epoch[1], 1),
-            "epoch_samples": epoch[1],
-            "img_per_s": total[1] / (total[4] / self.world_size),
-            "data_wait_frac": total[3] / max(total[4], 1e-9),
-            "skipped": epoch[2],
-            "epoch_time_s": elapsed,
-            "ckpt_wait_s": total[5] / self.world_size,
-            "lr": self.scheduler.lr,
+            "train/loss": epoch[0] / max(epoch[1], 1),
+            "train/epoch_samples": epoch[1],
+            "perf/img_per_s": total[1] / (total[4] / self.world_size),
+            "perf/data_wait_frac": total[3] / max(total[4], 1e-9),
+            "train/skipped": epoch[2],
+            "perf/epoch_time_s": elapsed,
+            "perf/ckpt_wait_s": total[5] / self.world_size,
+            "train/lr": self.scheduler.lr,
         }
 
     def _epoch_batches(self, resumed_at: int | None) -> Iterator[Any]:
@@ -550,8 +551,8 @@ class Trainer:
     def _checkpoint(self, reporter: Reporter, reason: str,
                     metrics: dict[str, float] | None = None) -> None:
         """Report a checkpoint at this step (every rank: collectives and Ray's report barrier);
-        the seconds it took are the ``step_ckpt_wait_s`` metric (and, mid-epoch, summed into the
-        epoch's ``ckpt_wait_s``)."""
+        the seconds it took are the ``perf/step_ckpt_wait_s`` metric (and, mid-epoch, summed into the
+        epoch's ``perf/ckpt_wait_s``)."""
         t0 = time.perf_counter()
         part = self._all_reduce([float(self._running[0]), self._running[1], self._running[2]])
         if not math.isfinite(part[0]):  # a step since the last logging cadence went bad
@@ -561,13 +562,13 @@ class Trainer:
         progress = [c + p for c, p in zip(self._carried, part)]
         rng = self.gather_rng()
         snapshot = self.snapshot(rng, progress) if self.is_master else None
-        report = {"val_top1": self.last_val.get("val_top1", 0.0), **(metrics or {}),
-                  "epoch": self.epoch, "step": self.step, "samples": self.samples}
+        report = {"eval/top1": self.last_val.get("eval/top1", 0.0), **(metrics or {}),
+                  "epoch": self.epoch, "step": self.step, "train/samples": self.samples}
         reporter.report(report, snapshot, self.checkpoint_name())
         waited = time.perf_counter() - t0
         self._ckpt_wait += waited
         if self.run_log is not None:
-            self.run_log.log_metrics({"step_ckpt_wait_s": waited}, self.step)
+            self.run_log.log_metrics({"perf/step_ckpt_wait_s": waited}, self.step)
         if reason not in ("steps", "epoch"):
             self.console.say(f"checkpoint {self.checkpoint_name()} ({reason}) in {waited:.2f} s")
 
@@ -598,7 +599,7 @@ class Trainer:
         counts = runtime.eval_counts(self.raw_model, self.val_loader, device=self.device,
                                      precision=self.precision, normalize=self.normalize,
                                      channels_last=self.cfg.train.channels_last)
-        return runtime.EvalCounts.from_list(self._all_reduce(counts.as_list())).metrics("val_")
+        return runtime.EvalCounts.from_list(self._all_reduce(counts.as_list())).metrics("eval/")
 
     def _sync_buffers(self) -> None:
         """Give every rank rank 0's BatchNorm statistics (what the checkpoint holds).
@@ -733,10 +734,16 @@ class Trainer:
         if self.replanned():
             attempt["replanned"] = (self.step, self.replanned())
         self.run_log.log_attempt(attempt)
-        self.run_log.log_metrics({"plan_world_size": plan.world_size,
-                                  "plan_global_batch": plan.global_batch,
-                                  "plan_peak_lr": plan.peak_lr,
-                                  "plan_total_steps": plan.total_steps}, self.step)
+        if self.cfg.scaling.elastic or self.replanned():  # the plan over time; else tags only
+            old = self.previous_plan or {}
+            if self.replanned() and "world_size" in old:  # where the series starts (MLflow skips
+                self.run_log.log_metrics({f"plan/{k}": old[k] for k in  # it when already there)
+                                          ("world_size", "global_batch", "peak_lr", "total_steps")
+                                          if k in old}, 0)
+            self.run_log.log_metrics({"plan/world_size": plan.world_size,
+                                      "plan/global_batch": plan.global_batch,
+                                      "plan/peak_lr": plan.peak_lr,
+                                      "plan/total_steps": plan.total_steps}, self.step)
 
     def run_epoch(self, reporter: Reporter) -> dict[str, float]:
         """Train (the rest of) one epoch, validate on cadence, queue rank 0's metrics, report
@@ -747,20 +754,21 @@ class Trainer:
         last = self.samples >= self.plan.total_samples
         if last or self.epoch % t.eval_every == 0:
             val = self.validate()
-            if not math.isfinite(val.get("val_loss", 0.0)):  # summed across ranks: all agree
-                raise Diverged(self.step, f"the validation loss is {val['val_loss']}")
+            if not math.isfinite(val.get("eval/loss", 0.0)):  # summed across ranks: all agree
+                raise Diverged(self.step, f"the validation loss is {val['eval/loss']}")
             self.last_val = val
             metrics.update(self.last_val)
-        metrics["samples"] = self.samples  # the run's, at the epoch's end
+        metrics["train/samples"] = self.samples  # the run's, at the epoch's end
         if self.startup_s is not None:
-            metrics["startup_s"], self.startup_s = self.startup_s, None
+            metrics["perf/startup_s"], self.startup_s = self.startup_s, None
         self._print_epoch(metrics)
         if self.run_log is not None:
-            self.run_log.log_metrics({**{k: v for k, v in metrics.items() if k != "val_samples"},
-                                      "epoch": self.epoch}, self.step)
-        # Ray keeps the best checkpoints by val_top1: carry the latest value between validations.
-        report = {**metrics, "val_top1": self.last_val.get("val_top1", 0.0),
-                  "epoch": self.epoch, "step": self.step, "samples": self.samples}
+            # train/epoch: ran.tracking.EPOCH_METRIC (how a restart skips logged epochs)
+            self.run_log.log_metrics({**{k: v for k, v in metrics.items() if k != "eval/samples"},
+                                      "train/epoch": self.epoch}, self.step)
+        # Ray keeps the best checkpoints by eval/top1: carry the latest value between validations.
+        report = {**metrics, "eval/top1": self.last_val.get("eval/top1", 0.0),
+                  "epoch": self.epoch, "step": self.step, "train/samples": self.samples}
         if last and self.run_log is not None:  # what the run log lacks, if anything
             report.update(self.run_log.unlogged())
         if last or self.epoch % t.checkpoint_every == 0 or self._due:
@@ -775,11 +783,11 @@ class Trainer:
         return report
 
     def _print_epoch(self, m: dict[str, float]) -> None:
-        val = (f" val_loss {m['val_loss']:.4f} top1 {m['val_top1']:.4f} top5 {m['val_top5']:.4f}"
-               if "val_top1" in m else "")
-        self.console.say(f"epoch {self.epoch}/{self.plan.epochs} done: train_loss {m['train_loss']:.4f}{val} "
-                         f"lr {m['lr']:.4g} {m['img_per_s']:.0f} img/s data-wait {m['data_wait_frac']:.1%} "
-                         f"skipped {int(m['skipped'])}")
+        val = (f" eval/loss {m['eval/loss']:.4f} top1 {m['eval/top1']:.4f} top5 {m['eval/top5']:.4f}"
+               if "eval/top1" in m else "")
+        self.console.say(f"epoch {self.epoch}/{self.plan.epochs} done: train/loss {m['train/loss']:.4f}{val} "
+                         f"lr {m['train/lr']:.4g} {m['perf/img_per_s']:.0f} img/s data-wait "
+                         f"{m['perf/data_wait_frac']:.1%} skipped {int(m['train/skipped'])}")
 
 
 def weights_finite(model: nn.Module) -> bool:

@@ -57,7 +57,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from ran import tracking
-from ran.config import ConfigError, JobConfig, apply_overrides, flatten, load_config, parse_config
+from ran.config import (
+    ConfigError, JobConfig, apply_overrides, flatten, load_config, parse_config, parse_set,
+)
 from ran.data.read import split_shards
 from ran.tracking import (
     BASE_CONFIG, BEST_CONFIG, PLOT_PNG, RESULTS_CSV, SPACE_ARTIFACT, TAG_BEST_RUN, TAG_ERROR,
@@ -68,7 +70,10 @@ from ran.train import console, localray
 from ran.train.launch import Launcher, check_data, check_job, check_sizes, finalize, open_run
 from ran.train.rundir import storage_for
 from ran.train import schedule
-from ran.tune.space import SearchSpace, check_search_metric, check_space, load_space
+from ran.table import cell, format_table
+from ran.tune.space import (
+    SearchSpace, check_search_metric, check_space, from_command_line, load_space,
+)
 
 # Searched keys that change how many samples a step takes (checked against the data per value).
 SIZE_KEYS = ("data.batch_size", "scaling.num_workers", "train.grad_accum", "data.train_split",
@@ -264,13 +269,13 @@ def trial_config(job_raw: dict[str, Any], overrides: dict[str, Any], name: str,
 
 
 class EpochReports(TuneReportCallback):
-    """Ray Train's reports to Tune, of epoch ends only (they carry ``train_loss``): a mid-epoch
+    """Ray Train's reports to Tune, of epoch ends only (they carry ``train/loss``): a mid-epoch
     checkpoint's report (``train.checkpoint_every_steps``, a SIGTERM notice) holds no epoch
     metrics, and Tune fails a trial whose result lacks the search metric. Every epoch report holds
     :data:`ran.tracking.EPOCH_METRICS` (:func:`ran.tune.space.check_search_metric`)."""
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics and "train_loss" in metrics[0]:
+        if metrics and "train/loss" in metrics[0]:
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -479,6 +484,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: Path) -> None:
+    """:func:`metric_vs_params_figure` as a PNG at ``path``."""
+    metric_vs_params_figure(trials, space).savefig(path, dpi=90)
+
+
+def metric_vs_params_figure(trials: list[TrialOutcome], space: SearchSpace) -> Any:
     """One panel per searched key: the final metric of each trial against the key's value.
 
     Categorical keys are spread over evenly spaced positions; ``loguniform`` keys get a log axis.
@@ -498,7 +508,7 @@ def plot_metric_vs_params(trials: list[TrialOutcome], space: SearchSpace, path: 
         ax.set_visible(False)
     fig.suptitle(f"{space.name}: {space.settings.metric} ({space.settings.mode}) per trial")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 _COLOURS = {COMPLETED: "tab:blue", STOPPED: "tab:orange", UNFINISHED: "tab:gray", FAILED: "tab:red"}
@@ -522,11 +532,23 @@ def _panel(ax: Any, trials: list[TrialOutcome], key: str, metric: str, log: bool
         ax.set_xlim(-0.5, len(labels) - 0.5)
     if log:
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
+        _log_ticks(ax, [v for v in values if isinstance(v, (int, float)) and v > 0])
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def _log_ticks(ax: Any, values: list[float]) -> None:
+    """Labelled ticks on a log axis whatever its span: decades over 2+ decades, 1-2-5 over one,
+    every integer multiple within one decade (a search over 2e-5..8e-5 has no decade inside)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    span = math.log10(max(values) / min(values)) if values else 3.0
+    subs = (1.0,) if span >= 2 else (1.0, 2.0, 5.0) if span >= 1 else tuple(float(i) for i in range(1, 10))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
 
 
 def _natural(text: str) -> tuple[int, float | str]:
@@ -536,23 +558,11 @@ def _natural(text: str) -> tuple[int, float | str]:
         return 1, text
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str], limit: int | None = None) -> str:
-    """A plain text table of ``rows`` (the console's top-k)."""
+def trials_table(rows: list[dict[str, Any]], columns: list[str], limit: int | None = None) -> str:
+    """The console's top-k trials: ``rows`` (:func:`results_rows`) as a
+    :func:`ran.table.format_table`."""
     shown = rows[:limit] if limit else rows
-    cells = [[_cell(r.get(c)) for c in columns] for r in shown]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
-              for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_table(columns, [[r.get(c) for c in columns] for r in shown])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,9 +604,9 @@ def log_results(parent: Any, outcome: SearchOutcome, space: SearchSpace) -> None
     if outcome.best_config is not None:
         parent.log_text(outcome.best_config.to_yaml(), BEST_CONFIG)
     counts = {s: sum(t.status == s for t in outcome.trials) for s in _COLOURS}
-    parent.log_metrics({f"trials_{s}": n for s, n in counts.items()}, step=0)
-    if outcome.best is not None and outcome.best.metric is not None:
-        parent.log_metrics({f"best_{metric}": outcome.best.metric}, step=0)
+    parent.log_metrics({f"search/trials_{s}": n for s, n in counts.items()}, step=0)
+    if outcome.best is not None and outcome.best.metric is not None:  # of param search.metric
+        parent.log_metrics({"search/best": outcome.best.metric}, step=0)
         parent.set_tags({TAG_BEST_RUN: outcome.best.run_id or "", TAG_TRIAL: outcome.best.trial_id})
     if outcome.registered:
         parent.set_tags({tracking.TAG_VERSION: outcome.registered})
@@ -642,7 +652,7 @@ class TrialLines(tune.Callback):
 
     def _params(self, trial: Any) -> str:
         overrides = self.space.trial_overrides(trial.config)
-        return " ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in overrides.items())
+        return " ".join(f"{key.rsplit('.', 1)[-1]}={cell(value)}" for key, value in overrides.items())
 
 
 def _reporter(space: SearchSpace) -> Any:
@@ -710,6 +720,8 @@ def run_search(space: SearchSpace, job_raw: dict[str, Any], *, address: str | No
     # The trials' own lines (Ray Train's, each trial's progress) only with -v: TrialLines otherwise.
     started = localray.connect(address, log_to_driver=console.verbose())
     try:
+        base = localray.resolve_gpu(base)  # scaling.use_gpu: auto, for every trial
+        job_raw = base.model_dump()
         limit = concurrency_limit(space, base, localray.node_resources())
         parent = open_parent_run(space, base, name, storage.run_uri, uri, resume)
         ctx = SearchContext(name, parent.run_id, uri)
@@ -770,7 +782,7 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
                        for st in (COMPLETED, STOPPED, FAILED, UNFINISHED))
     lines = [f"search {outcome.name}: {len(outcome.trials)} trials ({counts})",
              f"top {min(s.top_k, len(rows))} by {s.metric} ({s.mode}):",
-             format_table(rows, columns, s.top_k)]
+             trials_table(rows, columns, s.top_k)]
     failed = [t for t in outcome.trials if t.status == FAILED]
     for t in failed[:5]:
         lines.append(f"failed {t.trial_id}: {t.error}")
@@ -792,8 +804,13 @@ def summary(outcome: SearchOutcome, space: SearchSpace) -> str:
 def cli_tune(args: argparse.Namespace) -> int:
     """``ran tune SPACE.yaml --job JOB.yaml [--set k=v]... [--address A] [--resume]``."""
     tracking.refuse_password(tracking.tracking_uri(), "ran tune")
-    space = load_space(args.space)
-    job_raw = load_config(args.job, args.overrides).model_dump()
+    pairs = parse_set(args.overrides)
+    if args.trials is not None:
+        pairs["search.num_samples"] = args.trials
+    if args.epochs is not None:
+        pairs["train.epochs"] = args.epochs
+    space, job_pairs = from_command_line(load_space(args.space), pairs)
+    job_raw = load_config(args.job, job_pairs).model_dump()
     try:
         outcome = run_search(space, job_raw, address=args.address, resume=args.resume)
     except TuneError as err:  # Tune's own failure: one line, its traceback with -v

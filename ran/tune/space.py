@@ -22,6 +22,7 @@ unknown key or an invalid value is reported before Ray starts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ran.config import (
-    ConfigError, DuplicateKeyError, JobConfig, apply_overrides, load_yaml, parse_config, valid_keys,
+    ConfigError, DuplicateKeyError, JobConfig, apply_overrides, check_keys, flatten, load_yaml,
+    parse_config, set_dotted,
 )
 from ran.tracking.names import EPOCH_METRICS, VALIDATION_METRICS
 
@@ -65,7 +67,7 @@ class SearchSettings(_Strict):
     """The ``search:`` section of a space file."""
 
     num_samples: int = Field(1, ge=1)  # samples of the space; a grid runs whole this many times
-    metric: str = "val_top1"  # reported metric to optimise (each validation reports it)
+    metric: str = "eval/top1"  # reported metric to optimise (each validation reports it)
     mode: Literal["max", "min"] = "max"  # maximise or minimise the metric
     scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop weak trials early; fifo: run all out
     grace_period: int = Field(1, ge=1)  # asha: epochs before a trial may be stopped
@@ -171,7 +173,7 @@ def check_search_metric(settings: SearchSettings, job: JobConfig) -> None:
                           f"{'higher' if better == 'max' else 'lower'}; set search.mode: {better}")
     if metric in VALIDATION_METRICS and job.train.eval_every > 1:
         raise ConfigError(f"search.metric {metric} is reported only on validation epochs; with "
-                          f"train.eval_every={job.train.eval_every} use val_top1 (carried between "
+                          f"train.eval_every={job.train.eval_every} use eval/top1 (carried between "
                           "validations) or set train.eval_every=1")
 
 
@@ -204,7 +206,7 @@ def parse_space(raw: Any, source: str = "<dict>", name: str = "space") -> Search
     fixed = raw.get("set") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"search space {source}: `set:` must map dotted job keys to values")
-    _check_keys([str(k) for k in fixed], f"search space {source}: set")
+    check_keys([str(k) for k in fixed], f"search space {source}: set")
     _check_no_overlap(params, fixed, source)
     try:
         settings = SearchSettings.model_validate(raw.get("search") or {})
@@ -220,7 +222,7 @@ def parse_distribution(key: str, spec: Any, source: str = "<dict>") -> Distribut
     """``{kind: args}`` for ``key`` (one dotted key, or several joined by commas)."""
     where = f"search space {source}: {key}"
     keys = tuple(k.strip() for k in key.split(","))
-    _check_keys(list(keys), f"search space {source}")
+    check_keys(list(keys), f"search space {source}")
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
         raise ConfigError(f"{where}: expected one of {{{': ..., '.join(KINDS)}: ...}}, e.g. "
                           f"{{choice: [a, b]}} or {{loguniform: [1e-4, 1e-1]}}; got {spec!r}")
@@ -233,15 +235,6 @@ def parse_distribution(key: str, spec: Any, source: str = "<dict>") -> Distribut
     if len(keys) > 1:
         raise ConfigError(f"{where}: joint keys take choice or grid of value lists, not {kind}")
     return Distribution(keys, kind, _check_range(kind, args, where))
-
-
-def _check_keys(keys: list[str], where: str) -> None:
-    known = set(valid_keys())
-    for key in keys:
-        if key not in known:
-            section = key.split(".")[0]
-            near = [k for k in sorted(known) if k.startswith(section + ".")] or sorted(known)
-            raise ConfigError(f"{where}: unknown job key {key!r}; valid keys: {', '.join(near)}")
 
 
 def _check_joint(keys: tuple[str, ...], options: list[Any], where: str) -> None:
@@ -283,6 +276,52 @@ def _check_no_overlap(params: dict[str, Distribution], fixed: dict[str, Any], so
                 raise ConfigError(f"search space {source}: {key} is set twice (space and set, "
                                   "or two space entries); keep one")
             seen.add(key)
+
+
+def search_keys() -> list[str]:
+    """Every ``search.*`` key ``--set`` may give ``ran tune`` (the space's ``search:`` section)."""
+    return sorted(f"search.{k}" for k in flatten(SearchSettings().model_dump()))
+
+
+def from_command_line(space: SearchSpace, pairs: dict[str, Any]) -> tuple[SearchSpace, dict[str, Any]]:
+    """Apply ``ran tune``'s ``--set`` pairs: ``search.*`` keys size the search
+    (``--set search.num_samples=2``, :func:`with_search_settings`); the other keys are the job's,
+    returned, and win over the space's ``set:`` (which they replace). A searched key is refused.
+
+    Raises:
+        ConfigError: a searched key given with ``--set``, an unknown key or an invalid value.
+    """
+    search = {k: v for k, v in pairs.items() if k.split(".")[0] == "search"}
+    job = {k: v for k, v in pairs.items() if k not in search}
+    searched = sorted(set(job) & set(space.searched_keys))
+    if searched:
+        raise ConfigError(f"--set {searched[0]}: search space {space.name} searches this key; "
+                          "drop the --set or the key from the space")
+    fixed = {k: v for k, v in space.fixed.items() if k not in job}
+    return dataclasses.replace(with_search_settings(space, search), fixed=fixed), job
+
+
+def with_search_settings(space: SearchSpace, changes: dict[str, Any]) -> SearchSpace:
+    """``space`` with ``search.*`` keys replaced (``{"search.num_samples": 2}``), set with the one
+    dotted-key setter and validated as the space file's ``search:`` section is.
+
+    Raises:
+        ConfigError: an unknown ``search.*`` key (naming the valid ones) or an invalid value.
+    """
+    if not changes:
+        return space
+    raw = {"search": space.settings.model_dump(exclude_unset=False)}
+    keys = search_keys()
+    for key, value in changes.items():
+        set_dotted(raw, key, value, keys, "--set")
+    try:
+        settings = SearchSettings.model_validate(raw["search"])
+    except ValidationError as err:
+        raise ConfigError(f"invalid --set {_format_settings_error(err)}") from None
+    if settings.search_alg == "optuna" and any(d.kind == "grid" for d in space.params.values()):
+        raise ConfigError(f"--set search.search_alg=optuna: search space {space.name} has a grid, "
+                          "which optuna cannot run; use search_alg random")
+    return dataclasses.replace(space, settings=settings)
 
 
 def _format_settings_error(err: ValidationError) -> str:

@@ -98,8 +98,8 @@ class Fault:
 
 
 def _epoch_end(report: dict[str, Any]) -> bool:
-    """An epoch's report (it has train_loss), not a mid-epoch checkpoint's."""
-    return "train_loss" in report
+    """An epoch's report (it has train/loss), not a mid-epoch checkpoint's."""
+    return "train/loss" in report
 
 
 def fault_env(**fault: str) -> dict[str, str]:

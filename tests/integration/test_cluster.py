@@ -75,7 +75,7 @@ def mlflow_run(db: Path, experiment: str, submission: str):
 
 
 def epochs_logged(client, run_id: str) -> list[int]:
-    return logged.epochs(client, run_id, "val_top1")
+    return logged.epochs(client, run_id, "eval/top1")
 
 
 def wait_for(what: str, check, timeout: float, every: float = 1.0):
@@ -172,6 +172,8 @@ def test_submit_demo_succeeds_logs_come_back_and_mlflow_has_the_run(
 
     assert re.search(rf"^job {job_id} SUCCEEDED$", demo.out.stdout, re.M), demo.out.stdout
     assert "epoch 1/1 done" in demo.out.stdout  # the job's own output, streamed
+    for noise in ("working_dir.py", "packaging.py"):  # Ray's upload lines: only with -v
+        assert noise not in demo.out.stdout + demo.out.stderr, noise
 
     # One CPU per node and one per worker: the two training workers ran on different nodes.
     assert sorted(demo.workers.values()) == sorted(nodes.values())

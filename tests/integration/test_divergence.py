@@ -85,9 +85,9 @@ def test_promote_refuses_a_version_whose_weights_or_metrics_are_not_finite(
     cfg, manifest = resolve_config(tiny_job(synth_data, tmp_path / "runs", **{
         "tracking.registered_model": "nan-ran"}))
     classes = list(manifest["classes"])
-    good = {"val_top1": 0.5, "val_top5": 1.0, "val_loss": 1.2}
+    good = {"eval/top1": 0.5, "eval/top5": 1.0, "eval/loss": 1.2}
     assert _register(cfg, classes, good, poison=True) == "nan-ran/1"
-    assert _register(cfg, classes, {**good, "val_loss": math.nan}, poison=False) == "nan-ran/2"
+    assert _register(cfg, classes, {**good, "eval/loss": math.nan}, poison=False) == "nan-ran/2"
     from ran.runtime import build_model
 
     state = build_model(cfg).state_dict()
@@ -100,6 +100,6 @@ def test_promote_refuses_a_version_whose_weights_or_metrics_are_not_finite(
 
     assert main(["promote", "nan-ran", "--version", "2"]) == 1
     assert capsys.readouterr().out == (
-        "refused: version 2 of 'nan-ran' is not finite (val_loss nan); retrain it, a diverged "
+        "refused: version 2 of 'nan-ran' is not finite (eval/loss nan); retrain it, a diverged "
         "model cannot hold an alias; 'champion' unchanged\n")
     assert MlflowClient(mlflow_sqlite).get_registered_model("nan-ran").aliases == {}

@@ -52,19 +52,19 @@ def _assert_finished_as_planned(uri: str, run, steps: int, exact: bool = True) -
     asserted: the step-loss history below is exact either way."""
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    epochs = _values(uri, run_id, "epoch")
+    epochs = _values(uri, run_id, "train/epoch")
     assert [e for _, e in epochs] == [1, 2, 3] and epochs[0][0] == 12, epochs
     ends = [step for step, _ in epochs]
-    for key in ("train_loss", "val_top1", "lr", "img_per_s", "epoch_samples", "samples"):
+    for key in ("train/loss", "eval/top1", "train/lr", "perf/img_per_s", "train/epoch_samples", "train/samples"):
         assert [s for s, _ in _values(uri, run_id, key)] == ends, key  # beside its epoch
-    assert [v for _, v in _values(uri, run_id, "epoch_samples")] == [384, 384, 384]
-    assert [v for _, v in _values(uri, run_id, "samples")] == [384, 768, SAMPLES]
-    assert _values(uri, run_id, "lr")[-1][1] == 0.0
-    logged = [s for s, _ in _values(uri, run_id, "step_loss")]
+    assert [v for _, v in _values(uri, run_id, "train/epoch_samples")] == [384, 384, 384]
+    assert [v for _, v in _values(uri, run_id, "train/samples")] == [384, 768, SAMPLES]
+    assert _values(uri, run_id, "train/lr")[-1][1] == 0.0
+    logged = [s for s, _ in _values(uri, run_id, "train/step_loss")]
     assert len(logged) == len(set(logged)), "a step was logged twice"
     if exact:
         assert logged == list(range(1, steps + 1))
-        assert _values(uri, run_id, "step_lr")[-1] == (steps, 0.0)
+        assert _values(uri, run_id, "train/step_lr")[-1] == (steps, 0.0)
     else:
         # A killed worker group that was not held back by a peer (1 worker) trains on until its
         # next checkpoint waits; the steps it logged past the checkpoint the run restarts from
@@ -105,9 +105,9 @@ def test_resumed_on_fewer_then_more_workers_the_run_finishes_its_planned_samples
     assert run.info.run_id == outcome.run_id
     _assert_finished_as_planned(mlflow_sqlite, run, steps=51, exact=False)
     uri, run_id = mlflow_sqlite, run.info.run_id
-    assert _values(uri, run_id, "plan_world_size") == [(0, 2), (15, 1), (45, 2)]
-    assert _values(uri, run_id, "plan_global_batch") == [(0, 32), (15, 16), (45, 32)]
-    assert _values(uri, run_id, "plan_peak_lr") == [(0, 0.1), (15, 0.05), (45, 0.1)]
+    assert _values(uri, run_id, "plan/world_size") == [(0, 2), (15, 1), (45, 2)]
+    assert _values(uri, run_id, "plan/global_batch") == [(0, 32), (15, 16), (45, 32)]
+    assert _values(uri, run_id, "plan/peak_lr") == [(0, 0.1), (15, 0.05), (45, 0.1)]
     tags = run.data.tags
     assert tags["ran.replanned.step_15"] == (
         "2 -> 1 workers: global_batch 32 -> 16, peak_lr 0.1 -> 0.05, total_steps 36 -> 57")
@@ -115,8 +115,8 @@ def test_resumed_on_fewer_then_more_workers_the_run_finishes_its_planned_samples
         "1 -> 2 workers: global_batch 16 -> 32, peak_lr 0.05 -> 0.1, total_steps 57 -> 51")
     assert tags["ran.resumed_from"] == "epoch=2 step=45"
     assert (tags["ran.plan.world_size"], tags["ran.plan.total_steps"]) == ("2", "51")
-    assert outcome.metrics["step"] == 51 and outcome.metrics["samples"] == SAMPLES
-    assert outcome.metrics["lr"] == 0.0  # the cosine's end, where the first attempt planned it
+    assert outcome.metrics["step"] == 51 and outcome.metrics["train/samples"] == SAMPLES
+    assert outcome.metrics["train/lr"] == 0.0  # the cosine's end, where the first attempt planned it
     final = load_checkpoint(outcome.checkpoint)
     assert (final["step"], final["samples"], final["plan"]["total_steps"]) == (51, SAMPLES, 51)
     assert final["scheduler"] == {"samples": SAMPLES, "lr": 0.0}
@@ -165,7 +165,7 @@ def test_an_elastic_group_that_loses_a_node_continues_with_one_worker(
                      out), out[-4000:]
     run = _the_run(uri)
     _assert_finished_as_planned(uri, run, steps=60)
-    assert _values(uri, run.info.run_id, "plan_world_size") == [(0, 2), (12, 1)]
+    assert _values(uri, run.info.run_id, "plan/world_size") == [(0, 2), (12, 1)]
     assert run.data.tags["ran.resumed_from"] == "epoch=1 step=12"
 
 

@@ -3,7 +3,7 @@ registry (sqlite), a real local Ray and real Ray Tune.
 
 The parent, ``models:/tiny@champion``, is a CIFAR-stem Attention-56 of 4 classes logged and
 registered through ``ran.tracking.log_final_model`` without training (seeded initial weights),
-recorded with ``val_top1`` 1.0: a holder that no model can beat, so that the search below must
+recorded with ``eval/top1`` 1.0: a holder that no model can beat, so that the search below must
 not register. The child data has 3 classes, so a fine-tuning run re-initialises the classifier.
 """
 
@@ -49,7 +49,7 @@ def store(synth_data: str, tiny_job, tmp_path_factory: pytest.TempPathFactory):
         tracker = RunTracker.create_training(cfg, run_name="parent", tags={},
                                              manifest=read_manifest(synth_data))
         assert log_final_model(tracker, model, cfg, read_manifest(synth_data)["classes"], example,
-                               {"val_top1": 1.0, "val_top5": 1.0, "val_loss": 0.0}) == f"{PARENT}/1"
+                               {"eval/top1": 1.0, "eval/top5": 1.0, "eval/loss": 0.0}) == f"{PARENT}/1"
         tracker.finish()
         MlflowClient(uri).set_registered_model_alias(PARENT, "champion", "1")
     return {"uri": uri, "root": root, "parent": model.state_dict(), "parent_run": tracker.run_id,
@@ -138,9 +138,9 @@ def test_a_finetuning_run_below_its_registration_threshold_is_logged_tagged_and_
 
     client = MlflowClient(env["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("child").experiment_id])
-    top1 = run.data.metrics["val_top1"]
+    top1 = run.data.metrics["eval/top1"]
     assert top1 < 1.0
-    assert last == (f"not registered: val_top1 {top1:.4f} is below tracking.register_min_top1 "
+    assert last == (f"not registered: eval/top1 {top1:.4f} is below tracking.register_min_top1 "
                     f"1.0000; the model is logged in MLflow run {run.info.run_id}")
     assert client.search_registered_models("name = 'tiny-three'") == []
     assert run.data.tags["ran.registration"] == last
@@ -175,8 +175,8 @@ def test_a_search_from_one_parent_registers_its_best_only_if_it_beats_the_holder
     assert [t.status for t in outcome.trials] == ["completed", "completed"]
     assert outcome.registered is None
     best = outcome.best
-    expected = (f"not registered: val_top1 {best.metric:.4f} does not beat {PARENT}@champion "
-                f"(version 1): val_top1 1.0000 on the same data; the model is logged in MLflow run "
+    expected = (f"not registered: eval/top1 {best.metric:.4f} does not beat {PARENT}@champion "
+                f"(version 1): eval/top1 1.0000 on the same data; the model is logged in MLflow run "
                 f"{best.run_id}")
     assert summary(outcome, space).splitlines()[-1] == expected
     client = MlflowClient(env["uri"])
@@ -205,27 +205,27 @@ def test_the_gate_compares_with_the_alias_holder_on_the_same_data(env, tiny_job)
     from ran.tracking.models import registration_gate
 
     beats = _gated(env, tiny_job, env["four"], register_if_beats="champion")
-    assert registration_gate(beats, {"val_top1": 1.0}).register is False  # equal does not beat
-    assert registration_gate(beats, {"val_top1": 0.5}).reason == (
-        f"not registered: val_top1 0.5000 does not beat {PARENT}@champion (version 1): val_top1 "
+    assert registration_gate(beats, {"eval/top1": 1.0}).register is False  # equal does not beat
+    assert registration_gate(beats, {"eval/top1": 0.5}).reason == (
+        f"not registered: eval/top1 0.5000 does not beat {PARENT}@champion (version 1): eval/top1 "
         "1.0000 on the same data")
     other_data = _gated(env, tiny_job, env["three"], register_if_beats="champion")
-    decision = registration_gate(other_data, {"val_top1": 0.9})
+    decision = registration_gate(other_data, {"eval/top1": 0.9})
     assert decision.register is False and decision.reason.startswith(
-        f"not registered: {PARENT}@champion (version 1) has no val_top1 recorded on the same data "
+        f"not registered: {PARENT}@champion (version 1) has no eval/top1 recorded on the same data "
         f"as {env['three']} [val]")
     unassigned = _gated(env, tiny_job, env["four"], register_if_beats="staging")
-    assert registration_gate(unassigned, {"val_top1": 0.1}).reason == (  # the best version instead
-        f"not registered: val_top1 0.1000 does not beat {PARENT}/1, the best version on the same "
-        f"data ({PARENT}@staging is unassigned): val_top1 1.0000 on the same data")
+    assert registration_gate(unassigned, {"eval/top1": 0.1}).reason == (  # the best version instead
+        f"not registered: eval/top1 0.1000 does not beat {PARENT}/1, the best version on the same "
+        f"data ({PARENT}@staging is unassigned): eval/top1 1.0000 on the same data")
 
 
 def test_the_gate_holds_a_minimum_top1(env, tiny_job):
     from ran.tracking.models import registration_gate
 
     cfg = _gated(env, tiny_job, env["four"], register_min_top1=0.9)
-    assert registration_gate(cfg, {"val_top1": 0.8999}).reason == (
-        "not registered: val_top1 0.8999 is below tracking.register_min_top1 0.9000")
-    passed = registration_gate(cfg, {"val_top1": 0.9})
+    assert registration_gate(cfg, {"eval/top1": 0.8999}).reason == (
+        "not registered: eval/top1 0.8999 is below tracking.register_min_top1 0.9000")
+    passed = registration_gate(cfg, {"eval/top1": 0.9})
     assert passed.register and passed.reason == (
-        f"registered as {PARENT}: val_top1 0.9000 >= tracking.register_min_top1 0.9000")
+        f"registered as {PARENT}: eval/top1 0.9000 >= tracking.register_min_top1 0.9000")

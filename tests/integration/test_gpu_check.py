@@ -147,7 +147,7 @@ def test_ran_train_finished_checkpointed_logged_and_the_registered_model_evaluat
     # 96 samples at batch 16: 6 steps an epoch, a checkpoint after each of the 2 epochs.
     assert train["checkpoints"] == ["epoch=0001_step=0000006", "epoch=0002_step=0000012"]
     assert train["mlflow_status"] == "FINISHED" and len(train["mlflow_run_id"]) == 32
-    assert {"train_loss", "val_top1", "img_per_s"} <= set(train["mlflow_metrics"])
+    assert {"train/loss", "eval/top1", "img_per_s"} <= set(train["mlflow_metrics"])
     assert train["registered_model"] == "models:/gpu-check-attention56/1"
     assert len(train["val_top1_by_epoch"]) == 2
     assert (train["eval_exit_code"], train["eval_images"]) == (0, 32)

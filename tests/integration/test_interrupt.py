@@ -74,8 +74,8 @@ def test_sigint_checkpoints_the_step_reached_exits_130_and_resume_continues(
     assert resumed and int(resumed.group(2)) == step, second_log.read_text()[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("ran").experiment_id])
     assert run.info.status == "FINISHED"
-    assert logged.epochs(mlflow_sqlite, run.info.run_id, "train_loss") == [1, 2, 3, 4]
-    step_loss = [s for s, _ in logged.history(mlflow_sqlite, run.info.run_id, "step_loss")]
+    assert logged.epochs(mlflow_sqlite, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+    step_loss = [s for s, _ in logged.history(mlflow_sqlite, run.info.run_id, "train/step_loss")]
     assert step_loss == list(range(2, 4 * STEPS_PER_EPOCH + 1, 2))  # no step twice, none missing
 
 

@@ -37,7 +37,7 @@ def _register_untrained(cfg: Any, classes: list[str]) -> Any:
     tracker = RunTracker.create_training(cfg, run_name="untrained", tags={"ran.model": cfg.model.name},
                                          manifest=read_manifest(cfg.data.path))  # as training does
     version = log_final_model(tracker, model, cfg, classes, example, {
-        "val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]})
+        "eval/top1": m["top1"], "eval/top5": m["top5"], "eval/loss": m["loss"]})
     tracker.finish()
     return version
 
@@ -74,34 +74,40 @@ def _printed(text: str, label: str) -> float:
     return float(re.search(rf"^{label}\s+([0-9.]+)", text, re.M).group(1))
 
 
-def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys):
+def test_eval_of_the_registered_model_reproduces_the_final_validation(store, capsys, monkeypatch):
     from ran.runtime import ModelBundle
 
     trained = store["trained"]
+    monkeypatch.setenv("RAN_PROGRESS_EVERY_S", "0")  # a line per batch: a long evaluation, in short
     assert main(["eval", f"models:/{MODEL}/1", "--data", store["data"], "--workers", "1"]) == 0
-    out = capsys.readouterr().out
-    assert _printed(out, "top-1") == pytest.approx(trained.metrics["val_top1"], abs=5e-5)
-    assert _printed(out, "top-5") == pytest.approx(trained.metrics["val_top5"], abs=5e-5)
+    printed = capsys.readouterr()
+    out = printed.out
+    # Into a pipe (capsys is not a terminal): progress lines on stderr, the result on stdout.
+    assert re.search(r"^evaluating val: \d+/128 img \(\d+%\), [0-9.]+ img/s, ETA \d:\d\d:\d\d$",
+                     printed.err, re.M), printed.err
+    assert "evaluating" not in out
+    assert _printed(out, "top-1") == pytest.approx(trained.metrics["eval/top1"], abs=5e-5)
+    assert _printed(out, "top-5") == pytest.approx(trained.metrics["eval/top5"], abs=5e-5)
     assert _printed(out, "img/s") > 0
 
     for ref in (f"models:/{MODEL}/1", trained.run_id, trained.checkpoint):
         m = ModelBundle.load(ref).evaluate(store["data"], workers=0)
-        assert m["top1"] == trained.metrics["val_top1"], ref  # the same counts, exactly
+        assert m["top1"] == trained.metrics["eval/top1"], ref  # the same counts, exactly
         assert m["images"] == 128
-        assert m["loss"] == pytest.approx(trained.metrics["val_loss"], rel=2e-2)  # bf16 autocast
+        assert m["loss"] == pytest.approx(trained.metrics["eval/loss"], rel=2e-2)  # bf16 autocast
 
     run_id = re.search(r"MLflow run ([0-9a-f]{32}) \(experiment 'ops-evaluations'\)", out).group(1)
     client = _client(store["uri"])
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == "ops-evaluations"
     tags = client.get_model_version(MODEL, "1").tags
-    assert float(tags["eval.val.top1"]) == pytest.approx(trained.metrics["val_top1"], abs=1e-6)
+    assert float(tags["eval.val.top1"]) == pytest.approx(trained.metrics["eval/top1"], abs=1e-6)
     assert (tags["eval.val.data"], tags["eval.val.run_id"]) == (store["data"], run_id)
     assert run.data.tags["ran.kind"] == "evaluation"
     assert run.data.tags["ran.registered_model"] == MODEL
     assert run.data.tags["ran.model_version"] == "1"
     assert run.data.tags["ran.source_run_id"] == trained.run_id
-    assert run.data.metrics["top1"] == trained.metrics["val_top1"]
+    assert run.data.metrics["eval/top1"] == trained.metrics["eval/top1"]
     assert run.inputs.model_inputs  # the logged model is the run's input
 
 
@@ -113,7 +119,7 @@ def test_the_worse_version_cannot_take_champion_and_the_better_can(store, capsys
 
     client = _client(store["uri"])
     tags = {v: client.get_model_version(MODEL, v).tags for v in ("1", "2")}
-    assert float(tags["1"]["val_top1"]) > float(tags["2"]["val_top1"])  # 1 is the better
+    assert float(tags["1"]["eval/top1"]) > float(tags["2"]["eval/top1"])  # 1 is the better
 
     assert main(["promote", MODEL, "--version", "2", "--alias", "champion"]) == 0
     assert "'champion' was unassigned" in capsys.readouterr().out
@@ -135,7 +141,7 @@ def test_the_worse_version_cannot_take_champion_and_the_better_can(store, capsys
     assert promoted["promotion.champion.by"]
     assert promoted["promotion.champion.at"].startswith("20")
     assert promoted["promotion.champion.previous_version"] == "2"
-    assert float(promoted["promotion.champion.top1"]) == pytest.approx(float(tags["1"]["val_top1"]))
+    assert float(promoted["promotion.champion.top1"]) == pytest.approx(float(tags["1"]["eval/top1"]))
     assert client.get_model_version(MODEL, "2").tags["promotion.champion.replaced_by"] == "1"
 
     mlflow.set_tracking_uri(store["uri"])
@@ -169,11 +175,13 @@ def test_registry_lists_versions_aliases_and_metrics(store, capsys):
     client.set_registered_model_alias(MODEL, "listed", "2")
     assert main(["registry"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:6] == ["model", "version", "aliases", "val_top1", "val_top5", "val_loss"]
+    assert lines[0].split()[:6] == ["model", "version", "aliases", "eval/top1", "eval/top5", "eval/loss"]
     rows = {line.split()[1]: line.split() for line in lines[1:]}
     assert set(rows) == {"1", "2"}
     assert "listed" in rows["2"][2].split(",")
-    assert float(rows["2"][3]) == pytest.approx(float(client.get_model_version(MODEL, "2").tags["val_top1"]), abs=1e-4)
+    assert float(rows["2"][3]) == pytest.approx(float(client.get_model_version(MODEL, "2").tags["eval/top1"]), abs=1e-4)
+    run_id = client.get_model_version(MODEL, "2").run_id
+    assert rows["2"][7] == run_id  # the whole id: what `ran eval RUN_ID` takes
     assert main(["registry", "nope"]) == 2
     assert capsys.readouterr().err == (f"error: no registered model 'nope' in {store['uri']} "
                                        f"(registered: {MODEL})\n")

@@ -1,7 +1,7 @@
 """The registration gate and the promotion gate compare top-1 values measured on the same data,
 by content (the validation split's digest each run logs as its MLflow dataset), against a real
 MLflow sqlite registry. No training: each "run" is a real training run record (params, dataset
-inputs) with a registered version carrying the recorded ``val_top1`` tag, as
+inputs) with a registered version carrying the recorded ``eval/top1`` tag, as
 ``ran.tracking.log_final_model`` leaves it.
 """
 
@@ -49,7 +49,7 @@ def _cfg(tiny_job, data: str, tmp: Path, **overrides: Any):
 
 def _register(cfg, top1: float) -> str:
     """A training run of ``cfg`` (with its dataset inputs) registered under
-    ``cfg.tracking.registered_model`` with the recorded ``val_top1``; returns the version."""
+    ``cfg.tracking.registered_model`` with the recorded ``eval/top1``; returns the version."""
     from mlflow.exceptions import MlflowException
 
     from ran.data.read import read_manifest
@@ -64,14 +64,14 @@ def _register(cfg, top1: float) -> str:
     except MlflowException:
         pass  # exists
     mv = tracker.client.create_model_version(name, f"runs:/{tracker.run_id}/model", tracker.run_id)
-    tracker.client.set_model_version_tag(name, mv.version, "val_top1", str(top1))
+    tracker.client.set_model_version_tag(name, mv.version, "eval/top1", str(top1))
     return str(mv.version)
 
 
 def _gate(cfg, top1: float):
     from ran.tracking.models import registration_gate
 
-    return registration_gate(cfg, {"val_top1": top1})
+    return registration_gate(cfg, {"eval/top1": top1})
 
 
 def test_runs_of_different_quality_register_only_improving_versions(registry, synth_data, tiny_job,
@@ -88,17 +88,17 @@ def test_runs_of_different_quality_register_only_improving_versions(registry, sy
         said.append(gate.reason)
         if gate.register:
             _register(cfg, top1)
-    assert [(str(v.version), v.tags["val_top1"]) for v in model_versions("demo")] == [
+    assert [(str(v.version), v.tags["eval/top1"]) for v in model_versions("demo")] == [
         ("2", "0.7"), ("1", "0.6")]
     assert said == [
-        "registered as demo: val_top1 0.6000; no version of demo was validated on the same data "
+        "registered as demo: eval/top1 0.6000; no version of demo was validated on the same data "
         "(demo@champion is unassigned)",
-        "not registered: val_top1 0.5000 does not beat demo/1, the best version on the same data "
-        "(demo@champion is unassigned): val_top1 0.6000 on the same data",
-        "registered as demo: val_top1 0.7000 beats demo/1, the best version on the same data "
+        "not registered: eval/top1 0.5000 does not beat demo/1, the best version on the same data "
+        "(demo@champion is unassigned): eval/top1 0.6000 on the same data",
+        "registered as demo: eval/top1 0.7000 beats demo/1, the best version on the same data "
         "(demo@champion is unassigned): 0.6000, on the same data",
-        "not registered: val_top1 0.7000 does not beat demo/2, the best version on the same data "
-        "(demo@champion is unassigned): val_top1 0.7000 on the same data"]
+        "not registered: eval/top1 0.7000 does not beat demo/2, the best version on the same data "
+        "(demo@champion is unassigned): eval/top1 0.7000 on the same data"]
 
 
 def test_a_finetune_worse_than_its_parent_registers_nothing_and_says_so(registry, synth_data,
@@ -114,11 +114,11 @@ def test_a_finetune_worse_than_its_parent_registers_nothing_and_says_so(registry
         "model.init_from": "models:/parent/1"})
     worse = _gate(child, 0.85)
     assert (worse.register, worse.reason) == (False, (
-        "not registered: val_top1 0.8500 does not beat the parent parent/1: val_top1 0.9000 on the "
+        "not registered: eval/top1 0.8500 does not beat the parent parent/1: eval/top1 0.9000 on the "
         "same data"))
     better = _gate(child, 0.95)
     assert (better.register, better.reason) == (True, (
-        "registered as child: val_top1 0.9500 beats the parent parent/1: 0.9000, on the same data"))
+        "registered as child: eval/top1 0.9500 beats the parent parent/1: 0.9000, on the same data"))
     assert model_versions("child") == []  # nothing was registered under the child's name
 
 
@@ -143,16 +143,16 @@ def test_the_same_shards_at_two_paths_compare_as_the_same_data(registry, synth_d
     moved = _cfg(tiny_job, moved_data, tmp_path, **{"tracking.registered_model": "m",
                                                      "tracking.register_if_beats": "champion"})
     assert _gate(moved, 0.85).reason == (
-        "registered as m: val_top1 0.8500 beats m@champion (version 1): 0.8000, on the same data")
+        "registered as m: eval/top1 0.8500 beats m@champion (version 1): 0.8000, on the same data")
     assert _gate(moved, 0.8).reason == (
-        "not registered: val_top1 0.8000 does not beat m@champion (version 1): val_top1 0.8000 on "
+        "not registered: eval/top1 0.8000 does not beat m@champion (version 1): eval/top1 0.8000 on "
         "the same data")
     elsewhere = _cfg(tiny_job, other_data, tmp_path, **{"tracking.registered_model": "m",
                                                         "tracking.register_if_beats": "champion"})
     refused = _gate(elsewhere, 0.99)
     assert refused.register is False
     assert refused.reason.startswith(
-        f"not registered: m@champion (version 1) has no val_top1 recorded on the same data as "
+        f"not registered: m@champion (version 1) has no eval/top1 recorded on the same data as "
         f"{other_data} [val]")
 
 

@@ -85,7 +85,7 @@ def registry(synth_data, tiny_job, tmp_path_factory):
         example = normalizer(cfg.data.recipe)(images).numpy().astype(np.float32)
         tracker = RunTracker.create_training(cfg, run_name="honest", tags={"ran.model": cfg.model.name})
         assert log_final_model(tracker, build_model(cfg).eval(), cfg, manifest["classes"], example,
-                               {"val_top1": 0.3}) == f"{MODEL}/1"
+                               {"eval/top1": 0.3}) == f"{MODEL}/1"
         tracker.finish()
 
         # The attacker copies version 1's side files next to their own code.
@@ -96,7 +96,7 @@ def registry(synth_data, tiny_job, tmp_path_factory):
         with mlflow.start_run(run_name="hostile-pickle"):
             mlflow.pyfunc.log_model(name="model", python_model=_python_model(marker),
                                     artifacts={"ran": str(side)}, registered_model_name=MODEL)
-        client.set_model_version_tag(MODEL, "2", "val_top1", "0.99")
+        client.set_model_version_tag(MODEL, "2", "eval/top1", "0.99")
         client.set_registered_model_alias(MODEL, "champion", "2")
 
         shadow = root / "attacker" / "code" / "ran"

@@ -149,7 +149,7 @@ def test_a_model_registered_there_loads_through_its_alias_from_elsewhere(trained
         assert "champion" in capsys.readouterr().out
         assert main(["eval", f"models:/{MODEL}@champion", "--data", synth_data]) == 0
         evaluated = capsys.readouterr().out
-        recorded = tracking.client().get_model_version(MODEL, "1").tags["val_top1"]
+        recorded = tracking.client().get_model_version(MODEL, "1").tags["eval/top1"]
         image = tmp_path / "one.png"
         from PIL import Image
         Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(image)
@@ -359,9 +359,9 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
     # Exactly what is missing: nothing named was logged, and all of the last epoch is named.
     assert {k: [s for s in steps if s in logged[k]] for k, steps in named.items()} == \
         {k: [] for k in named}
-    for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s"):
+    for key in ("epoch", "train/loss", "eval/loss", "eval/top1", "eval/top5", "lr", "perf/epoch_time_s"):
         assert 24 in named.get(key, []), (key, text)  # epoch 2 ends at global step 24
-    assert named["step_loss"][-1] == 24 and named["step_lr"][-1] == 24
+    assert named["train/step_loss"][-1] == 24 and named["train/step_lr"][-1] == 24
     assert f"MLflow at {b} did not answer at the end" in out
     assert status == "RUNNING"  # the driver could not close it; --resume will
 

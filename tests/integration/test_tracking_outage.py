@@ -33,7 +33,7 @@ def test_values_written_during_the_clients_backoff_are_not_named_missing(tmp_pat
     # The server is down: the logger's write sits in the MLflow client's retries (connection
     # refused, backing off) when the final report's flush (1 s here) runs out.
     logger = RunLogger(run.run_id, url)
-    logger.log_metrics({"train_loss": 0.5, "val_top1": 0.25}, 24)
+    logger.log_metrics({"train/loss": 0.5, "eval/top1": 0.25}, 24)
     report: dict[str, str] = {}
     final = threading.Thread(target=lambda: report.update(logger.gap_report(timeout=1.0)))
     final.start()
@@ -42,7 +42,7 @@ def test_values_written_during_the_clients_backoff_are_not_named_missing(tmp_pat
         assert not final.is_alive()
         assert report == {}  # nothing named that the server holds
         client = tracking.client(url)
-        assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train_loss")] \
+        assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train/loss")] \
             == [(24, 0.5)]
         logger.close()
         assert "ran.metrics_gap" not in client.get_run(run.run_id).data.tags
@@ -66,13 +66,13 @@ def test_values_the_server_never_got_are_named_and_never_written_later(tmp_path:
     with server(1) as url:
         run = tracking.RunTracker.create("outage", run_name="r", tags={}, uri=url)
     logger = RunLogger(run.run_id, url)
-    logger.log_metrics({"train_loss": 0.5}, 24)
+    logger.log_metrics({"train/loss": 0.5}, 24)
     # Down for the whole final report (its flush and the client's retries in flight).
     assert logger.gap_report(timeout=1.0, in_flight=600) == {
-        tracking.REPORT_UNLOGGED: "train_loss at step 24"}
+        tracking.REPORT_UNLOGGED: "train/loss at step 24"}
     with server(2):
         logger.close()
         client = tracking.client(url)
-        assert client.get_metric_history(run.run_id, "train_loss") == []
+        assert client.get_metric_history(run.run_id, "train/loss") == []
         assert client.get_run(run.run_id).data.tags["ran.metrics_gap"] == \
             "1 metric values not logged"

@@ -44,9 +44,9 @@ def _client(outcome):
 
 def test_two_workers_learn_far_above_chance(trained):
     assert trained.metrics["epoch"] == 3
-    assert trained.metrics["val_top1"] > CHANCE + 0.35, trained.metrics
-    assert trained.metrics["val_top5"] == 1.0  # 4 classes: top-5 covers all
-    assert trained.metrics["skipped"] == 0
+    assert trained.metrics["eval/top1"] > CHANCE + 0.35, trained.metrics
+    assert trained.metrics["eval/top5"] == 1.0  # 4 classes: top-5 covers all
+    assert trained.metrics["train/skipped"] == 0
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
@@ -61,17 +61,35 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(trained):
     assert run.data.tags["ran.model"] == "attention56"
     assert run.data.tags["ray.job_id"]
     per_epoch = int(run.data.tags["ran.plan.steps_per_epoch"])
-    for key in ("train_loss", "val_top1", "val_top5", "lr", "img_per_s", "data_wait_frac", "skipped"):
+    for key in ("train/loss", "eval/top1", "eval/top5", "train/lr", "perf/img_per_s", "perf/data_wait_frac",
+                "train/skipped"):
         # One x-axis: epoch metrics at the global step of the epoch's end, beside `epoch`.
         assert [s for s, _ in logged.history(client, trained.run_id, key)] == \
             [e * per_epoch for e in (1, 2, 3)], key
         assert logged.epochs(client, trained.run_id, key) == [1, 2, 3], key
-    step_loss = [m.step for m in client.get_metric_history(trained.run_id, "step_loss")]
+    step_loss = [m.step for m in client.get_metric_history(trained.run_id, "train/step_loss")]
     assert step_loss and len(step_loss) == len(set(step_loss))
     artifacts = {a.path for a in client.list_artifacts(trained.run_id)}
     assert {"training_curves.png", "config.yaml"} <= artifacts
     curves = Path(client.download_artifacts(trained.run_id, "training_curves.png"))
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_run_and_version_say_what_ran(trained):
+    """The runs table tells runs apart by name; the run and the registry page describe them."""
+    client = _client(trained)
+    run = client.get_run(trained.run_id)
+    dataset = json.loads((Path(trained.config.data.path) / "manifest.json").read_text())["dataset"]
+    assert run.info.run_name == f"attention56-{dataset}-e3-{trained.run_id[:6]}"
+    assert run.data.tags["mlflow.note.content"].startswith(f"attention56 (cifar stem) trained on {dataset}")
+    name, version = trained.registered.rsplit("/", 1)
+    mv = client.get_model_version(name, version)
+    assert f"Registered from run {trained.run_id}" in mv.description
+    assert mv.tags["top1"] == f"{trained.metrics['eval/top1']:.4f}"
+    from ran.runtime import eval_crop
+
+    assert len(mv.tags["data_digest"]) == 16
+    assert mv.tags["eval_crop"] == str(eval_crop(trained.config))
 
 
 def test_registered_version_loads_and_runs(trained):
@@ -82,7 +100,7 @@ def test_registered_version_loads_and_runs(trained):
     name, version = trained.registered.split("/")
     assert name == "tiny-ran"
     tags = _client(trained).get_model_version(name, version).tags
-    assert float(tags["val_top1"]) == pytest.approx(trained.metrics["val_top1"])
+    assert float(tags["eval/top1"]) == pytest.approx(trained.metrics["eval/top1"])
     assert tags["run_id"] == trained.run_id
 
     mlflow.set_tracking_uri(trained.tracking_uri)
@@ -147,7 +165,7 @@ def test_distributed_validation_equals_single_process(trained, tmp_path):
     local = single.validate()
 
     assert distributed["world"] == 2
-    assert distributed["val_samples"] == local["val_samples"] == 128
-    assert round(distributed["val_top1"] * 128) == round(local["val_top1"] * 128)
-    assert round(distributed["val_top5"] * 128) == round(local["val_top5"] * 128)
-    assert distributed["val_loss"] == pytest.approx(local["val_loss"], rel=1e-4)
+    assert distributed["eval/samples"] == local["eval/samples"] == 128
+    assert round(distributed["eval/top1"] * 128) == round(local["eval/top1"] * 128)
+    assert round(distributed["eval/top5"] * 128) == round(local["eval/top5"] * 128)
+    assert distributed["eval/loss"] == pytest.approx(local["eval/loss"], rel=1e-4)

@@ -31,10 +31,10 @@ def _history(uri: str, run_id: str, key: str) -> list[int]:
 
 def _assert_each_epoch_once(uri: str, run_id: str, epochs: int) -> None:
     """Epochs 1..epochs each logged once, at the global step where it ended."""
-    for key in ("train_loss", "val_top1", "lr", "img_per_s"):
+    for key in ("train/loss", "eval/top1", "train/lr", "perf/img_per_s"):
         assert logged.epochs(uri, run_id, key) == list(range(1, epochs + 1)), key
         assert _history(uri, run_id, key) == [e * STEPS_PER_EPOCH for e in range(1, epochs + 1)], key
-    step_loss = _history(uri, run_id, "step_loss")
+    step_loss = _history(uri, run_id, "train/step_loss")
     assert len(step_loss) == len(set(step_loss)), "a step was logged twice"
 
 
@@ -66,7 +66,7 @@ def test_worker_death_resumes_from_s3_checkpoint_in_the_same_run(
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/")["Contents"]]
     kept = {k.split("/")[-2] for k in keys if k.endswith("/checkpoint.pt")}
     assert f"epoch=0003_step={3 * STEPS_PER_EPOCH:07d}" in kept  # the latest is always kept
-    assert 2 <= len(kept) <= 3  # train.keep_checkpoints=2: the best two by val_top1, + the latest
+    assert 2 <= len(kept) <= 3  # train.keep_checkpoints=2: the best two by eval/top1, + the latest
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(outcome.run_id)
@@ -112,10 +112,11 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_the_run_resumes_from_it(
     assert state["epoch_progress"][1] == step * 32
 
     assert outcome.metrics["step"] == 2 * STEPS_PER_EPOCH
-    assert _history(mlflow_sqlite, outcome.run_id, "step_loss") == list(range(1, 25))
+    assert _history(mlflow_sqlite, outcome.run_id, "train/step_loss") == list(range(1, 25))
     _assert_each_epoch_once(mlflow_sqlite, outcome.run_id, 2)
-    assert [v for _, v in _values(mlflow_sqlite, outcome.run_id, "epoch_samples")] == [384, 384]
-    assert _values(mlflow_sqlite, outcome.run_id, "plan_world_size") == [(0, 2), (step, 2)]
+    assert [v for _, v in _values(mlflow_sqlite, outcome.run_id, "train/epoch_samples")] == [384, 384]
+    # The same plan after the restart: ran.plan.* tags, no plan/ charts of one value.
+    assert _values(mlflow_sqlite, outcome.run_id, "plan/world_size") == []
 
 
 def _values(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -66,15 +66,15 @@ def test_own_lean_ray_trains_recovers_tracks_and_is_gone_after(synth_data, tiny_
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("ran").experiment_id])[0]
     assert run.info.status == "FINISHED"
-    assert logged.epochs(client, run.info.run_id, "train_loss") == [1, 2, 3], \
+    assert logged.epochs(client, run.info.run_id, "train/loss") == [1, 2, 3], \
         "an epoch is missing or logged twice"
-    assert [s for s, _ in logged.history(client, run.info.run_id, "train_loss")] == \
+    assert [s for s, _ in logged.history(client, run.info.run_id, "train/loss")] == \
         [e * STEPS_PER_EPOCH for e in (1, 2, 3)]  # at the global step
     assert run.data.tags["ran.resumed_from"] == f"epoch=1 step={STEPS_PER_EPOCH}"
     # Opened while Ray started, tagged with its job once Ray was up.
     assert run.data.tags["ray.job_id"] and run.data.tags["ran.job"] == "tiny"
     assert run.data.tags["ran.plan.steps_per_epoch"] == str(STEPS_PER_EPOCH)
-    startup = client.get_metric_history(run.info.run_id, "startup_s")
+    startup = client.get_metric_history(run.info.run_id, "perf/startup_s")
     assert len(startup) == 1 and 0 < startup[0].value < wall
 
 

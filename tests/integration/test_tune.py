@@ -88,7 +88,7 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     job.write_text("train: {epochs: 1}\n")
     space.write_text("space:\n  model.mask_activaton: {choice: [mixed, spatial]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
-    assert "unknown job key 'model.mask_activaton'" in capsys.readouterr().err
+    assert "unknown config key 'model.mask_activaton'" in capsys.readouterr().err
     space.write_text("space:\n  optim.lr: {loguniform: [0.1]}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
     assert "optim.lr: loguniform takes [lo, hi]" in capsys.readouterr().err
@@ -96,8 +96,9 @@ def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
     space.write_text("space:\n  optim.lr: {choice: [0.1]}\nsearch: {metric: val_acc}\n")
     assert main(["tune", str(space), "--job", str(job)]) == 2
     assert capsys.readouterr().err == (
-        "error: search.metric 'val_acc' is not reported by training; use one of ckpt_wait_s, "
-        "data_wait_frac, epoch_time_s, img_per_s, train_loss, val_loss, val_top1, val_top5\n")
+        "error: search.metric 'val_acc' is not reported by training; use one of eval/loss, "
+        "eval/top1, eval/top5, perf/ckpt_wait_s, perf/data_wait_frac, perf/epoch_time_s, "
+        "perf/img_per_s, train/loss\n")
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -148,7 +149,7 @@ def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search, wor
     assert {(r.data.params["model.depth"], r.data.params["model.mask_activation"]) for r in children} \
         == {("56", "mixed"), ("56", "spatial"), ("92", "mixed"), ("92", "spatial")}
     assert all(r.info.status == "FINISHED" for r in children)
-    assert all("val_top1" in r.data.metrics for r in children)
+    assert all("eval/top1" in r.data.metrics for r in children)
     assert [t.status for t in outcome.trials] == ["completed"] * 4
     # Params are the options used: the search's constant lr has no milestones, gamma, final lr
     # or length in steps (train.epochs sets it).
@@ -164,7 +165,7 @@ def test_search_run_holds_results_table_plot_and_best_config(grid_search, workdi
     space, outcome = grid_search
     rows = list(csv.DictReader(_artifact(outcome.parent_run_id, "results.csv", tmp_path).open()))
     assert len(rows) == 4
-    assert {"trial_id", "status", "model.depth", "model.mask_activation", "val_top1"} <= set(rows[0])
+    assert {"trial_id", "status", "model.depth", "model.mask_activation", "eval/top1"} <= set(rows[0])
     assert rows[0]["trial_id"] == outcome.best.trial_id
     assert _artifact(outcome.parent_run_id, "metric_vs_params.png", tmp_path).read_bytes()[:4] \
         == b"\x89PNG"
@@ -284,7 +285,7 @@ def test_interrupted_search_resumes_where_it_stopped(workdir, job, monkeypatch):
     assert len(runs) == 2  # the search run and its one trial run, no duplicates
     import mlflow
 
-    assert logged.epochs(mlflow.tracking.MlflowClient(), trial.run_id, "val_top1") == [1, 2, 3]  # each once
+    assert logged.epochs(mlflow.tracking.MlflowClient(), trial.run_id, "eval/top1") == [1, 2, 3]  # each once
 
 
 def test_a_search_metric_of_epoch_reports_survives_mid_epoch_checkpoints(workdir, job):
@@ -294,7 +295,7 @@ def test_a_search_metric_of_epoch_reports_survives_mid_epoch_checkpoints(workdir
     from ran.tune.space import parse_space
 
     space = parse_space({"space": {"optim.lr": {"grid": [0.01]}},
-                         "search": {"scheduler": "fifo", "metric": "train_loss", "mode": "min"}},
+                         "search": {"scheduler": "fifo", "metric": "train/loss", "mode": "min"}},
                         name="steps")
     outcome = run_search(space, job("steps", **{"train.checkpoint_every_steps": 4}))
     (trial,) = outcome.trials
@@ -315,3 +316,26 @@ def test_a_failed_search_ends_every_trial_run_still_running(workdir):
     end_trial_runs(ctx, "tune-ended", "FAILED")
     assert (running.status, done.status) == ("FAILED", "FINISHED")
     assert running.tag("ran.trial_status") == "failed"
+
+
+def test_a_search_is_sized_from_the_command_line(workdir, job, capsys):
+    """`ran tune SPACE --job JOB --set search.num_samples=2 --set scaling.num_workers=1`: the
+    space file says one sample; the command line makes it two, checked like job keys."""
+    import re
+
+    import yaml
+
+    from ran.cli import main
+
+    space = workdir / "one_sample.yaml"
+    space.write_text("space:\n  optim.lr: {choice: [0.01, 0.02]}\nsearch:\n  num_samples: 1\n")
+    job_file = workdir / "sized.yaml"
+    job_file.write_text(yaml.safe_dump(job("sized", **{"scaling.num_workers": 2})))
+    assert main(["tune", str(space), "--job", str(job_file), "--set", "search.num_samples=2",
+                 "--set", "scaling.num_workers=1"]) == 0
+    out = capsys.readouterr().out
+    runs = _runs("tune-sized")
+    trials = [r for r in runs if r.data.tags.get("ran.kind") != "search"]
+    assert len(trials) == 2, out
+    assert {r.data.params["scaling.num_workers"] for r in trials} == {"1"}
+    assert re.search(r"lr=0\.0[12]\b", out), out  # trial lines round the drawn values

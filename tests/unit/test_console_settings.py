@@ -265,16 +265,16 @@ def test_trial_lines_say_trial_epoch_metric_and_values(capsys):
 
     space = parse_space({"space": {"model.depth": {"grid": [56, 92]},
                                    "model.mask_activation": {"choice": ["mixed", "spatial"]}},
-                         "search": {"metric": "val_top1", "mode": "max"}})
+                         "search": {"metric": "eval/top1", "mode": "max"}})
     trial = SimpleNamespace(trial_id="2e582_00001", config={"model.depth": 92,
                                                             "model.mask_activation": "spatial"})
     lines = TrialLines(space)
-    lines.on_trial_result(3, [trial], trial, {"epoch": 2, "val_top1": 0.84375})
+    lines.on_trial_result(3, [trial], trial, {"epoch": 2, "eval/top1": 0.84375})
     lines.on_trial_result(4, [trial], trial, {"epoch": 3})
     lines.on_trial_error(5, [trial], trial)
     assert capsys.readouterr().out.splitlines() == [
-        "trial 2e582_00001 epoch 2: val_top1 0.8438 (depth=92 mask_activation=spatial)",
-        "trial 2e582_00001 epoch 3: val_top1 - (depth=92 mask_activation=spatial)",
+        "trial 2e582_00001 epoch 2: eval/top1 0.8438 (depth=92 mask_activation=spatial)",
+        "trial 2e582_00001 epoch 3: eval/top1 - (depth=92 mask_activation=spatial)",
         "trial 2e582_00001 failed (depth=92 mask_activation=spatial); its error is in the summary "
         "at the end",
     ]

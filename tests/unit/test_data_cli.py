@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -11,15 +10,13 @@ import tarfile
 import pytest
 from PIL import Image
 
-from ran.data.commands import add_data_parser
 
 
 def ran(*argv):
-    parser = argparse.ArgumentParser(prog="ran")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_parser(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    """``ran ARGV...`` through ran.cli.main: the one error -> exit-code mapping of every verb."""
+    from ran.cli import main
+
+    return main(list(argv))
 
 
 @pytest.fixture
@@ -91,7 +88,8 @@ def test_verify_detects_a_missing_shard(synth, capsys):
      "no such directory"),
     (["build", "--source", "imagenet", "--input", "{tmp}", "--output", "{tmp}/out"], "unknown layout"),
     (["synth", "--output", "{tmp}/file/out"], "cannot write to"),
-    (["verify", "{tmp}"], "no manifest.json"),
+    (["verify", "{tmp}"], "no manifest.json"),  # a folder without shards
+    (["verify", "{tmp}/missing"], "missing: no such directory"),  # and no folder: told apart
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("a file where a directory should be")
@@ -143,3 +141,4 @@ def test_build_and_verify_a_folder_of_every_kind_of_file(tmp_path, capsys):
     assert sorted(os.path.basename(s["path"]) for s in manifest["skipped"]) == ["letter.jpg", "zero.png"]
     assert ran("data", "verify", str(tmp_path / "out"), "--workers", "1", "--quiet") == 0
     assert "train: 3 shards, 7 samples, 2 classes: ok" in capsys.readouterr().out
+

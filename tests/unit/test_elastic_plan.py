@@ -104,7 +104,7 @@ class Recorder:
     def log_metrics(self, metrics, step):
         for key, value in metrics.items():
             self.metrics.setdefault(key, {})[step] = value
-        if step == self.term_at and "step_loss" in metrics:
+        if step == self.term_at and "train/step_loss" in metrics:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def log_params(self, params):
@@ -121,7 +121,7 @@ def test_an_epoch_trains_its_exact_samples_with_a_smaller_last_step(shards):
     trainer = _trainer(shards, **{"train.epochs": 1})
     metrics = trainer.train_epoch()
     assert (trainer.step, trainer.samples) == (4, 50)  # 3 steps of 16 and one of 2
-    assert metrics["epoch_samples"] == 50 and metrics["skipped"] == 0
+    assert metrics["train/epoch_samples"] == 50 and metrics["train/skipped"] == 0
     assert trainer.optimizer.param_groups[0]["lr"] == 0.0  # cosine, at its end
 
 
@@ -146,7 +146,7 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
     assert (state["step"], state["samples"], state["epoch"]) == (2, 32, 0)
     assert state["epoch_progress"][1] == 32  # the epoch's samples so far travel with it
     assert first.tags["ran.notice"].startswith("SIGTERM on rank(s) 0: checkpoint epoch=0000_step")
-    assert sorted(first.metrics["step_loss"]) == [1, 2]
+    assert sorted(first.metrics["train/step_loss"]) == [1, 2]
 
     # Resumed at half the batch: 8 samples a step, the lr halved, the same samples to go.
     second = Recorder()
@@ -155,12 +155,12 @@ def test_sigterm_mid_epoch_checkpoints_that_step_and_a_resume_at_another_batch_f
     # 18 samples left of the epoch: steps of 8, 8 and 2, so 2 + 3 = 5 steps in all.
     assert resumed.samples == resumed.plan.total_samples == 50
     assert resumed.plan.total_steps == resumed.step == 5
-    assert sorted(second.metrics["step_loss"]) == [3, 4, 5]
+    assert sorted(second.metrics["train/step_loss"]) == [3, 4, 5]
     # Epoch 1 ends at global step 5: neither short nor doubled, logged at the step it ended.
-    assert second.metrics["epoch_samples"] == {5: 50} and second.metrics["epoch"] == {5: 1}
-    assert second.metrics["lr"][5] == 0.0 and second.metrics["step_lr"][5] == 0.0
-    assert second.metrics["plan_world_size"] == {2: 1}
-    assert second.metrics["plan_global_batch"] == {2: 8}
+    assert second.metrics["train/epoch_samples"] == {5: 50} and second.metrics["train/epoch"] == {5: 1}
+    assert second.metrics["train/lr"][5] == 0.0 and second.metrics["train/step_lr"][5] == 0.0
+    assert second.metrics["plan/world_size"] == {0: 1, 2: 1}  # the series from its start
+    assert second.metrics["plan/global_batch"] == {0: 16, 2: 8}
     assert second.tags["ran.resumed_from"] == "epoch=0 step=2"
     assert second.tags["ran.plan.global_batch"] == "8"
     assert second.tags["ran.replanned.step_2"] == (

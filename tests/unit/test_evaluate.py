@@ -35,10 +35,10 @@ def test_evaluate_matches_the_trainers_validation(trainer):
     bundle = ModelBundle.build(trainer.raw_model, cfg, device=torch.device("cpu"))
     got = bundle.evaluate(cfg.data.path, "val", batch_size=5, workers=2)
 
-    assert got["images"] == expected["val_samples"] == 24
-    assert got["top1"] == expected["val_top1"]
-    assert got["top5"] == expected["val_top5"]
-    assert got["loss"] == pytest.approx(expected["val_loss"], rel=1e-3)
+    assert got["images"] == expected["eval/samples"] == 24
+    assert got["top1"] == expected["eval/top1"]
+    assert got["top5"] == expected["eval/top5"]
+    assert got["loss"] == pytest.approx(expected["eval/loss"], rel=1e-3)
     assert got["img_per_s"] > 0
 
 
@@ -81,3 +81,24 @@ def test_references_that_name_nothing_say_what_is_accepted(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelRefError, match="no checkpoint.pt in it"):
         resolve_model(str(empty))
+
+
+def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch):
+    monkeypatch.setenv("RAN_PROGRESS_EVERY_S", "0")  # a line per batch
+    cfg = trainer.cfg
+    evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=8, workers=0, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("evaluating val: ")]
+    assert lines[0].startswith("evaluating val: 8/24 img (33%)")
+    assert lines[-1].startswith("evaluating val: 24/24 img (100%)")
+
+
+def test_a_missing_data_folder_is_told_apart_from_a_folder_without_shards(trainer, tmp_path):
+    from ran.data import DataError
+    from ran.runtime import evaluate_ref
+
+    checkpoint = trainer.save(tmp_path / "epoch=0001_step=0000002")
+    with pytest.raises(DataError, match="missing: no such directory"):
+        evaluate_ref(str(checkpoint), str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no manifest.json"):
+        evaluate_ref(str(checkpoint), str(tmp_path / "empty"))

@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ran"
 
 # Higher numbers sit above lower ones; a module may import its own level or below.
 LEVELS = {
-    "ran.cli": 6,
+    "ran.cli": 6, "ran.__main__": 6,
     "ran.tune": 5, "ran.cluster": 5, "ran.bench": 5,
     "ran.train": 4, "ran.evaluate": 4, "ran.explain": 4, "ran.promotion": 4, "ran.serving": 4,
     "ran.runtime": 3,
     "ran.tracking": 2,
-    "ran.models": 1, "ran.data": 1, "ran.config": 1, "ran.steptable": 1,
+    "ran.models": 1, "ran.data": 1, "ran.config": 1, "ran.steptable": 1, "ran.table": 1, "ran.progress": 1,
 }
 PURE = ("ran.models", "ran.data")  # import neither Ray nor MLflow
 

@@ -76,7 +76,7 @@ def test_weights_that_are_not_finite_are_never_checkpointed(data, tmp_path):
         trainer.run_epoch(reporter)
     assert str(err.value) == f"the weights are not finite at step {STEPS_PER_EPOCH}"
     assert _checkpoints(tmp_path) == []
-    assert all(math.isfinite(m["train_loss"]) for m in reporter.metrics)
+    assert all(math.isfinite(m["train/loss"]) for m in reporter.metrics)
 
 
 def test_a_validation_loss_that_is_not_finite_stops_the_run(data, tmp_path):
@@ -98,11 +98,11 @@ def test_the_registration_gate_refuses_what_is_not_finite():
     state = {"a.weight": torch.ones(2), "b.weight": torch.tensor([1.0, math.inf]),
              "c.num_batches_tracked": torch.tensor(3), "d.bias": torch.tensor([math.nan])}
     assert nonfinite_tensors(state) == ["b.weight", "d.bias"]
-    assert nonfinite_reason({"val_top1": "0.25", "val_loss": "nan"}) == "val_loss nan"
+    assert nonfinite_reason({"eval/top1": "0.25", "eval/loss": "nan"}) == "eval/loss nan"
 
-    gate = registration_gate(cfg, {"val_top1": 0.25, "val_loss": math.nan})
-    assert (gate.register, gate.reason) == (False, "not registered: not finite: val_loss nan")
-    gate = registration_gate(cfg, {"val_top1": 0.25, "val_loss": 1.3}, nonfinite_tensors(state), 4)
+    gate = registration_gate(cfg, {"eval/top1": 0.25, "eval/loss": math.nan})
+    assert (gate.register, gate.reason) == (False, "not registered: not finite: eval/loss nan")
+    gate = registration_gate(cfg, {"eval/top1": 0.25, "eval/loss": 1.3}, nonfinite_tensors(state), 4)
     assert (gate.register, gate.reason) == (
         False, "not registered: not finite: 2 of 4 weight tensors (first b.weight)")
-    assert registration_gate(cfg, {"val_top1": 0.25, "val_loss": 1.3}, [], 4).register
+    assert registration_gate(cfg, {"eval/top1": 0.25, "eval/loss": 1.3}, [], 4).register

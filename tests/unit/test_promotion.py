@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ran.promotion import Standing, decide, format_table, promotion_tags
+from ran.promotion import Standing, decide, format_registry, promotion_tags
 
 DATA = "/data/synth [val] (recorded)"
 
@@ -48,8 +48,8 @@ def test_registry_table_aligns_columns():
              "created": "2026-01-02 03:04"},
             {"model": "ran-model", "version": "3", "aliases": "-", "top1": "-", "top5": "-",
              "loss": "-", "arch": "attention92", "run": "def", "created": "2026-01-01 00:00"}]
-    lines = format_table(rows).splitlines()
-    assert lines[0].split() == ["model", "version", "aliases", "val_top1", "val_top5", "val_loss",
+    lines = format_registry(rows).splitlines()
+    assert lines[0].split() == ["model", "version", "aliases", "eval/top1", "eval/top5", "eval/loss",
                                 "arch", "run", "created"]
     assert lines[1].split()[:3] == ["ran-model", "12", "champion"]
     assert len({line.index("attention") for line in lines[1:]}) == 1  # one column

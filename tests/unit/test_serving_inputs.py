@@ -86,6 +86,7 @@ def test_the_answer_is_the_models_top5_with_names(classifier):
     assert answer["classes"].tolist() == [[CLASSES[i] for i in row] for row in top.indices.tolist()]
     assert answer["probabilities"].tolist() == [[round(float(p), 6) for p in row]
                                                 for row in top.values.tolist()]
+    assert "..." not in repr(answer) and CLASSES[top.indices[0, 0]] in repr(answer)  # printed whole
 
 
 @pytest.mark.parametrize("model_input, message", [

@@ -276,3 +276,31 @@ def test_a_broken_search_space_fails_before_any_upload(project):
     (project / "space.yaml").write_text("space: {optim.lrr: {choice: [1, 2]}}\n")
     with pytest.raises(ConfigError, match="optim.lrr"):
         cluster.build_submission("jobs/tiny.yaml", [], local=False, tune="space.yaml")
+
+
+
+def test_rays_upload_lines_are_kept_back_unless_verbose(monkeypatch):
+    """`ran submit` prints no `WARNING working_dir.py` / `INFO packaging.py` lines without -v:
+    Ray's upload loggers are at ERROR while the job is submitted, and restored after."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in cluster.UPLOAD_LOGGERS]
+    before = [lg.level for lg in loggers]
+    monkeypatch.delenv("RAN_LOG_LEVEL", raising=False)
+    with cluster._quiet_upload():
+        assert not any(lg.isEnabledFor(logging.WARNING) for lg in loggers)
+    assert [lg.level for lg in loggers] == before
+    monkeypatch.setenv("RAN_LOG_LEVEL", "INFO")  # ran -v
+    with cluster._quiet_upload():
+        assert all(lg.isEnabledFor(logging.INFO) for lg in loggers)
+
+
+def test_a_submitted_search_takes_search_keys_like_ran_tune(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text("space:\n  optim.lr: {choice: [0.1, 0.2]}\n")
+    job = tmp_path / "j.yaml"
+    job.write_text("name: j\n")
+    cfg = cluster.validate(str(job), ["search.num_samples=2", "optim.momentum=0.8"], str(space))
+    assert cfg.optim.momentum == 0.8
+    with pytest.raises(ConfigError, match="unknown config key 'search.trials'"):
+        cluster.validate(str(job), ["search.trials=2"], str(space))

@@ -19,10 +19,10 @@ MANIFEST = {
 
 def test_describe_unlogged_groups_metrics_by_their_steps():
     assert tracking.describe_unlogged({}) == ""
-    assert tracking.describe_unlogged({"val_top1": [2], "train_loss": [2], "step_loss": [4, 8]}) == \
-        "train_loss, val_top1 at step 2; step_loss at steps 4, 8"
-    assert tracking.describe_unlogged({"step_loss": list(range(1, 10))}, limit=3) == \
-        "step_loss at steps 1, 2, 3 and 6 more"
+    assert tracking.describe_unlogged({"eval/top1": [2], "train/loss": [2], "train/step_loss": [4, 8]}) == \
+        "eval/top1, train/loss at step 2; train/step_loss at steps 4, 8"
+    assert tracking.describe_unlogged({"train/step_loss": list(range(1, 10))}, limit=3) == \
+        "train/step_loss at steps 1, 2, 3 and 6 more"
 
 
 def test_dataset_digest_follows_the_shards_not_the_build_date():

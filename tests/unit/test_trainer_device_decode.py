@@ -51,17 +51,17 @@ def test_trainer_trains_on_the_device_pipeline_and_validates_as_ran_eval_does(jp
     assert type(trainer.val_loader) is Loader  # the eval transform in the workers
 
     metrics = trainer.train_epoch()
-    assert trainer.step == 3 and metrics["skipped"] == 0
-    assert np.isfinite(metrics["train_loss"])
+    assert trainer.step == 3 and metrics["train/skipped"] == 0
+    assert np.isfinite(metrics["train/loss"])
     val = trainer.validate()
-    assert val["val_samples"] == 13 and val["val_skipped"] == 0
+    assert val["eval/samples"] == 13 and val["eval/skipped"] == 0
 
     # One number: the same model evaluated as `ran eval` does, after a run that trained with the
     # CPU decode, gives the recorded figures exactly (same pixels, device and precision).
     cpu = ModelBundle.build(trainer.raw_model, trainer.cfg.with_values({"data.decode": "cpu"}),
                             device=torch.device("cpu")).evaluate(trainer.cfg.data.path, "val", workers=0)
     assert cpu["images"] == 13
-    assert (cpu["top1"], cpu["top5"], cpu["loss"]) == (val["val_top1"], val["val_top5"], val["val_loss"])
+    assert (cpu["top1"], cpu["top5"], cpu["loss"]) == (val["eval/top1"], val["eval/top5"], val["eval/loss"])
 
 
 def test_train_step_leaves_the_loss_on_the_device(jpeg_data):

@@ -77,7 +77,7 @@ def test_joint_keys_travel_as_one_parameter_and_split_per_trial():
 
 def test_settings_default_to_asha_on_val_top1():
     s = parse_space(_space({"optim.lr": {"choice": [0.1]}})).settings
-    assert (s.metric, s.mode, s.scheduler, s.search_alg) == ("val_top1", "max", "asha", "random")
+    assert (s.metric, s.mode, s.scheduler, s.search_alg) == ("eval/top1", "max", "asha", "random")
     assert s.resources.driver_cpus == 0.1  # a fraction: the workers get the rest (DESIGN.md)
 
 
@@ -147,8 +147,8 @@ def test_unreadable_or_invalid_yaml_is_a_config_error(tmp_path):
         load_space(bad)
 
 
-SCORES = ("ckpt_wait_s, data_wait_frac, epoch_time_s, img_per_s, train_loss, val_loss, "
-          "val_top1, val_top5")
+SCORES = ("eval/loss, eval/top1, eval/top5, perf/ckpt_wait_s, perf/data_wait_frac, "
+          "perf/epoch_time_s, perf/img_per_s, train/loss")
 
 
 @pytest.mark.parametrize(("search", "job", "message"), [
@@ -156,11 +156,11 @@ SCORES = ("ckpt_wait_s, data_wait_frac, epoch_time_s, img_per_s, train_loss, val
      f"search.metric 'val_acc' is not reported by training; use one of {SCORES}"),
     ({"metric": "epoch"}, {},
      f"search.metric 'epoch' is a count, not a score to optimise; use one of {SCORES}"),
-    ({"metric": "val_loss", "mode": "max"}, {},
-     "search.mode max with search.metric val_loss: val_loss is better lower; set search.mode: min"),
-    ({"metric": "val_top5"}, {"train": {"eval_every": 2}},
-     "search.metric val_top5 is reported only on validation epochs; with train.eval_every=2 use "
-     "val_top1 (carried between validations) or set train.eval_every=1"),
+    ({"metric": "eval/loss", "mode": "max"}, {},
+     "search.mode max with search.metric eval/loss: eval/loss is better lower; set search.mode: min"),
+    ({"metric": "eval/top5"}, {"train": {"eval_every": 2}},
+     "search.metric eval/top5 is reported only on validation epochs; with train.eval_every=2 use "
+     "eval/top1 (carried between validations) or set train.eval_every=1"),
 ])
 def test_a_search_metric_or_mode_training_does_not_report_is_refused(search, job, message):
     from ran.tune.space import check_search_metric
@@ -252,15 +252,15 @@ def test_best_is_the_top_completed_trial_and_failed_trials_rank_last():
     assert pick_best(trials, "max").trial_id == "d"
     assert pick_best(trials, "min").trial_id == "a"
     assert pick_best([trials[1], trials[2]], "max") is None  # a stopped trial never ran to the end
-    rows = results_rows(trials, ["model.depth"], "val_top1", "max")
+    rows = results_rows(trials, ["model.depth"], "eval/top1", "max")
     assert [r["trial_id"] for r in rows] == ["d", "a", "b", "c"]
-    assert rows[0]["model.depth"] == 92 and rows[0]["val_top1"] == 0.8 and rows[0]["rank"] == 1
+    assert rows[0]["model.depth"] == 92 and rows[0]["eval/top1"] == 0.8 and rows[0]["rank"] == 1
 
 
 def test_results_csv_plot_and_table(tmp_path):
     import csv
 
-    from ran.tune.search import format_table, plot_metric_vs_params, results_rows, write_csv
+    from ran.tune.search import plot_metric_vs_params, results_rows, trials_table, write_csv
 
     space = parse_space(_space({"model.depth": {"grid": [56, 92]},
                                 "optim.lr": {"loguniform": [0.001, 0.1]},
@@ -269,14 +269,14 @@ def test_results_csv_plot_and_table(tmp_path):
                                                "model.mask_activation": "mixed"}),
               _trial("b", "failed", None, **{"model.depth": 92, "optim.lr": 0.002,
                                              "model.mask_activation": "spatial"})]
-    rows = results_rows(trials, space.searched_keys, "val_top1", "max")
+    rows = results_rows(trials, space.searched_keys, "eval/top1", "max")
     write_csv(rows, tmp_path / "results.csv")
     read = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["status"] for r in read] == ["completed", "failed"]
     assert read[0]["optim.lr"] == "0.01"
     plot_metric_vs_params(trials, space, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    table = format_table(rows, ["rank", "trial_id", "status", "val_top1"], limit=1).splitlines()
+    table = trials_table(rows, ["rank", "trial_id", "status", "eval/top1"], limit=1).splitlines()
     assert len(table) == 2 and table[1].split() == ["1", "a", "completed", "0.7"]
 
 
@@ -327,7 +327,9 @@ def test_missing_data_is_refused_before_ray_starts(tmp_path):
     from ran.tune.search import prepare
 
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}}))
-    with pytest.raises(ConfigError, match="no such directory"):
+    from ran.data import DataError
+
+    with pytest.raises(DataError, match="data.path .*nowhere: no such directory"):
         prepare(space, {"data": {"path": str(tmp_path / "nowhere")}, "train": {"epochs": 1}})
 
 
@@ -349,7 +351,7 @@ def test_tpe_suggests_job_values_from_the_space():
         "optim.lr": {"loguniform": [0.001, 0.1]},
     }, search={"search_alg": "optuna", "seed": 0}))
     searcher = build_searcher(space, limit=2)
-    assert searcher.set_search_properties("val_top1", "max", space.param_space())
+    assert searcher.set_search_properties("eval/top1", "max", space.param_space())
     for trial in ("t1", "t2"):
         values = space.trial_overrides(searcher.suggest(trial))
         assert (values["model.depth"], values["model.p"], values["model.t"]) in {(56, 1, 2), (92, 2, 4)}
@@ -366,3 +368,51 @@ def test_tpe_without_optuna_says_how_to_install_it(monkeypatch):
     space = parse_space(_space({"optim.lr": {"choice": [0.1]}}, search={"search_alg": "optuna"}))
     with pytest.raises(ConfigError, match=r"pip install 'ran\[optuna\]'"):
         build_searcher(space)
+
+
+def test_the_command_line_sizes_a_search_with_search_keys(tmp_path):
+    from ran.tune.space import from_command_line, search_keys
+
+    space = load_space(Path(__file__).resolve().parents[2] / "tune_spaces" / "optim.yaml")
+    sized, job = from_command_line(space, {"search.num_samples": 2, "search.scheduler": "fifo",
+                                           "search.resources.num_workers": 1,
+                                           "train.eval_every": 2, "scaling.num_workers": 1})
+    s = sized.settings
+    assert (s.num_samples, s.scheduler, s.resources.num_workers) == (2, "fifo", 1)
+    assert job == {"train.eval_every": 2, "scaling.num_workers": 1}
+    assert "train.eval_every" not in sized.fixed  # the command line wins over the space's set:
+    assert space.settings.num_samples == 16  # the file's space is unchanged
+    assert "search.resources.num_workers" in search_keys()
+    with pytest.raises(ConfigError, match="unknown config key 'search.num_sample'; valid keys: "
+                                          "search.grace_period"):
+        from_command_line(space, {"search.num_sample": 2})
+    with pytest.raises(ConfigError, match=r"invalid --set search.num_samples: .*got 0"):
+        from_command_line(space, {"search.num_samples": 0})
+    with pytest.raises(ConfigError, match="--set optim.lr: search space optim searches this key"):
+        from_command_line(space, {"optim.lr": 0.1})
+
+
+@pytest.mark.parametrize("values", [(2e-5, 8e-5), (1.5e-5, 4e-4), (1e-5, 1e-3)])
+def test_a_log_axis_has_tick_labels_whatever_its_span(values):
+    """The weight_decay panel of a search over 2e-5..8e-5 (no decade inside) is labelled."""
+    from ran.tune.search import metric_vs_params_figure
+
+    space = parse_space(_space({"optim.weight_decay": {"loguniform": [1e-5, 1e-3]}}))
+    trials = [_trial(str(i), "completed", 0.5 + i / 10, **{"optim.weight_decay": v})
+              for i, v in enumerate(values)]
+    fig = metric_vs_params_figure(trials, space)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+    assert len([t for t in shown if t]) >= 2, shown
+
+
+def test_trial_lines_round_floats():
+    from types import SimpleNamespace
+
+    from ran.tune.search import TrialLines
+
+    space = parse_space(_space({"optim.lr": {"loguniform": [0.01, 0.3]}}))
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 0.01749599183672868})
+    assert TrialLines(space)._params(trial) == "lr=0.0175"
