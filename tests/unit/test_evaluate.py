@@ -86,7 +86,8 @@ def test_references_that_name_nothing_say_what_is_accepted(tmp_path):
 def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch):
     monkeypatch.setenv("RAN_PROGRESS_EVERY_S", "0")  # a line per batch
     cfg = trainer.cfg
-    evaluate(trainer.raw_model, cfg, cfg.data.path, "val", batch_size=8, workers=0, progress=True)
+    bundle = ModelBundle.build(trainer.raw_model, cfg, device=torch.device("cpu"))
+    bundle.evaluate(cfg.data.path, "val", batch_size=8, workers=0, progress=True)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("evaluating val: ")]
     assert lines[0].startswith("evaluating val: 8/24 img (33%)")
     assert lines[-1].startswith("evaluating val: 24/24 img (100%)")
@@ -94,11 +95,11 @@ def test_evaluate_into_a_pipe_prints_progress_lines(trainer, capsys, monkeypatch
 
 def test_a_missing_data_folder_is_told_apart_from_a_folder_without_shards(trainer, tmp_path):
     from ran.data import DataError
-    from ran.runtime import evaluate_ref
 
     checkpoint = trainer.save(tmp_path / "epoch=0001_step=0000002")
+    bundle = ModelBundle.load(str(checkpoint))
     with pytest.raises(DataError, match="missing: no such directory"):
-        evaluate_ref(str(checkpoint), str(tmp_path / "missing"))
+        bundle.evaluate(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no manifest.json"):
-        evaluate_ref(str(checkpoint), str(tmp_path / "empty"))
+        bundle.evaluate(str(tmp_path / "empty"))

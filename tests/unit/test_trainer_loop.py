@@ -160,11 +160,12 @@ def test_one_epoch_driven_directly_reports_its_samples_and_a_checkpoint_that_loa
 
     # One epoch of 40 samples: steps of 16, 16 and 8; one report, at its end, with a checkpoint.
     assert len(reporter.metrics) == 1 and reporter.metrics[0] == final
-    assert (final["epoch"], final["step"], final["samples"], final["epoch_samples"]) == (1, 3, 40, 40)
-    assert math.isfinite(final["train_loss"]) and final["train_loss"] > 0
+    assert (final["epoch"], final["step"], final["train/samples"], final["train/epoch_samples"]) == (
+        1, 3, 40, 40)
+    assert math.isfinite(final["train/loss"]) and final["train/loss"] > 0
     assert final["eval/samples"] == 8 and 0 <= final["eval/top1"] <= 1
     assert set(final) <= set(EPOCH_METRICS) | set(VALIDATION_METRICS)  # what Tune and MLflow know
-    assert [step for step, m in log.metrics if "step_loss" in m] == [1, 2, 3]
+    assert [step for step, m in log.metrics if "train/step_loss" in m] == [1, 2, 3]
     assert log.attempts[0]["plan"]["total_steps"] == 3 and "resumed_from" not in log.attempts[0]
     assert log.notices == []
 
