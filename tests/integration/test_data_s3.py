@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import uuid
@@ -15,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from ran.data import DataError, storage
-from ran.data.commands import add_data_parser
+from ran.cli import main
 from ran.data.read import make_loader, read_manifest
 from ran.data.write import build_shards
 
@@ -107,10 +106,7 @@ def test_wrong_credentials_are_a_clear_error(bucket, image_folder, moto_server, 
             build_shards("imagefolder", str(image_folder), f"s3://{bucket}/other", workers=1, progress=False)
         with pytest.raises(DataError, match=f"403 InvalidAccessKeyId — {HINT}"):
             read_manifest(url)
-        parser = argparse.ArgumentParser()
-        add_data_parser(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(["data", "verify", url, "--quiet"])
-        assert args.func(args) == 2
+        assert main(["data", "verify", url, "--quiet"]) == 2  # cli.main maps the error
     err = capsys.readouterr().err
     assert err.startswith("error: ") and HINT in err and err.count("\n") == 1
 
