@@ -25,7 +25,7 @@ STEPS_PER_EPOCH = 384 // (16 * 2)  # synth_data train split / global batch
 
 
 def _epoch_end(metrics: list[dict[str, Any]], epoch: int) -> bool:
-    return metrics[0].get("epoch") == epoch and "train_loss" in metrics[0]
+    return metrics[0].get("epoch") == epoch and "train/loss" in metrics[0]
 
 
 class CrashThenBrokenCallback(UserCallback):
@@ -102,5 +102,5 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_it_and_keeps_what_was_sa
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("ran").experiment_id])
     assert run.info.status == "FAILED"
-    logged = [m.step for m in client.get_metric_history(run.info.run_id, "step_loss")]
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss")]
     assert logged[:1] == [4]  # what was logged stays logged (train.log_every=4)

@@ -52,7 +52,9 @@ def test_the_json_has_every_field(report):
     # --cpu-only's sizes (CI size), the machine as this process sees it, the default budget.
     assert report["settings"] == {"train_images": 96, "val_images": 32, "loader_batch": 32,
                                   "loader_epochs": 2, "gpu_path_workers": [1], "train_crop": 64,
-                                  "train_batch": 16, "train_workers": 1}
+                                  "train_batch": 16, "train_workers": 1, "device_batch": 16,
+                                  "device_crop": 64, "device_rounds": 2, "fed_batch": 4,
+                                  "fed_crop": 64, "fed_workers": 1, "fed_steps": 2, "fed_warmup": 1}
     gpu = torch.cuda.is_available()
     assert {k: report["machine"][k] for k in ("cpu_cores", "python", "torch", "torchvision",
                                                "cuda_available", "cuda")} == {
@@ -147,7 +149,7 @@ def test_ran_train_finished_checkpointed_logged_and_the_registered_model_evaluat
     # 96 samples at batch 16: 6 steps an epoch, a checkpoint after each of the 2 epochs.
     assert train["checkpoints"] == ["epoch=0001_step=0000006", "epoch=0002_step=0000012"]
     assert train["mlflow_status"] == "FINISHED" and len(train["mlflow_run_id"]) == 32
-    assert {"train/loss", "eval/top1", "img_per_s"} <= set(train["mlflow_metrics"])
+    assert {"train/loss", "eval/top1", "perf/img_per_s"} <= set(train["mlflow_metrics"])
     assert train["registered_model"] == "models:/gpu-check-attention56/1"
     assert len(train["val_top1_by_epoch"]) == 2
     assert (train["eval_exit_code"], train["eval_images"]) == (0, 32)

@@ -359,7 +359,8 @@ def test_server_gone_mid_run_training_finishes_and_says_what_was_not_logged(
     # Exactly what is missing: nothing named was logged, and all of the last epoch is named.
     assert {k: [s for s in steps if s in logged[k]] for k, steps in named.items()} == \
         {k: [] for k in named}
-    for key in ("epoch", "train/loss", "eval/loss", "eval/top1", "eval/top5", "lr", "perf/epoch_time_s"):
+    for key in ("train/epoch", "train/loss", "eval/loss", "eval/top1", "eval/top5", "train/lr",
+                "perf/epoch_time_s"):
         assert 24 in named.get(key, []), (key, text)  # epoch 2 ends at global step 24
     assert named["train/step_loss"][-1] == 24 and named["train/step_lr"][-1] == 24
     assert f"MLflow at {b} did not answer at the end" in out
