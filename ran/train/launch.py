@@ -618,7 +618,8 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     (:func:`ran.tracking.models.registration_gate`, whose reason also tags the run).
 
     The final checkpoint is loaded as a :class:`ran.runtime.ModelBundle` (on the CPU); its model
-    and config (the eval crop pinned) are logged. The input example is 2 random uint8 images at
+    is logged with ``cfg`` (whose tracking settings name the registered model), the bundle's eval
+    crop pinned in it. The input example is 2 random uint8 images at
     the bundle's eval crop, normalised as the recipe does.
     """
     if not cfg.tracking.log_model:
@@ -632,7 +633,10 @@ def finalize(cfg: JobConfig, manifest: dict[str, Any], tracker: tracking.RunTrac
     metrics = dict(bundle.progress.get("last_val") or {})
     metrics.update(epoch=bundle.progress["epoch"], step=bundle.progress["step"])
     gate = registration_gate(cfg, metrics, nonfinite_tensors(state), len(state))
-    gate.version = tracking.log_final_model(tracker, bundle.model, bundle.config,
+    # The job's config (its tracking settings: a search's best trial was trained without them)
+    # with the bundle's eval crop pinned, so the logged model is served at the crop it validated at.
+    logged = cfg.with_values({"data.eval_crop": crop})
+    gate.version = tracking.log_final_model(tracker, bundle.model, logged,
                                             list(manifest["classes"]), example, metrics,
                                             register=gate.register, quiet=not console.verbose())
     if gate.version:
