@@ -291,8 +291,8 @@ def test_rays_upload_lines_are_kept_back_unless_verbose(monkeypatch):
         assert not any(lg.isEnabledFor(logging.WARNING) for lg in loggers)
     assert [lg.level for lg in loggers] == before
     monkeypatch.setenv("RAN_LOG_LEVEL", "INFO")  # ran -v
-    with cluster._quiet_upload():
-        assert all(lg.isEnabledFor(logging.INFO) for lg in loggers)
+    with cluster._quiet_upload():  # -v: Ray's loggers keep their levels (an earlier ray.init
+        assert [lg.level for lg in loggers] == before  # here sets them: not 'INFO enabled')
 
 
 def test_a_submitted_search_takes_search_keys_like_ran_tune(tmp_path):
